@@ -1,0 +1,1 @@
+"""jaxllm: a LLaMA-family inference engine as pure JAX functions."""
