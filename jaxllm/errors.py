@@ -19,3 +19,7 @@ class TokenizerError(JaxLLMError, ValueError):
 
 class ModelNotFoundError(JaxLLMError, FileNotFoundError):
     """A model name or path that cannot be resolved to files on disk (and could not be downloaded)."""
+
+
+class InputError(JaxLLMError, ValueError):
+    """Inputs to the forward or to generation with a wrong shape, dtype or value (a token id outside the vocabulary)."""

@@ -1,0 +1,186 @@
+"""Checkpoint → immutable parameter pytree. Safetensors (single or sharded) and GGUF; pickles are refused."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import jax.numpy as jnp
+import numpy as np
+from safetensors import safe_open
+
+from jaxllm.config import LLMConfig
+from jaxllm.errors import CheckpointError
+from jaxllm.model import Layer, Params
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors dtype codes we load; bf16 -> fp32 is exact
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers older HF checkpoints saved; recomputed from the config
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One row of the HF-name → pytree table: where a tensor goes, the shape HF stores, how to reorient it."""
+
+    hf_name: str
+    field: str  # Params field, or Layer field for per-layer entries
+    hf_shape: tuple[int, ...]
+    to_forward: Callable[[Any], Any]  # HF layout -> the layout Params documents
+
+
+def _same(w):
+    return w
+
+
+def layer_table(c: LLMConfig, i: int) -> list[Entry]:
+    """HF names of layer i and where they go. nn.Linear stores [out, in]; the forward multiplies by [in, out]."""
+    D, F, N, K, H = c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    p = f"model.layers.{i}."
+    rows = [
+        Entry(p + "input_layernorm.weight", "input_layernorm", (D,), _same),
+        Entry(p + "self_attn.q_proj.weight", "q_proj", (N * H, D), lambda w: w.T.reshape(D, N, H)),
+        Entry(p + "self_attn.k_proj.weight", "k_proj", (K * H, D), lambda w: w.T.reshape(D, K, H)),
+        Entry(p + "self_attn.v_proj.weight", "v_proj", (K * H, D), lambda w: w.T.reshape(D, K, H)),
+        Entry(p + "self_attn.o_proj.weight", "o_proj", (D, N * H), lambda w: w.T.reshape(N, H, D)),
+        Entry(p + "post_attention_layernorm.weight", "post_attention_layernorm", (D,), _same),
+        Entry(p + "mlp.gate_proj.weight", "gate_proj", (F, D), lambda w: w.T),
+        Entry(p + "mlp.up_proj.weight", "up_proj", (F, D), lambda w: w.T),
+        Entry(p + "mlp.down_proj.weight", "down_proj", (D, F), lambda w: w.T),
+    ]
+    if c.attention_bias:
+        rows += [
+            Entry(p + "self_attn.q_proj.bias", "q_bias", (N * H,), lambda b: b.reshape(N, H)),
+            Entry(p + "self_attn.k_proj.bias", "k_bias", (K * H,), lambda b: b.reshape(K, H)),
+            Entry(p + "self_attn.v_proj.bias", "v_bias", (K * H,), lambda b: b.reshape(K, H)),
+            Entry(p + "self_attn.o_proj.bias", "o_bias", (D,), _same),
+        ]
+    if c.mlp_bias:
+        rows += [
+            Entry(p + "mlp.gate_proj.bias", "gate_bias", (F,), _same),
+            Entry(p + "mlp.up_proj.bias", "up_bias", (F,), _same),
+            Entry(p + "mlp.down_proj.bias", "down_bias", (D,), _same),
+        ]
+    return rows
+
+
+def model_table(c: LLMConfig) -> list[Entry]:
+    """HF names outside the layers. A tied model has no lm_head: logits use embed_tokens transposed."""
+    rows = [
+        Entry("model.embed_tokens.weight", "embed_tokens", (c.vocab_size, c.hidden_size), _same),
+        Entry("model.norm.weight", "norm", (c.hidden_size,), _same),
+    ]
+    if not c.tie_word_embeddings:
+        rows.append(Entry("lm_head.weight", "lm_head", (c.vocab_size, c.hidden_size), lambda w: w.T))
+    return rows
+
+
+def build_params(config: LLMConfig, shapes: dict[str, tuple[int, ...]], read: Callable[[str], Any], dtype, source: str) -> Params:
+    """Check every tensor's name and shape against the config (all problems in one error), then read them one by one."""
+    tables = [layer_table(config, i) for i in range(config.num_hidden_layers)]
+    expected = {e.hf_name: e for e in model_table(config)} | {e.hf_name: e for t in tables for e in t}
+    missing = [f"{n} (expected {list(e.hf_shape)})" for n, e in expected.items() if n not in shapes]
+    tolerated = {"lm_head.weight"} if config.tie_word_embeddings else set()  # tied: a stored copy is ignored, as in HF
+    unexpected = [f"{n} {list(s)}" for n, s in shapes.items()
+                  if n not in expected and n not in tolerated and not n.endswith(IGNORED_SUFFIXES)]
+    misshaped = [f"{n}: expected {list(e.hf_shape)}, found {list(shapes[n])}"
+                 for n, e in expected.items() if n in shapes and tuple(shapes[n]) != e.hf_shape]
+    if missing or unexpected or misshaped:
+        parts = [f"{label}:\n  " + "\n  ".join(items)
+                 for label, items in (("missing tensors", missing), ("unexpected tensors", unexpected),
+                                      ("mis-shaped tensors", misshaped)) if items]
+        raise CheckpointError(f"{source}: checkpoint does not match its config\n" + "\n".join(parts))
+
+    def get(e: Entry):
+        return jnp.asarray(e.to_forward(jnp.asarray(read(e.hf_name)))).astype(dtype)
+
+    top = {e.field: get(e) for e in model_table(config)}
+    layers = tuple(Layer(**{e.field: get(e) for e in table}) for table in tables)
+    return Params(layers=layers, lm_head=top.pop("lm_head", None), config=config, **top)
+
+
+def _safetensors_files(directory: Path) -> list[Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        files = sorted({directory / f for f in weight_map.values()})
+        absent = [f.name for f in files if not f.exists()]
+        if absent:
+            raise CheckpointError(f"{index}: shard file(s) listed but not found: {', '.join(absent)}")
+        return files
+    files = sorted(directory.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise _pickle_refusal(directory / pickles[0])
+    raise CheckpointError(f"{directory}: no model.safetensors, sharded index or .gguf file found")
+
+
+def _pickle_refusal(path: Path) -> CheckpointError:
+    return CheckpointError(
+        f"{path}: refusing to load a pickle checkpoint: unpickling can execute arbitrary code. "
+        "Convert it to safetensors first (for example with Transformers: save_pretrained(..., safe_serialization=True))."
+    )
+
+
+def load_safetensors_dir(directory: Path, dtype=jnp.float32) -> Params:
+    config = LLMConfig.from_json(directory / "config.json")
+    files = _safetensors_files(directory)
+    handles, shapes = {}, {}
+    for f in files:
+        h = safe_open(f, framework="flax")
+        for name in h.keys():
+            sl = h.get_slice(name)
+            if sl.get_dtype() not in FLOAT_DTYPES:
+                raise CheckpointError(f"{f}: tensor {name} has dtype {sl.get_dtype()}; expected one of {FLOAT_DTYPES}")
+            handles[name], shapes[name] = h, tuple(sl.get_shape())
+    return build_params(config, shapes, lambda name: handles[name].get_tensor(name), dtype, str(directory))
+
+
+def load_gguf(path: Path, dtype=jnp.float32) -> Params:
+    from jaxllm.convert import read_gguf
+
+    hf_config, tensors = read_gguf(path)
+    config = LLMConfig.from_dict(hf_config, source=str(path))
+    arrays: dict[str, np.ndarray] = dict(tensors)  # dequantized fp32; popped as each one moves into the pytree
+    return build_params(config, {n: a.shape for n, a in arrays.items()}, arrays.pop, dtype, str(path))
+
+
+def load(model: str | Path | None = None, dtype=jnp.float32) -> Params:
+    """Load a checkpoint into a Params pytree (parameters in `dtype`, fp32 by default).
+
+    `model`: a directory with config.json and safetensors, a .gguf file, the name of the default model
+    ("smollm2-135m", also when None), or a Hub repo id (needs network access).
+    """
+    path = resolve(model)
+    if path.suffix == ".gguf":
+        return load_gguf(path, dtype)
+    return load_safetensors_dir(path, dtype)
+
+
+def resolve(model: str | Path | None) -> Path:
+    """A local path for `model`; refuses pickles before anything is read."""
+    path = Path(model) if model is not None else None
+    if path is not None and path.suffix in PICKLE_SUFFIXES:
+        raise _pickle_refusal(path)
+    if path is not None and path.is_file() and path.suffix == ".safetensors":
+        return path.parent
+    if path is not None and (path.is_dir() or path.suffix == ".gguf") and path.exists():
+        return path
+    from jaxllm.hub import resolve_model
+
+    return Path(resolve_model(None if model is None else str(model)))
+
+
+def tensor_names(directory: Path) -> Iterable[tuple[str, tuple[int, ...], str]]:
+    """(name, shape, dtype) of every stored tensor, in file order: what `jaxllm inspect` lists."""
+    for f in _safetensors_files(directory):
+        h = safe_open(f, framework="flax")
+        for name in h.keys():
+            sl = h.get_slice(name)
+            yield name, tuple(sl.get_shape()), sl.get_dtype()

@@ -1,0 +1,266 @@
+"""The LLaMA forward pass as pure functions over a parameter pytree.
+
+Shape letters (../shared/STYLE.md): B batch, T query positions, S key positions, D hidden, N query heads,
+K key/value heads, G = N // K, H head_dim, F intermediate, V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import chex
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxllm.config import LLMConfig, yarn_attention_factor
+from jaxllm.errors import InputError
+
+Array = jax.Array
+# tap(name, value) records an intermediate; the plain forward passes a no-op, the diff ladder a collector.
+Tap = Callable[[str, Array], None]
+
+
+@flax.struct.dataclass
+class Layer:
+    """One decoder block, weights in the orientation the forward multiplies by (HF stores the transpose)."""
+
+    input_layernorm: Array  # [D]
+    q_proj: Array  # [D, N, H]
+    k_proj: Array  # [D, K, H]
+    v_proj: Array  # [D, K, H]
+    o_proj: Array  # [N, H, D]
+    post_attention_layernorm: Array  # [D]
+    gate_proj: Array  # [D, F]
+    up_proj: Array  # [D, F]
+    down_proj: Array  # [F, D]
+    q_bias: Array | None = None  # [N, H]   (attention_bias)
+    k_bias: Array | None = None  # [K, H]
+    v_bias: Array | None = None  # [K, H]
+    o_bias: Array | None = None  # [D]
+    gate_bias: Array | None = None  # [F]   (mlp_bias)
+    up_bias: Array | None = None  # [F]
+    down_bias: Array | None = None  # [D]
+
+
+@flax.struct.dataclass
+class Params:
+    """The whole model: arrays are pytree leaves, the config rides along as static data."""
+
+    embed_tokens: Array  # [V, D]
+    layers: tuple[Layer, ...]  # L of them
+    norm: Array  # [D]
+    lm_head: Array | None  # [D, V]; None when tied to embed_tokens
+    config: LLMConfig = flax.struct.field(pytree_node=False)
+
+
+def _no_tap(name: str, value: Array) -> None:
+    pass
+
+
+def rms_norm(x: Array, weight: Array, eps: float) -> Array:
+    """HF LlamaRMSNorm: statistics in fp32, cast back to the input dtype *before* the weight multiply."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * x32.astype(x.dtype)
+
+
+def rope_inv_freq(config: LLMConfig, positions: Array) -> tuple[Array, float]:
+    """Inverse frequencies [H/2] (fp32) and the cos/sin scale, per HF's `ROPE_INIT_FUNCTIONS`."""
+    rope, dim = config.rope, config.head_dim
+    # Same fp32 arithmetic as HF: base ** (arange(0, dim, 2) / dim), so angles round the same way.
+    exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+    inv_freq = (1.0 / np.float32(rope.theta) ** exponents).astype(np.float32)
+    if rope.rope_type == "linear":
+        return jnp.asarray(inv_freq / np.float32(rope.factor)), 1.0
+    if rope.rope_type == "llama3":
+        old_len = rope.original_max_position_embeddings
+        low_wavelen, high_wavelen = old_len / rope.low_freq_factor, old_len / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (old_len / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return jnp.asarray(np.where(medium, smoothed, scaled).astype(np.float32)), 1.0
+    if rope.rope_type == "yarn":
+        def correction_dim(rotations: float) -> float:
+            return dim * math.log(rope.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(rope.theta))
+
+        low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+        if rope.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / ((high - low) or 0.001), 0, 1)
+        extrapolation = 1 - ramp  # 1 keeps the original frequency, 0 interpolates it by `factor`
+        pos_freqs = np.float32(rope.theta) ** exponents
+        inv = (1 / (rope.factor * pos_freqs)) * (1 - extrapolation) + (1 / pos_freqs) * extrapolation
+        return jnp.asarray(inv.astype(np.float32)), yarn_attention_factor(rope)
+    if rope.rope_type == "dynamic":
+        # NTK-aware: the base grows once the longest position in the batch passes max_position_embeddings.
+        max_pos = config.max_position_embeddings
+        seq_len = jnp.maximum(jnp.max(positions) + 1, max_pos).astype(jnp.float32)
+        base = rope.theta * ((rope.factor * seq_len / max_pos) - (rope.factor - 1)) ** (dim / (dim - 2))
+        return 1.0 / base ** jnp.asarray(exponents), 1.0
+    return jnp.asarray(inv_freq), 1.0
+
+
+def rope_tables(config: LLMConfig, positions: Array) -> tuple[Array, Array]:
+    """cos, sin [B, T, H] for the given (possibly non-contiguous) positions [B, T]; angles in fp32."""
+    inv_freq, scale = rope_inv_freq(config, positions)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)  # [B, T, H]: HF's rotate-half layout repeats the halves
+    return jnp.cos(angles) * scale, jnp.sin(angles) * scale
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """x [B, T, heads, H] rotated in HF's rotate-half layout: pairs are (i, i + H/2), not (2i, 2i+1)."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+def attention(q: Array, k: Array, v: Array, allowed: Array) -> Array:
+    """Grouped-query attention. q [B, T, N, H], k/v [B, S, K, H], allowed [B, T, S] -> [B, T, N, H].
+
+    Query head n reads key/value head n // G (HF's repeat_kv order), written as a group axis so K/V are never copied.
+    """
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    q = q.reshape(B, T, K, N // K, H)  # [B, T, K, G, H]
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k).astype(jnp.float32) * H**-0.5
+    # A finite minimum (not -inf) keeps fully masked rows, e.g. left padding, free of NaN, as in HF.
+    scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # softmax in fp32, as HF eager
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+    return out.reshape(B, T, N, H)
+
+
+def _bias(x: Array, b: Array | None) -> Array:
+    return x if b is None else x + b
+
+
+def attention_block(layer: Layer, x: Array, cos: Array, sin: Array, allowed: Array, config: LLMConfig, tap: Tap) -> Array:
+    """x [B, T, D] (already normed) -> attention output [B, T, D], before the residual add."""
+    B, T, _ = x.shape
+    N, K, H = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    q = _bias(jnp.einsum("BTD,DNH->BTNH", x, layer.q_proj), layer.q_bias)
+    k = _bias(jnp.einsum("BTD,DKH->BTKH", x, layer.k_proj), layer.k_bias)
+    v = _bias(jnp.einsum("BTD,DKH->BTKH", x, layer.v_proj), layer.v_bias)
+    chex.assert_shape(q, (B, T, N, H))
+    chex.assert_shape([k, v], (B, T, K, H))
+    tap("q_proj", q), tap("k_proj", k), tap("v_proj", v)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    tap("q_rope", q), tap("k_rope", k)
+    out = attention(q, k, v, allowed)
+    chex.assert_shape(out, (B, T, N, H))
+    tap("attn", out)
+    out = _bias(jnp.einsum("BTNH,NHD->BTD", out, layer.o_proj), layer.o_bias)
+    tap("o_proj", out)
+    return out
+
+
+def mlp(layer: Layer, x: Array, tap: Tap) -> Array:
+    """SwiGLU: down(silu(gate(x)) * up(x)). x [B, T, D] -> [B, T, D]."""
+    gate = _bias(x @ layer.gate_proj, layer.gate_bias)  # [B, T, F]
+    up = _bias(x @ layer.up_proj, layer.up_bias)  # [B, T, F]
+    tap("gate_proj", gate), tap("up_proj", up)
+    out = _bias((jax.nn.silu(gate) * up) @ layer.down_proj, layer.down_bias)  # [B, T, D]
+    chex.assert_equal_shape([x, out])
+    tap("mlp", out)
+    return out
+
+
+def decoder_block(layer: Layer, x: Array, cos: Array, sin: Array, allowed: Array, config: LLMConfig, tap: Tap) -> Array:
+    """Pre-norm residual block: x + attn(norm(x)), then h + mlp(norm(h)). x [B, T, D] -> [B, T, D]."""
+    normed = rms_norm(x, layer.input_layernorm, config.rms_norm_eps)
+    chex.assert_equal_shape([x, normed])
+    tap("input_layernorm", normed)
+    h = x + attention_block(layer, normed, cos, sin, allowed, config, tap)
+    tap("attn_residual", h)
+    normed = rms_norm(h, layer.post_attention_layernorm, config.rms_norm_eps)
+    tap("post_attention_layernorm", normed)
+    out = h + mlp(layer, normed, tap)
+    chex.assert_equal_shape([x, out])
+    tap("block", out)
+    return out
+
+
+def causal_mask(T: int, attention_mask: Array | None) -> Array:
+    """allowed [B or 1, T, T]: causal by index (as HF's cache_position), minus padded keys (attention_mask [B, S])."""
+    allowed = jnp.tril(jnp.ones((T, T), dtype=bool))[None]
+    if attention_mask is not None:
+        allowed = allowed & attention_mask.astype(bool)[:, None, :]
+    return allowed
+
+
+def run(params: Params, ids: Array, positions: Array, attention_mask: Array | None = None, tap: Tap = _no_tap) -> Array:
+    """The forward pass, un-jitted: ids [B, T], positions [B, T] -> logits [B, T, V] (fp32 softmax-ready)."""
+    config = params.config
+    B, T = ids.shape
+    D, V = config.hidden_size, config.vocab_size
+    # mode="fill" turns an out-of-range id into NaN logits rather than silently clamping it to a real token.
+    x = jnp.take(params.embed_tokens, ids, axis=0, mode="fill", fill_value=jnp.nan)
+    chex.assert_shape(x, (B, T, D))
+    tap("embed", x)
+    cos, sin = rope_tables(config, positions)
+    chex.assert_shape([cos, sin], (B, T, config.head_dim))
+    allowed = causal_mask(T, attention_mask)
+    for i, layer in enumerate(params.layers):
+        x = decoder_block(layer, x, cos, sin, allowed, config, lambda name, v, i=i: tap(f"layers.{i}.{name}", v))
+    x = rms_norm(x, params.norm, config.rms_norm_eps)
+    tap("norm", x)
+    lm_head = params.embed_tokens.T if params.lm_head is None else params.lm_head  # [D, V]
+    logits = x @ lm_head
+    chex.assert_shape(logits, (B, T, V))
+    tap("logits", logits)
+    return logits
+
+
+_forward_jit = jax.jit(run, static_argnames="tap")  # tap left at its no-op default
+
+
+@jax.jit
+def _intermediates_jit(params, ids, positions, attention_mask):
+    acts: dict[str, Array] = {}
+    logits = run(params, ids, positions, attention_mask, tap=acts.__setitem__)
+    return logits, acts
+
+
+def check_inputs(config: LLMConfig, ids, positions, attention_mask=None) -> None:
+    """Clear errors for bad input before it reaches XLA. Values are checked only when concrete (not under jit)."""
+    ids_shape, pos_shape = np.shape(ids), np.shape(positions)
+    if len(ids_shape) != 2:
+        raise InputError(f"ids must be [B, T], found shape {ids_shape}")
+    if pos_shape != ids_shape:
+        raise InputError(f"positions must have the shape of ids {ids_shape}, found {pos_shape}")
+    if attention_mask is not None and np.shape(attention_mask) != ids_shape:
+        raise InputError(f"attention_mask must have the shape of ids {ids_shape}, found {np.shape(attention_mask)}")
+    for name, value in (("ids", ids), ("positions", positions)):
+        dtype = value.dtype if hasattr(value, "dtype") else np.asarray(value).dtype
+        if not jnp.issubdtype(dtype, jnp.integer):
+            raise InputError(f"{name} must be integers, found dtype {dtype}")
+    if isinstance(ids, jax.core.Tracer) or isinstance(positions, jax.core.Tracer):
+        return
+    ids_np, pos_np = np.asarray(ids), np.asarray(positions)
+    bad = (ids_np < 0) | (ids_np >= config.vocab_size)
+    if bad.any():
+        b, t = map(int, np.argwhere(bad)[0])
+        raise InputError(f"token id {int(ids_np[b, t])} at [{b}, {t}] is outside the vocabulary [0, {config.vocab_size})")
+    if (pos_np < 0).any():
+        raise InputError(f"positions must be non-negative, found {int(pos_np.min())}")
+
+
+def forward(params: Params, ids: Array, positions: Array, attention_mask: Array | None = None) -> Array:
+    """Jitted forward: ids [B, T] int, positions [B, T] int, optional attention_mask [B, T] (1 = real token)
+    -> logits [B, T, V]. Positions are honoured as given (RoPE), the causal mask goes by index."""
+    check_inputs(params.config, ids, positions, attention_mask)
+    return _forward_jit(params, jnp.asarray(ids), jnp.asarray(positions), attention_mask)
+
+
+def forward_with_intermediates(params: Params, ids: Array, positions: Array, attention_mask: Array | None = None):
+    """The same forward, also returning every tapped intermediate by name (a dict: jit returns its keys sorted)."""
+    check_inputs(params.config, ids, positions, attention_mask)
+    return _intermediates_jit(params, jnp.asarray(ids), jnp.asarray(positions), attention_mask)
