@@ -87,6 +87,8 @@ class LLMConfig:
             return value
 
         model_type = data.get("model_type")
+        if model_type is None:
+            raise fail(f"required field 'model_type' is missing (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise fail(
                 f"model_type {model_type!r} is not supported; jaxllm runs {', '.join(SUPPORTED_MODEL_TYPES)} models "
