@@ -56,6 +56,20 @@ class Params:
     config: LLMConfig = flax.struct.field(pytree_node=False)
 
 
+@flax.struct.dataclass
+class KVCache:
+    """Keys and values of every layer, after RoPE, in fixed-size buffers: slot s holds sequence index s."""
+
+    k: tuple[Array, ...]  # L × [B, S, K, H]
+    v: tuple[Array, ...]  # L × [B, S, K, H]
+
+    @classmethod
+    def zeros(cls, config: LLMConfig, batch: int, length: int, dtype=jnp.float32) -> "KVCache":
+        shape = (batch, length, config.num_key_value_heads, config.head_dim)  # [B, S, K, H]
+        layers = range(config.num_hidden_layers)
+        return cls(k=tuple(jnp.zeros(shape, dtype) for _ in layers), v=tuple(jnp.zeros(shape, dtype) for _ in layers))
+
+
 def _no_tap(name: str, value: Array) -> None:
     pass
 
@@ -142,8 +156,13 @@ def _bias(x: Array, b: Array | None) -> Array:
     return x if b is None else x + b
 
 
-def attention_block(layer: Layer, x: Array, cos: Array, sin: Array, allowed: Array, config: LLMConfig, tap: Tap) -> Array:
-    """x [B, T, D] (already normed) -> attention output [B, T, D], before the residual add."""
+def attention_block(layer: Layer, x: Array, cos: Array, sin: Array, allowed: Array, config: LLMConfig, tap: Tap,
+                    kv: tuple[Array, Array] | None = None, offset: Array | int = 0) -> tuple[Array, tuple[Array, Array] | None]:
+    """x [B, T, D] (already normed) -> attention output [B, T, D] before the residual add, and the updated cache.
+
+    With a cache (k, v [B, S, K, H]) this step's keys and values are written at slots offset..offset+T-1 and the
+    queries attend over all S slots; without one they attend over these T positions alone.
+    """
     B, T, _ = x.shape
     N, K, H = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     q = _bias(jnp.einsum("BTD,DNH->BTNH", x, layer.q_proj), layer.q_bias)
@@ -154,12 +173,16 @@ def attention_block(layer: Layer, x: Array, cos: Array, sin: Array, allowed: Arr
     tap("q_proj", q), tap("k_proj", k), tap("v_proj", v)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     tap("q_rope", q), tap("k_rope", k)
+    if kv is not None:
+        k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, offset, 0, 0))  # [B, S, K, H]
+        v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, offset, 0, 0))
+        kv = (k, v)
     out = attention(q, k, v, allowed)
     chex.assert_shape(out, (B, T, N, H))
     tap("attn", out)
     out = _bias(jnp.einsum("BTNH,NHD->BTD", out, layer.o_proj), layer.o_bias)
     tap("o_proj", out)
-    return out
+    return out, kv
 
 
 def mlp(layer: Layer, x: Array, tap: Tap) -> Array:
@@ -173,31 +196,39 @@ def mlp(layer: Layer, x: Array, tap: Tap) -> Array:
     return out
 
 
-def decoder_block(layer: Layer, x: Array, cos: Array, sin: Array, allowed: Array, config: LLMConfig, tap: Tap) -> Array:
-    """Pre-norm residual block: x + attn(norm(x)), then h + mlp(norm(h)). x [B, T, D] -> [B, T, D]."""
+def decoder_block(layer: Layer, x: Array, cos: Array, sin: Array, allowed: Array, config: LLMConfig, tap: Tap,
+                  kv: tuple[Array, Array] | None = None, offset: Array | int = 0) -> tuple[Array, tuple[Array, Array] | None]:
+    """Pre-norm residual block: h = x + attn(norm(x)), out = h + mlp(norm(h)). x [B, T, D] -> [B, T, D]."""
     normed = rms_norm(x, layer.input_layernorm, config.rms_norm_eps)
     chex.assert_equal_shape([x, normed])
     tap("input_layernorm", normed)
-    h = x + attention_block(layer, normed, cos, sin, allowed, config, tap)
+    attn, kv = attention_block(layer, normed, cos, sin, allowed, config, tap, kv, offset)
+    h = x + attn
     tap("attn_residual", h)
     normed = rms_norm(h, layer.post_attention_layernorm, config.rms_norm_eps)
     tap("post_attention_layernorm", normed)
     out = h + mlp(layer, normed, tap)
     chex.assert_equal_shape([x, out])
     tap("block", out)
-    return out
+    return out, kv
 
 
-def causal_mask(T: int, attention_mask: Array | None) -> Array:
-    """allowed [B or 1, T, T]: causal by index (as HF's cache_position), minus padded keys (attention_mask [B, S])."""
-    allowed = jnp.tril(jnp.ones((T, T), dtype=bool))[None]
-    if attention_mask is not None:
-        allowed = allowed & attention_mask.astype(bool)[:, None, :]
+def attention_mask_for(T: int, S: int, offset: Array | int, kv_mask: Array | None) -> Array:
+    """allowed [B or 1, T, S]: query t (sequence index offset + t) sees key slot s <= offset + t, as HF's causal mask
+    by cache position, and only slots that kv_mask [B, S] marks as real tokens (not padding)."""
+    allowed = (jnp.arange(S)[None, :] <= offset + jnp.arange(T)[:, None])[None]
+    if kv_mask is not None:
+        allowed = allowed & kv_mask.astype(bool)[:, None, :]
     return allowed
 
 
-def run(params: Params, ids: Array, positions: Array, attention_mask: Array | None = None, tap: Tap = _no_tap) -> Array:
-    """The forward pass, un-jitted: ids [B, T], positions [B, T] -> logits [B, T, V] (fp32 softmax-ready)."""
+def run(params: Params, ids: Array, positions: Array, kv_mask: Array | None = None, cache: KVCache | None = None,
+        offset: Array | int = 0, tap: Tap = _no_tap) -> tuple[Array, KVCache | None]:
+    """The forward pass, un-jitted: ids [B, T], positions [B, T] -> (logits [B, T, V], updated cache or None).
+
+    Without a cache kv_mask is the [B, T] attention mask; with one it is [B, S] over the cache slots, and this
+    call's tokens occupy slots offset..offset+T-1.
+    """
     config = params.config
     B, T = ids.shape
     D, V = config.hidden_size, config.vocab_size
@@ -207,25 +238,32 @@ def run(params: Params, ids: Array, positions: Array, attention_mask: Array | No
     tap("embed", x)
     cos, sin = rope_tables(config, positions)
     chex.assert_shape([cos, sin], (B, T, config.head_dim))
-    allowed = causal_mask(T, attention_mask)
+    S = T if cache is None else cache.k[0].shape[1]
+    allowed = attention_mask_for(T, S, offset, kv_mask)
+    new_k, new_v = [], []
     for i, layer in enumerate(params.layers):
-        x = decoder_block(layer, x, cos, sin, allowed, config, lambda name, v, i=i: tap(f"layers.{i}.{name}", v))
+        kv = None if cache is None else (cache.k[i], cache.v[i])
+        x, kv = decoder_block(layer, x, cos, sin, allowed, config, lambda n, v, i=i: tap(f"layers.{i}.{n}", v), kv, offset)
+        if kv is not None:
+            new_k.append(kv[0]), new_v.append(kv[1])
     x = rms_norm(x, params.norm, config.rms_norm_eps)
     tap("norm", x)
     lm_head = params.embed_tokens.T if params.lm_head is None else params.lm_head  # [D, V]
     logits = x @ lm_head
     chex.assert_shape(logits, (B, T, V))
     tap("logits", logits)
-    return logits
+    return logits, (None if cache is None else KVCache(k=tuple(new_k), v=tuple(new_v)))
 
 
-_forward_jit = jax.jit(run, static_argnames="tap")  # tap left at its no-op default
+@jax.jit
+def _forward_jit(params, ids, positions, attention_mask):
+    return run(params, ids, positions, attention_mask)[0]
 
 
 @jax.jit
 def _intermediates_jit(params, ids, positions, attention_mask):
     acts: dict[str, Array] = {}
-    logits = run(params, ids, positions, attention_mask, tap=acts.__setitem__)
+    logits, _ = run(params, ids, positions, attention_mask, tap=acts.__setitem__)
     return logits, acts
 
 
