@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -13,6 +14,7 @@ from safetensors import safe_open
 
 from jaxllm.config import LLMConfig
 from jaxllm.errors import CheckpointError
+from jaxllm.generate import Model
 from jaxllm.model import Layer, Params
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -27,6 +29,7 @@ class Entry:
     hf_name: str
     field: str  # Params field, or Layer field for per-layer entries
     hf_shape: tuple[int, ...]
+    letters: str  # hf_shape in shape letters, e.g. "N·H, D"
     to_forward: Callable[[Any], Any]  # HF layout -> the layout Params documents
 
 
@@ -39,28 +42,28 @@ def layer_table(c: LLMConfig, i: int) -> list[Entry]:
     D, F, N, K, H = c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
     p = f"model.layers.{i}."
     rows = [
-        Entry(p + "input_layernorm.weight", "input_layernorm", (D,), _same),
-        Entry(p + "self_attn.q_proj.weight", "q_proj", (N * H, D), lambda w: w.T.reshape(D, N, H)),
-        Entry(p + "self_attn.k_proj.weight", "k_proj", (K * H, D), lambda w: w.T.reshape(D, K, H)),
-        Entry(p + "self_attn.v_proj.weight", "v_proj", (K * H, D), lambda w: w.T.reshape(D, K, H)),
-        Entry(p + "self_attn.o_proj.weight", "o_proj", (D, N * H), lambda w: w.T.reshape(N, H, D)),
-        Entry(p + "post_attention_layernorm.weight", "post_attention_layernorm", (D,), _same),
-        Entry(p + "mlp.gate_proj.weight", "gate_proj", (F, D), lambda w: w.T),
-        Entry(p + "mlp.up_proj.weight", "up_proj", (F, D), lambda w: w.T),
-        Entry(p + "mlp.down_proj.weight", "down_proj", (D, F), lambda w: w.T),
+        Entry(p + "input_layernorm.weight", "input_layernorm", (D,), "D", _same),
+        Entry(p + "self_attn.q_proj.weight", "q_proj", (N * H, D), "N·H, D", lambda w: w.T.reshape(D, N, H)),
+        Entry(p + "self_attn.k_proj.weight", "k_proj", (K * H, D), "K·H, D", lambda w: w.T.reshape(D, K, H)),
+        Entry(p + "self_attn.v_proj.weight", "v_proj", (K * H, D), "K·H, D", lambda w: w.T.reshape(D, K, H)),
+        Entry(p + "self_attn.o_proj.weight", "o_proj", (D, N * H), "D, N·H", lambda w: w.T.reshape(N, H, D)),
+        Entry(p + "post_attention_layernorm.weight", "post_attention_layernorm", (D,), "D", _same),
+        Entry(p + "mlp.gate_proj.weight", "gate_proj", (F, D), "F, D", lambda w: w.T),
+        Entry(p + "mlp.up_proj.weight", "up_proj", (F, D), "F, D", lambda w: w.T),
+        Entry(p + "mlp.down_proj.weight", "down_proj", (D, F), "D, F", lambda w: w.T),
     ]
     if c.attention_bias:
         rows += [
-            Entry(p + "self_attn.q_proj.bias", "q_bias", (N * H,), lambda b: b.reshape(N, H)),
-            Entry(p + "self_attn.k_proj.bias", "k_bias", (K * H,), lambda b: b.reshape(K, H)),
-            Entry(p + "self_attn.v_proj.bias", "v_bias", (K * H,), lambda b: b.reshape(K, H)),
-            Entry(p + "self_attn.o_proj.bias", "o_bias", (D,), _same),
+            Entry(p + "self_attn.q_proj.bias", "q_bias", (N * H,), "N·H", lambda b: b.reshape(N, H)),
+            Entry(p + "self_attn.k_proj.bias", "k_bias", (K * H,), "K·H", lambda b: b.reshape(K, H)),
+            Entry(p + "self_attn.v_proj.bias", "v_bias", (K * H,), "K·H", lambda b: b.reshape(K, H)),
+            Entry(p + "self_attn.o_proj.bias", "o_bias", (D,), "D", _same),
         ]
     if c.mlp_bias:
         rows += [
-            Entry(p + "mlp.gate_proj.bias", "gate_bias", (F,), _same),
-            Entry(p + "mlp.up_proj.bias", "up_bias", (F,), _same),
-            Entry(p + "mlp.down_proj.bias", "down_bias", (D,), _same),
+            Entry(p + "mlp.gate_proj.bias", "gate_bias", (F,), "F", _same),
+            Entry(p + "mlp.up_proj.bias", "up_bias", (F,), "F", _same),
+            Entry(p + "mlp.down_proj.bias", "down_bias", (D,), "D", _same),
         ]
     return rows
 
@@ -68,11 +71,11 @@ def layer_table(c: LLMConfig, i: int) -> list[Entry]:
 def model_table(c: LLMConfig) -> list[Entry]:
     """HF names outside the layers. A tied model has no lm_head: logits use embed_tokens transposed."""
     rows = [
-        Entry("model.embed_tokens.weight", "embed_tokens", (c.vocab_size, c.hidden_size), _same),
-        Entry("model.norm.weight", "norm", (c.hidden_size,), _same),
+        Entry("model.embed_tokens.weight", "embed_tokens", (c.vocab_size, c.hidden_size), "V, D", _same),
+        Entry("model.norm.weight", "norm", (c.hidden_size,), "D", _same),
     ]
     if not c.tie_word_embeddings:
-        rows.append(Entry("lm_head.weight", "lm_head", (c.vocab_size, c.hidden_size), lambda w: w.T))
+        rows.append(Entry("lm_head.weight", "lm_head", (c.vocab_size, c.hidden_size), "V, D", lambda w: w.T))
     return rows
 
 
@@ -143,12 +146,13 @@ def load_safetensors_dir(directory: Path, dtype=jnp.float32) -> Params:
 
 
 def load_gguf(path: Path, dtype=jnp.float32) -> Params:
+    """A .gguf file, dequantized to fp32 and re-oriented to HF's layout by jaxllm.convert, then loaded as above."""
     from jaxllm.convert import read_gguf
 
-    hf_config, tensors = read_gguf(path)
-    config = LLMConfig.from_dict(hf_config, source=str(path))
-    arrays: dict[str, np.ndarray] = dict(tensors)  # dequantized fp32; popped as each one moves into the pytree
-    return build_params(config, {n: a.shape for n, a in arrays.items()}, arrays.pop, dtype, str(path))
+    checkpoint = read_gguf(path)
+    config = LLMConfig.from_dict(checkpoint.config, source=str(path))
+    arrays: dict[str, np.ndarray] = dict(checkpoint.tensors())  # popped as each one moves into the pytree
+    return build_params(config, checkpoint.shapes, arrays.pop, dtype, str(path))
 
 
 def load(model: str | Path | None = None, dtype=jnp.float32) -> Params:
@@ -161,6 +165,22 @@ def load(model: str | Path | None = None, dtype=jnp.float32) -> Params:
     if path.suffix == ".gguf":
         return load_gguf(path, dtype)
     return load_safetensors_dir(path, dtype)
+
+
+def load_model(model: str | Path | None = None, dtype=jnp.float32) -> Model:
+    """Parameters and tokenizer together, for generation from text (same `model` argument as `load`)."""
+    from jaxllm.tokenizer import Tokenizer
+
+    path = resolve(model)
+    if path.suffix != ".gguf":
+        return Model(load_safetensors_dir(path, dtype), Tokenizer.from_dir(path))
+    from jaxllm.convert import read_gguf
+
+    with tempfile.TemporaryDirectory() as tmp:  # the tokenizer files live in the GGUF's metadata
+        for name, content in read_gguf(path).tokenizer_files().items():
+            (Path(tmp) / name).write_text(json.dumps(content), encoding="utf-8")
+        tokenizer = Tokenizer.from_dir(tmp)
+    return Model(load_gguf(path, dtype), tokenizer)
 
 
 def resolve(model: str | Path | None) -> Path:

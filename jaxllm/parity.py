@@ -114,3 +114,75 @@ def random_checkpoint(config: dict[str, Any] | str | Path, out_dir: str | Path, 
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out_dir, **kwargs)
     return out_dir
+
+
+def reference_greedy(model, ids: list[int], max_new_tokens: int, eos_ids) -> list[int]:
+    """Transformers' own greedy decode (`generate(do_sample=False)`, with its KV cache): the new token ids."""
+    torch, _ = _torch()
+    prompt = torch.tensor([ids])
+    eos = list(eos_ids) or None
+    with torch.no_grad():
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=eos, pad_token_id=eos[0] if eos else None)
+    return out[0, len(ids):].tolist()
+
+
+def report(path: str | Path, prompt: str, max_new_tokens: int = 20, tolerance: float = REAL_MODEL_TOLERANCE,
+           ladder: bool = False) -> dict[str, Any]:
+    """Both engines on one prompt: logits at every position against Transformers fp32, the noise floor
+    (Transformers fp32 vs its own float64 run), jaxllm vs float64, and the greedy continuation of each."""
+    from jaxllm.generate import Model, generate
+    from jaxllm.loader import load
+    from jaxllm.tokenizer import Tokenizer
+
+    path = Path(path)
+    tokenizer = Tokenizer.from_dir(path)
+    params = load(path)
+    ids = tokenizer.encode(prompt)
+    positions = np.arange(len(ids))[None]
+    ref32, ref64 = reference_model(path), reference_model(path, "float64")
+    ours = jax_logits(params, [ids], positions)
+    fp32 = reference_logits(ref32, [ids], positions)
+    fp64 = reference_logits(ref64, [ids], positions)
+    result = compare_logits(fp32, ours)
+    ours_tokens = generate(Model(params, tokenizer), ids, max_new_tokens).tokens
+    ref_tokens = reference_greedy(ref32, ids, max_new_tokens, sorted(tokenizer.eos_ids))
+    out = {
+        "model": str(path),
+        "prompt": prompt,
+        "prompt_ids": ids,
+        "tolerance": tolerance,
+        "max_abs_diff": result.max_abs_diff,
+        "noise_floor_fp32_vs_fp64": compare_logits(fp64, fp32).max_abs_diff,
+        "jaxllm_vs_fp64": compare_logits(fp64, ours).max_abs_diff,
+        "max_abs_logit": float(np.abs(fp64).max()),
+        "argmax_agreement": result.argmax_agreement,
+        "per_position_max_abs_diff": result.per_position,
+        "jaxllm_greedy": {"ids": ours_tokens, "text": tokenizer.decode(ours_tokens, skip_special_tokens=True)},
+        "transformers_greedy": {"ids": ref_tokens, "text": tokenizer.decode(ref_tokens, skip_special_tokens=True)},
+        "greedy_agree": ours_tokens == ref_tokens,
+    }
+    if ladder:
+        out["ladder"] = run_ladder(params, ref32, [ids], positions)
+    out["ok"] = bool(result.max_abs_diff <= tolerance and out["greedy_agree"]
+                     and (not ladder or out["ladder"]["first_divergent"] is None))
+    return out
+
+
+def summary(report: dict[str, Any]) -> str:
+    lines = [
+        f"model            {report['model']}",
+        f"prompt           {report['prompt']!r} ({len(report['prompt_ids'])} tokens)",
+        f"max_abs_diff     {report['max_abs_diff']:.3g}  (tolerance {report['tolerance']:g}; logits reach "
+        f"{report['max_abs_logit']:.1f})",
+        f"noise floor      {report['noise_floor_fp32_vs_fp64']:.3g}  (Transformers fp32 vs float64)",
+        f"jaxllm vs fp64   {report['jaxllm_vs_fp64']:.3g}",
+        f"argmax agreement {report['argmax_agreement']:.3f}",
+        f"jaxllm greedy    {report['jaxllm_greedy']['text']!r}",
+        f"HF greedy        {report['transformers_greedy']['text']!r}",
+        f"greedy agree     {report['greedy_agree']}",
+    ]
+    if "ladder" in report:
+        lines.append(format_ladder(report["ladder"]))
+    lines.append("PASS" if report["ok"] else "FAIL")
+    return "\n".join(lines)

@@ -1,0 +1,168 @@
+"""The `jaxllm` command: generate, inspect, parity, convert, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_PROMPT = "The capital of France is"
+
+
+def _model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=None,
+                   help="model directory, .gguf file, Hub repo id, or 'smollm2-135m' (the default)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxllm", description="A LLaMA-family inference engine in JAX.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("generate", help="stream a greedy continuation of a prompt")
+    p.add_argument("prompt", help="the prompt text")
+    _model_arg(p)
+    p.add_argument("--max-new-tokens", "-n", type=int, default=20)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template (instruct models)")
+    p.add_argument("--no-cache", action="store_true", help="run the full forward every step (the reference path)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+
+    p = sub.add_parser("inspect", help="show the config, every tensor, and the layer-0 weight map")
+    _model_arg(p)
+
+    p = sub.add_parser("parity", help="compare logits and greedy tokens with Transformers (needs the test extra)")
+    _model_arg(p)
+    p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument("--max-new-tokens", "-n", type=int, default=20)
+    p.add_argument("--out", type=Path, help="write the JSON report here")
+    p.add_argument("--ladder", action="store_true", help="also run the component-by-component diff ladder")
+
+    p = sub.add_parser("convert", help="convert a GGUF file to an HF-format directory")
+    p.add_argument("gguf", type=Path, help="the .gguf file")
+    p.add_argument("out_dir", type=Path, help="the directory to create")
+    p.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
+
+    p = sub.add_parser("bench", help="jaxllm and Transformers side by side: prefill latency, decode tokens/s")
+    _model_arg(p)
+    p.add_argument("--json", type=Path, help="write the figures here")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per figure (medians are reported)")
+    p.add_argument("--quick", action="store_true", help="fewer lengths and tokens, for a smoke run")
+    return parser
+
+
+def cmd_generate(args) -> int:
+    import jax
+
+    from jaxllm.generate import Sampling, generate
+    from jaxllm.loader import load_model
+
+    model = load_model(args.model)
+    prompt = args.prompt
+    if args.chat:
+        prompt = model.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    stream = model.tokenizer.stream(skip_special_tokens=True)
+    sys.stdout.write(args.prompt if not args.chat else "")
+    sys.stdout.flush()
+
+    def on_token(row: int, token: int) -> None:
+        sys.stdout.write(stream.push(token))
+        sys.stdout.flush()
+
+    sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    generate(model, prompt, args.max_new_tokens, use_cache=not args.no_cache, sampling=sampling,
+             key=jax.random.key(args.seed), callback=on_token)
+    sys.stdout.write(stream.flush() + "\n")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    import dataclasses
+
+    from jaxllm.config import LLMConfig
+    from jaxllm.loader import layer_table, resolve, tensor_names
+
+    path = resolve(args.model)
+    if path.suffix == ".gguf":
+        from jaxllm.convert import read_gguf
+
+        checkpoint = read_gguf(path)
+        config = LLMConfig.from_dict(checkpoint.config, source=str(path))
+        tensors = [(n, s, "GGUF→F32") for n, s in checkpoint.shapes.items()]
+    else:
+        config = LLMConfig.from_json(path / "config.json")
+        tensors = list(tensor_names(path))
+    print(f"model: {path}\n\nconfig:")
+    for f in dataclasses.fields(config):
+        print(f"  {f.name:<26} {getattr(config, f.name)}")
+    print(f"\ntensors ({len(tensors)}):")
+    for name, shape, dtype in tensors:
+        print(f"  {name:<52} {str(list(shape)):<14} {dtype}")
+    print("\nlayer-0 weight map, as stored ([out, in]) -> the jaxllm field (forward layout):")
+    for e in layer_table(config, 0):
+        print(f"  {e.hf_name:<44} [{e.letters}] = {str(list(e.hf_shape)):<12} -> layers[0].{e.field}")
+    return 0
+
+
+def cmd_parity(args) -> int:
+    from jaxllm import parity
+    from jaxllm.loader import resolve
+
+    report = parity.report(resolve(args.model), args.prompt, args.max_new_tokens, ladder=args.ladder)
+    print(parity.summary(report))
+    if args.out:
+        _write_json(args.out, report)
+        print(f"report written to {args.out}")
+    return 0 if report["ok"] else 1
+
+
+def cmd_convert(args) -> int:
+    from jaxllm.convert import convert_gguf
+
+    out = convert_gguf(args.gguf, args.out_dir, overwrite=args.overwrite)
+    print(f"converted {args.gguf} -> {out}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from jaxllm import bench
+
+    figures = bench.run(args.model, repeats=args.repeats, quick=args.quick)
+    print(bench.table(figures))
+    if args.json:
+        _write_json(args.json, figures)
+        print(f"figures written to {args.json}")
+    return 0
+
+
+def _write_json(path: Path, data) -> None:
+    """Write to a temporary file beside `path`, then rename: an interrupted run never leaves half a report."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+COMMANDS = {"generate": cmd_generate, "inspect": cmd_inspect, "parity": cmd_parity, "convert": cmd_convert,
+            "bench": cmd_bench}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from jaxllm.errors import JaxLLMError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (JaxLLMError, ImportError, OSError) as error:
+        print(f"jaxllm {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"jaxllm {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
