@@ -1,0 +1,322 @@
+"""Native GGUF import: a llama.cpp GGUF file to an HF-format directory (config, float32 safetensors, tokenizer).
+
+GGUF stores the same LLaMA weights as an HF checkpoint, but under llama.cpp's names, transposed shape notation,
+quantized, with Q/K rows permuted for llama.cpp's interleaved RoPE, and with the tokenizer as metadata.
+Each of those is undone here, so the result loads exactly like a checkpoint converted from Transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gguf
+import numpy as np
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from tqdm.auto import tqdm
+
+from jaxllm.errors import CheckpointError, ConfigError, TokenizerError
+
+# GGUF tensor name (without .weight/.bias) -> HF parameter name. The one table of the mapping.
+HF_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+    "blk.{i}.attn_norm": "model.layers.{i}.input_layernorm",
+    "blk.{i}.attn_q": "model.layers.{i}.self_attn.q_proj",
+    "blk.{i}.attn_k": "model.layers.{i}.self_attn.k_proj",
+    "blk.{i}.attn_v": "model.layers.{i}.self_attn.v_proj",
+    "blk.{i}.attn_output": "model.layers.{i}.self_attn.o_proj",
+    "blk.{i}.ffn_norm": "model.layers.{i}.post_attention_layernorm",
+    "blk.{i}.ffn_gate": "model.layers.{i}.mlp.gate_proj",
+    "blk.{i}.ffn_up": "model.layers.{i}.mlp.up_proj",
+    "blk.{i}.ffn_down": "model.layers.{i}.mlp.down_proj",
+}
+
+# tokenizer.ggml.token_type values (llama.cpp's llama_token_type).
+CONTROL, USER_DEFINED = 3, 4
+
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def _split_then_bytes(pattern: str) -> pre_tokenizers.PreTokenizer:
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+
+
+def _digits_then_gpt2() -> pre_tokenizers.PreTokenizer:
+    # SmolLM2's own tokenizer.json: every digit on its own, then GPT-2's split. llama.cpp writes this as
+    # pre="smollm" (regexes "\p{N}" then the GPT-2 one); it is not GPT-2's split alone, which would glue
+    # the last space of a whitespace run to the digit after it.
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+        ]
+    )
+
+
+# tokenizer.ggml.pre -> the pre-tokenizer of the tokenizer.json that llama.cpp's converter fingerprinted.
+PRE_TOKENIZERS = {
+    "gpt2": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    **dict.fromkeys(["smollm", "starcoder", "refact", "codeshell"], _digits_then_gpt2),
+    **dict.fromkeys(["llama-bpe", "llama3", "smaug-bpe", "dbrx"], lambda: _split_then_bytes(_LLAMA3_SPLIT)),
+    "qwen2": lambda: _split_then_bytes(_QWEN2_SPLIT),
+}
+
+
+@dataclass(frozen=True)
+class GGUFCheckpoint:
+    """A GGUF file read as an HF checkpoint; tensors are dequantized only when iterated."""
+
+    path: Path
+    config: dict  # HF config.json
+    shapes: dict[str, tuple[int, ...]]  # HF name -> HF shape [out, in], in file order
+    reader: gguf.GGUFReader = field(repr=False)
+
+    def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
+        """Yield (HF name, float32 array in HF orientation), one tensor at a time."""
+        for tensor in self.reader.tensors:
+            name = hf_name(tensor.name, self.path)
+            yield name, _hf_weight(tensor, name, self.config, self.path)
+
+    def tokenizer_files(self) -> dict[str, dict]:
+        """tokenizer.json, tokenizer_config.json and generation_config.json, built from the metadata."""
+        return tokenizer_files(self.reader, self.path, self.config)
+
+
+def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
+    """Read a llama GGUF's metadata and tensor list; raise ConfigError/CheckpointError on anything else."""
+    path = Path(path)
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as error:  # the reader raises bare ValueError/struct.error/IndexError on bad bytes
+        raise CheckpointError(f"{path}: not a readable GGUF file ({type(error).__name__}: {error})") from error
+    config = hf_config(reader, path)
+    # GGUF lists dimensions innermost first: [in, out] there is [out, in] here.
+    shapes = {hf_name(t.name, path): tuple(int(n) for n in reversed(t.shape)) for t in reader.tensors}
+    return GGUFCheckpoint(path, config, shapes, reader)
+
+
+_REQUIRED = object()
+
+
+def _meta(reader: gguf.GGUFReader, key: str, path: Path, default=_REQUIRED):
+    field_ = reader.fields.get(key)
+    if field_ is not None:
+        return field_.contents()
+    if default is _REQUIRED:
+        raise ConfigError(f"{path}: GGUF metadata has no {key!r}")
+    return default
+
+
+def hf_config(reader: gguf.GGUFReader, path: Path) -> dict:
+    """The HF LlamaConfig (config.json) that this GGUF's llama.* metadata describes."""
+    arch = _meta(reader, "general.architecture", path)
+    if arch != "llama":
+        raise ConfigError(f"{path}: GGUF architecture is {arch!r}; jaxllm reads only 'llama'")
+    if "rope_freqs.weight" in (t.name for t in reader.tensors):
+        raise ConfigError(f"{path}: has rope_freqs (Llama-3.1 RoPE scaling), which GGUF metadata cannot restore")
+
+    def meta(key, default=_REQUIRED):
+        return _meta(reader, key, path, default)
+
+    tensor_names = {t.name for t in reader.tensors}
+    hidden, heads = meta("llama.embedding_length"), meta("llama.attention.head_count")
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": meta("llama.vocab_size", len(tokens.data) if tokens else None),
+        "hidden_size": hidden,
+        "intermediate_size": meta("llama.feed_forward_length"),
+        "num_hidden_layers": meta("llama.block_count"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": meta("llama.attention.head_count_kv", heads),
+        # key_length is head_dim when set; else llama's RoPE spans the whole head.
+        "head_dim": meta("llama.attention.key_length", meta("llama.rope.dimension_count", hidden // heads)),
+        "rms_norm_eps": meta("llama.attention.layer_norm_rms_epsilon"),
+        "max_position_embeddings": meta("llama.context_length"),
+        "rope_theta": meta("llama.rope.freq_base", 10000.0),
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "hidden_act": "silu",
+        "attention_bias": "blk.0.attn_q.bias" in tensor_names,
+        "mlp_bias": False,
+    }
+    if config["vocab_size"] is None:
+        raise ConfigError(f"{path}: GGUF metadata has neither 'llama.vocab_size' nor 'tokenizer.ggml.tokens'")
+    for hf_key, gguf_key in [("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
+                             ("pad_token_id", "padding_token_id")]:
+        if (value := meta(f"tokenizer.ggml.{gguf_key}", None)) is not None:
+            config[hf_key] = value
+    scaling = meta("llama.rope.scaling.type", "none")
+    if scaling != "none":
+        config["rope_scaling"] = {"rope_type": scaling, "factor": meta("llama.rope.scaling.factor")}
+        if (original := meta("llama.rope.scaling.original_context_length", None)) is not None:
+            config["rope_scaling"]["original_max_position_embeddings"] = original
+    return config
+
+
+def hf_name(gguf_name: str, path: Path) -> str:
+    """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight'."""
+    stem, _, suffix = gguf_name.rpartition(".")
+    parts = stem.split(".")
+    layer = parts[1] if parts[0] == "blk" and len(parts) == 3 and parts[1].isdigit() else None
+    key = f"blk.{{i}}.{parts[2]}" if layer is not None else stem
+    if key not in HF_NAMES or suffix not in ("weight", "bias"):
+        raise CheckpointError(f"{path}: tensor {gguf_name!r} has no HF llama counterpart")
+    return f"{HF_NAMES[key].format(i=layer)}.{suffix}"
+
+
+def _hf_weight(tensor, name: str, config: dict, path: Path) -> np.ndarray:
+    try:
+        weight = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    except NotImplementedError as error:
+        raise CheckpointError(
+            f"{path}: tensor {tensor.name!r} has type {tensor.tensor_type.name}, which jaxllm cannot dequantize"
+        ) from error
+    weight = np.asarray(weight, dtype=np.float32).reshape(tuple(int(n) for n in reversed(tensor.shape)))
+    if name.endswith("q_proj.weight"):
+        weight = unpermute_rope(weight, config["num_attention_heads"])
+    elif name.endswith("k_proj.weight"):
+        weight = unpermute_rope(weight, config["num_key_value_heads"])
+    return weight
+
+
+def unpermute_rope(weight: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo convert_hf_to_gguf's `permute`: llama.cpp rotates interleaved pairs (x0,x1),(x2,x3)...;
+    HF rotates halves (x_i, x_{i+H/2}). Rows of each head go from [H/2, 2] order back to [2, H/2]."""
+    rows, cols = weight.shape  # [N*H, D]
+    half = rows // n_heads // 2
+    return weight.reshape(n_heads, half, 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def tokenizer_files(reader: gguf.GGUFReader, path: Path, config: dict) -> dict[str, dict]:
+    """The three tokenizer-side JSON files of an HF checkpoint, rebuilt from tokenizer.ggml.* metadata
+    (none when the file carries no tokenizer)."""
+    if "tokenizer.ggml.model" not in reader.fields:
+        return {}
+
+    def meta(key, default=_REQUIRED):
+        return _meta(reader, key, path, default)
+
+    model, pre = meta("tokenizer.ggml.model"), meta("tokenizer.ggml.pre", "gpt2")
+    if model != "gpt2":
+        raise TokenizerError(f"{path}: tokenizer.ggml.model is {model!r}; jaxllm builds only byte-level BPE ('gpt2')")
+    if pre not in PRE_TOKENIZERS:
+        raise TokenizerError(f"{path}: tokenizer.ggml.pre is {pre!r}; known: {sorted(PRE_TOKENIZERS)}")
+    tokens = meta("tokenizer.ggml.tokens")
+    types = meta("tokenizer.ggml.token_type", [1] * len(tokens))
+    merges = [tuple(merge.split(" ", 1)) for merge in meta("tokenizer.ggml.merges")]
+
+    # The original tokenizer.json has no unk token and no byte fallback: bytes missing from the vocabulary drop.
+    tokenizer = Tokenizer(models.BPE({token: i for i, token in enumerate(tokens)}, merges))
+    tokenizer.pre_tokenizer = PRE_TOKENIZERS[pre]()
+    tokenizer.decoder = decoders.ByteLevel()
+    # Control tokens (<|im_end|>) and user-defined ones are matched whole in text, as llama.cpp does.
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                  for t, token_type in zip(tokens, types) if token_type == CONTROL])
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False)
+                          for t, token_type in zip(tokens, types) if token_type == USER_DEFINED])
+
+    def token(key):
+        token_id = meta(f"tokenizer.ggml.{key}", None)
+        return None if token_id is None else tokens[token_id]
+
+    bos, eos = token("bos_token_id"), token("eos_token_id")
+    add_bos, add_eos = meta("tokenizer.ggml.add_bos_token", False), meta("tokenizer.ggml.add_eos_token", False)
+    # BOS/EOS are added by the tokenizer's post-processor, as in HF's own tokenizer.json files.
+    single = [bos] * add_bos + ["$A"] + [eos] * add_eos
+    specials = {t: meta(f"tokenizer.ggml.{key}") for t, key in [(bos, "bos_token_id"), (eos, "eos_token_id")] if t}
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=single, pair=single + [s if s != "$A" else "$B" for s in single], special_tokens=list(specials.items())
+    ) if add_bos or add_eos else processors.ByteLevel(trim_offsets=False)
+
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": add_bos,
+        "add_eos_token": add_eos,
+        "bos_token": bos,
+        "eos_token": eos,
+        "unk_token": token("unknown_token_id"),
+        "pad_token": token("padding_token_id"),
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": config["max_position_embeddings"],
+    }
+    if (template := meta("tokenizer.chat_template", None)) is not None:
+        tokenizer_config["chat_template"] = template
+    generation_config = {key: config[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id") if key in config}
+    return {
+        "tokenizer.json": json.loads(tokenizer.to_str()),
+        "tokenizer_config.json": tokenizer_config,
+        "generation_config.json": generation_config,
+    }
+
+
+def write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], tensors: Iterable[tuple[str, np.ndarray]]):
+    """Stream float32 tensors into a safetensors file: the header comes from the shapes, so no tensor waits in memory."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape in shapes.items():
+        size = 4 * math.prod(shape)
+        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # tensor data starts 8-byte aligned, as the safetensors writer does it
+    expected = iter(shapes.items())
+    with open(path, "wb") as file:
+        file.write(struct.pack("<Q", len(blob)) + blob)
+        for name, array in tensors:
+            want = next(expected, (None, None))
+            if (name, array.shape) != want:
+                raise CheckpointError(f"{path}: tensor {name!r} {array.shape} arrived where {want} was expected")
+            file.write(np.ascontiguousarray(array, dtype="<f4").tobytes())
+    if (missing := next(expected, None)) is not None:
+        raise CheckpointError(f"{path}: tensor {missing[0]!r} was never written")
+
+
+def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = False,
+                 progress: bool = True) -> Path:
+    """Convert a llama GGUF to an HF-format directory, all or nothing: files are written to a temporary
+    directory beside out_dir that is renamed into place only when complete."""
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise CheckpointError(f"{out} already exists and is not empty; remove it or pass overwrite=True")
+    checkpoint = read_gguf(gguf_path)
+    files = {"config.json": checkpoint.config, **checkpoint.tokenizer_files()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        umask = os.umask(0o022)
+        os.umask(umask)
+        partial.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should be an ordinary directory
+        for name, content in files.items():
+            (partial / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        tensors = tqdm(checkpoint.tensors(), total=len(checkpoint.shapes), desc=f"Converting {Path(gguf_path).name}",
+                       unit="tensor", disable=not progress)
+        write_safetensors(partial / "model.safetensors", checkpoint.shapes, tensors)
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.rename(partial, out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return out

