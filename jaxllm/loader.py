@@ -190,8 +190,6 @@ def resolve(model: str | Path | None) -> Path:
         raise _pickle_refusal(path)
     if path is not None and path.is_file() and path.suffix == ".safetensors":
         return path.parent
-    if path is not None and (path.is_dir() or path.suffix == ".gguf") and path.exists():
-        return path
     from jaxllm.hub import resolve_model
 
     return Path(resolve_model(None if model is None else str(model)))

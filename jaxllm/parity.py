@@ -163,7 +163,7 @@ def report(path: str | Path, prompt: str, max_new_tokens: int = 20, tolerance: f
         "greedy_agree": ours_tokens == ref_tokens,
     }
     if ladder:
-        out["ladder"] = run_ladder(params, ref32, [ids], positions)
+        out["ladder"] = ladder(params, [ids], positions, reference=ref32)
     out["ok"] = bool(result.max_abs_diff <= tolerance and out["greedy_agree"]
                      and (not ladder or out["ladder"]["first_divergent"] is None))
     return out
@@ -185,4 +185,109 @@ def summary(report: dict[str, Any]) -> str:
     if "ladder" in report:
         lines.append(format_ladder(report["ladder"]))
     lines.append("PASS" if report["ok"] else "FAIL")
+    return "\n".join(lines)
+
+
+# ---- the diff ladder: every intermediate of both engines, in forward order ------------------------------------
+
+# Per layer, in forward order; names are jaxllm's taps (model.py), captured on the Transformers side by hooks.
+LAYER_RUNGS = ("input_layernorm", "q_proj", "k_proj", "v_proj", "q_rope", "k_rope", "attn", "o_proj", "attn_residual",
+               "post_attention_layernorm", "gate_proj", "up_proj", "mlp", "block")
+# A rung diverges when max|diff| exceeds this fraction of the reference's largest magnitude there: fp32 rounding
+# accumulated over 30 layers stays near 1e-6 of it, a real bug moves it by percent.
+LADDER_RELATIVE_TOLERANCE = 1e-4
+
+
+def rung_names(num_layers: int) -> list[str]:
+    return ["embed", *(f"layers.{i}.{r}" for i in range(num_layers) for r in LAYER_RUNGS), "norm", "logits"]
+
+
+def reference_intermediates(model, ids, positions) -> dict[str, np.ndarray]:
+    """Transformers' intermediates under jaxllm's names and layouts ([B, T, heads, H] for per-head tensors),
+    captured with forward hooks; RoPE, which is no module, is applied with Transformers' own apply_rotary_pos_emb."""
+    torch, _ = _torch()
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    H = model.config.head_dim if getattr(model.config, "head_dim", None) else model.config.hidden_size // model.config.num_attention_heads
+    acts: dict[str, Any] = {}
+
+    def save(name, heads=False, use_input=False):
+        def hook(module, args, output):
+            value = args[0] if use_input else output
+            value = value[0] if isinstance(value, tuple) else value
+            acts[name] = value.reshape(*value.shape[:2], -1, H) if heads else value
+        return hook
+
+    inner = model.model
+    hooks = [inner.embed_tokens.register_forward_hook(save("embed")), inner.norm.register_forward_hook(save("norm")),
+             inner.rotary_emb.register_forward_hook(lambda module, args, cos_sin: acts.__setitem__("rope", cos_sin))]
+    for i, layer in enumerate(inner.layers):
+        p, attn, mlp = f"layers.{i}.", layer.self_attn, layer.mlp
+        hooks += [
+            layer.input_layernorm.register_forward_hook(save(p + "input_layernorm")),
+            attn.q_proj.register_forward_hook(save(p + "q_proj", heads=True)),
+            attn.k_proj.register_forward_hook(save(p + "k_proj", heads=True)),
+            attn.v_proj.register_forward_hook(save(p + "v_proj", heads=True)),
+            attn.o_proj.register_forward_hook(save(p + "attn", heads=True, use_input=True)),
+            attn.o_proj.register_forward_hook(save(p + "o_proj")),
+            layer.post_attention_layernorm.register_forward_hook(save(p + "attn_residual", use_input=True)),
+            layer.post_attention_layernorm.register_forward_hook(save(p + "post_attention_layernorm")),
+            mlp.gate_proj.register_forward_hook(save(p + "gate_proj")),
+            mlp.up_proj.register_forward_hook(save(p + "up_proj")),
+            mlp.register_forward_hook(save(p + "mlp")),
+            layer.register_forward_hook(save(p + "block")),
+        ]
+    try:
+        acts["logits"] = torch.as_tensor(reference_logits(model, ids, positions))
+    finally:
+        for h in hooks:
+            h.remove()
+    cos, sin = acts.pop("rope")
+    for i in range(len(inner.layers)):
+        q, k = (acts[f"layers.{i}.{n}"].transpose(1, 2) for n in ("q_proj", "k_proj"))  # HF rotates [B, heads, T, H]
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        acts[f"layers.{i}.q_rope"], acts[f"layers.{i}.k_rope"] = q.transpose(1, 2), k.transpose(1, 2)
+    return {name: value.detach().double().numpy() for name, value in acts.items()}
+
+
+def ladder(model, ids, positions=None, reference=None, tolerance: float = LADDER_RELATIVE_TOLERANCE) -> dict[str, Any]:
+    """Compare every intermediate, in forward order, and name the first component that diverges (or None).
+
+    `model`: a checkpoint directory (then `reference` defaults to Transformers on the same directory) or Params.
+    Returns {"rungs": [{name, max_abs_diff, rel_diff, ok}, ...], "first_divergent": name | None, "tolerance": ...}.
+    """
+    from jaxllm.loader import load
+    from jaxllm.model import forward_with_intermediates
+
+    if not isinstance(model, Params):
+        reference = reference if reference is not None else reference_model(model)
+        model = load(model)
+    elif reference is None:
+        raise ValueError("ladder(params, ...) needs `reference`: a Transformers model or a checkpoint directory")
+    elif not hasattr(reference, "model"):
+        reference = reference_model(reference)
+    ids = np.atleast_2d(np.asarray(ids))
+    positions = np.tile(np.arange(ids.shape[1]), (ids.shape[0], 1)) if positions is None else np.asarray(positions)
+    ref = reference_intermediates(reference, ids, positions)
+    with jax.default_matmul_precision("highest"):
+        _, ours = forward_with_intermediates(model, ids, positions)
+    rungs = []
+    for name in rung_names(model.config.num_hidden_layers):
+        a, b = np.asarray(ours[name], np.float64), ref[name]
+        if a.shape != b.shape:
+            raise ValueError(f"ladder rung {name}: jaxllm shape {a.shape} vs Transformers {b.shape}")
+        diff = float(np.abs(a - b).max())
+        rel = diff / max(float(np.abs(b).max()), 1e-30)
+        rungs.append({"name": name, "max_abs_diff": diff, "rel_diff": rel, "ok": bool(rel <= tolerance)})
+    first = next((r["name"] for r in rungs if not r["ok"]), None)
+    return {"rungs": rungs, "first_divergent": first, "tolerance": tolerance}
+
+
+def format_ladder(result: dict[str, Any]) -> str:
+    lines = [f"{'rung':<36} {'max_abs_diff':>12} {'rel_diff':>10}", "-" * 60]
+    for r in result["rungs"]:
+        flag = "" if r["ok"] else "   <-- exceeds tolerance"
+        lines.append(f"{r['name']:<36} {r['max_abs_diff']:>12.3e} {r['rel_diff']:>10.2e}{flag}")
+    first = result["first_divergent"]
+    lines.append(f"first divergent component: {first or 'none'} (relative tolerance {result['tolerance']:g})")
     return "\n".join(lines)
