@@ -111,7 +111,7 @@ def cmd_parity(args) -> int:
     from jaxllm import parity
     from jaxllm.loader import resolve
 
-    report = parity.report(resolve(args.model), args.prompt, args.max_new_tokens, ladder=args.ladder)
+    report = parity.report(resolve(args.model), args.prompt, args.max_new_tokens, with_ladder=args.ladder)
     print(parity.summary(report))
     if args.out:
         _write_json(args.out, report)

@@ -128,7 +128,7 @@ def reference_greedy(model, ids: list[int], max_new_tokens: int, eos_ids) -> lis
 
 
 def report(path: str | Path, prompt: str, max_new_tokens: int = 20, tolerance: float = REAL_MODEL_TOLERANCE,
-           ladder: bool = False) -> dict[str, Any]:
+           with_ladder: bool = False) -> dict[str, Any]:
     """Both engines on one prompt: logits at every position against Transformers fp32, the noise floor
     (Transformers fp32 vs its own float64 run), jaxllm vs float64, and the greedy continuation of each."""
     from jaxllm.generate import Model, generate
@@ -162,10 +162,10 @@ def report(path: str | Path, prompt: str, max_new_tokens: int = 20, tolerance: f
         "transformers_greedy": {"ids": ref_tokens, "text": tokenizer.decode(ref_tokens, skip_special_tokens=True)},
         "greedy_agree": ours_tokens == ref_tokens,
     }
-    if ladder:
+    if with_ladder:
         out["ladder"] = ladder(params, [ids], positions, reference=ref32)
     out["ok"] = bool(result.max_abs_diff <= tolerance and out["greedy_agree"]
-                     and (not ladder or out["ladder"]["first_divergent"] is None))
+                     and (not with_ladder or out["ladder"]["first_divergent"] is None))
     return out
 
 

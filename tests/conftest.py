@@ -21,3 +21,19 @@ def smollm2_gguf() -> Path:
 def smollm2_dir() -> Path:
     """The default model converted to an HF-format directory (config.json, model.safetensors, tokenizer files)."""
     return hub.resolve_model(None)
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_dir):
+    """The default model loaded once: Model(params, tokenizer)."""
+    from jaxllm import load_model
+
+    return load_model(smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference(smollm2_dir):
+    """Transformers' LlamaForCausalLM on the same converted checkpoint, fp32, eager attention."""
+    from jaxllm import parity
+
+    return parity.reference_model(smollm2_dir)

@@ -1,0 +1,76 @@
+"""The `jaxllm` command as a user runs it: streamed generation, inspect, parity reports, convert, readable errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from jaxllm.cli import build_parser, main
+
+
+def test_generate_streams_the_continuation(smollm2_dir, capsys):
+    assert main(["generate", "The capital of France is", "--model", str(smollm2_dir), "-n", "8"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("The capital of France is Paris")
+
+
+def test_generate_chat_uses_the_chat_template(smollm2_dir, capsys):
+    assert main(["generate", "What is the capital of France?", "--chat", "--model", str(smollm2_dir), "-n", "12"]) == 0
+    assert "Paris" in capsys.readouterr().out
+
+
+def test_inspect_shows_config_tensors_and_layer0_map(smollm2_dir, capsys):
+    assert main(["inspect", "--model", str(smollm2_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "num_key_value_heads        3" in out
+    assert "model.layers.29.mlp.down_proj.weight" in out and "[576, 1536]" in out
+    assert "model.layers.0.self_attn.q_proj.weight" in out and "[N·H, D] = [576, 576]" in out
+    assert "[K·H, D] = [192, 576]" in out and "-> layers[0].k_proj" in out
+
+
+def test_parity_writes_a_report_and_passes(smollm2_dir, tmp_path, capsys):
+    out = tmp_path / "report.json"
+    assert main(["parity", "--model", str(smollm2_dir), "--prompt", "The capital of France is", "-n", "8",
+                 "--ladder", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    for key in ("prompt", "prompt_ids", "max_abs_diff", "noise_floor_fp32_vs_fp64", "jaxllm_vs_fp64",
+                "per_position_max_abs_diff", "argmax_agreement", "jaxllm_greedy", "transformers_greedy", "ladder"):
+        assert key in report
+    assert report["ok"] and report["max_abs_diff"] <= 2e-4 and report["greedy_agree"]
+    assert len(report["per_position_max_abs_diff"]) == len(report["prompt_ids"])
+    assert report["jaxllm_greedy"]["ids"] == report["transformers_greedy"]["ids"]
+    assert report["ladder"]["first_divergent"] is None
+    printed = capsys.readouterr().out
+    assert "noise floor" in printed and "first divergent component: none" in printed and "PASS" in printed
+
+
+def test_convert_writes_an_hf_directory(smollm2_gguf, tmp_path, capsys):
+    out = tmp_path / "converted"
+    assert main(["convert", str(smollm2_gguf), str(out)]) == 0
+    assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json",
+                                                "tokenizer_config.json", "generation_config.json"}
+    assert main(["convert", str(smollm2_gguf), str(out)]) == 2  # refuses to overwrite
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_errors_are_one_readable_line(tmp_path, capsys):
+    assert main(["generate", "hi", "--model", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nowhere" in err and "Traceback" not in err
+    (tmp_path / "pytorch_model.bin").write_bytes(b"x")
+    (tmp_path / "config.json").write_text("{}")
+    assert main(["inspect", "--model", str(tmp_path)]) == 2
+    assert "required field 'model_type' is missing" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["generate", "inspect", "parity", "convert", "bench"])
+def test_every_command_has_help(command):
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args([command, "--help"])
+    assert exit_.value.code == 0
+
+
+def test_module_entry_point_runs():
+    done = subprocess.run([sys.executable, "-m", "jaxllm", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "generate" in done.stdout and "parity" in done.stdout
