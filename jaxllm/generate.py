@@ -87,9 +87,9 @@ def positions_from_mask(mask: Array) -> Array:
 @functools.partial(jax.jit, donate_argnames="cache")
 def _prefill(params: Params, ids: Array, mask: Array, cache: KVCache) -> tuple[Array, KVCache]:
     """ids, mask [B, P] (left-padded) -> logits of the last slot [B, V] and the cache with slots 0..P-1 filled."""
-    S = cache.k[0].shape[1]
+    S = cache.length
     kv_mask = jnp.concatenate([mask, jnp.ones((mask.shape[0], S - mask.shape[1]), mask.dtype)], axis=1)  # [B, S]
-    logits, cache = run(params, ids, positions_from_mask(mask), kv_mask, cache, offset=0)
+    logits, cache = run(params, ids, positions_from_mask(mask), kv_mask, cache, offset=0, last_only=True)
     return logits[:, -1].astype(jnp.float32), cache
 
 
@@ -116,7 +116,7 @@ def _decode_loop(params: Params, logits: Array, prompt_mask: Array, cache: KVCac
     Finished rows are fed `pad_id`, and their outputs are masked out.
     """
     B, P = prompt_mask.shape
-    S = cache.k[0].shape[1]
+    S = cache.length
     kv_mask = _kv_mask(prompt_mask, S)
     last_position = jnp.sum(prompt_mask, axis=-1).astype(jnp.int32) - 1  # [B]
 
@@ -238,7 +238,7 @@ def generate(model: Model | Params, prompts, max_new_tokens: int = 20, *, use_ca
 
 def _stream_cached(params, logits, mask, cache, max_new, eos, pad_id, key, sampling, callback) -> np.ndarray:
     B, P = mask.shape
-    kv_mask = _kv_mask(jnp.asarray(mask), cache.k[0].shape[1])
+    kv_mask = _kv_mask(jnp.asarray(mask), cache.length)
     last_position = mask.sum(-1).astype(np.int32) - 1
     out, done = np.full((B, max_new), pad_id, np.int32), np.zeros(B, bool)
     for step in range(max_new):

@@ -30,7 +30,7 @@ class Entry:
     field: str  # Params field, or Layer field for per-layer entries
     hf_shape: tuple[int, ...]
     letters: str  # hf_shape in shape letters, e.g. "N·H, D"
-    to_forward: Callable[[Any], Any]  # HF layout -> the layout Params documents
+    to_forward: Callable[[Any], Any]  # HF layout -> the layout Params documents (a reshape at most)
 
 
 def _same(w):
@@ -38,19 +38,19 @@ def _same(w):
 
 
 def layer_table(c: LLMConfig, i: int) -> list[Entry]:
-    """HF names of layer i and where they go. nn.Linear stores [out, in]; the forward multiplies by [in, out]."""
+    """HF names of layer i and where they go. Matrices stay [out, in] as nn.Linear stores them; q/k/v split heads."""
     D, F, N, K, H = c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
     p = f"model.layers.{i}."
     rows = [
         Entry(p + "input_layernorm.weight", "input_layernorm", (D,), "D", _same),
-        Entry(p + "self_attn.q_proj.weight", "q_proj", (N * H, D), "N·H, D", lambda w: w.T.reshape(D, N, H)),
-        Entry(p + "self_attn.k_proj.weight", "k_proj", (K * H, D), "K·H, D", lambda w: w.T.reshape(D, K, H)),
-        Entry(p + "self_attn.v_proj.weight", "v_proj", (K * H, D), "K·H, D", lambda w: w.T.reshape(D, K, H)),
-        Entry(p + "self_attn.o_proj.weight", "o_proj", (D, N * H), "D, N·H", lambda w: w.T.reshape(N, H, D)),
+        Entry(p + "self_attn.q_proj.weight", "q_proj", (N * H, D), "N·H, D", lambda w: w.reshape(N, H, D)),
+        Entry(p + "self_attn.k_proj.weight", "k_proj", (K * H, D), "K·H, D", lambda w: w.reshape(K, H, D)),
+        Entry(p + "self_attn.v_proj.weight", "v_proj", (K * H, D), "K·H, D", lambda w: w.reshape(K, H, D)),
+        Entry(p + "self_attn.o_proj.weight", "o_proj", (D, N * H), "D, N·H", _same),
         Entry(p + "post_attention_layernorm.weight", "post_attention_layernorm", (D,), "D", _same),
-        Entry(p + "mlp.gate_proj.weight", "gate_proj", (F, D), "F, D", lambda w: w.T),
-        Entry(p + "mlp.up_proj.weight", "up_proj", (F, D), "F, D", lambda w: w.T),
-        Entry(p + "mlp.down_proj.weight", "down_proj", (D, F), "D, F", lambda w: w.T),
+        Entry(p + "mlp.gate_proj.weight", "gate_proj", (F, D), "F, D", _same),
+        Entry(p + "mlp.up_proj.weight", "up_proj", (F, D), "F, D", _same),
+        Entry(p + "mlp.down_proj.weight", "down_proj", (D, F), "D, F", _same),
     ]
     if c.attention_bias:
         rows += [
@@ -75,7 +75,7 @@ def model_table(c: LLMConfig) -> list[Entry]:
         Entry("model.norm.weight", "norm", (c.hidden_size,), "D", _same),
     ]
     if not c.tie_word_embeddings:
-        rows.append(Entry("lm_head.weight", "lm_head", (c.vocab_size, c.hidden_size), "V, D", lambda w: w.T))
+        rows.append(Entry("lm_head.weight", "lm_head", (c.vocab_size, c.hidden_size), "V, D", _same))
     return rows
 
 

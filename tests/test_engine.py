@@ -116,9 +116,9 @@ def test_params_pytree_is_keyed_by_layer_and_immutable(tmp_path_factory):
     params = load(make_checkpoint(tmp_path_factory, "tree", VARIANTS["gqa"]))
     c = params.config
     assert len(params.layers) == c.num_hidden_layers
-    assert params.layers[1].q_proj.shape == (c.hidden_size, c.num_attention_heads, c.head_dim)  # [D, N, H]
-    assert params.layers[1].k_proj.shape == (c.hidden_size, c.num_key_value_heads, c.head_dim)  # [D, K, H]
-    assert params.lm_head.shape == (c.hidden_size, c.vocab_size)  # [D, V]
+    assert params.layers[1].q_proj.shape == (c.num_attention_heads, c.head_dim, c.hidden_size)  # [N, H, D]
+    assert params.layers[1].k_proj.shape == (c.num_key_value_heads, c.head_dim, c.hidden_size)  # [K, H, D]
+    assert params.lm_head.shape == (c.vocab_size, c.hidden_size)  # [V, D]
     with pytest.raises(dataclasses.FrozenInstanceError):
         params.layers[0].q_proj = None
     assert isinstance(params.layers, tuple)

@@ -61,11 +61,11 @@ def test_interleaved_rope_is_caught_at_q_rope(smollm2, smollm2_reference, ids, m
 def tiled_kv_attention(q, k, v, allowed):
     """GQA with K/V heads repeated in the wrong order: query head n reads kv head n % K (HF uses n // G)."""
     B, T, N, H = q.shape
-    G = N // k.shape[2]
-    k, v = jnp.tile(k, (1, 1, G, 1)), jnp.tile(v, (1, 1, G, 1))  # [B, S, N, H]
-    scores = jnp.einsum("BTNH,BSNH->BNTS", q, k) * H**-0.5
+    G = N // k.shape[1]
+    k, v = jnp.tile(k, (1, G, 1, 1)), jnp.tile(v, (1, G, 1, 1))  # [B, N, S, H]
+    scores = jnp.einsum("BTNH,BNSH->BNTS", q, k) * H**-0.5
     scores = jnp.where(allowed[:, None], scores, jnp.finfo(jnp.float32).min)
-    return jnp.einsum("BNTS,BSNH->BTNH", jax.nn.softmax(scores, axis=-1), v)
+    return jnp.einsum("BNTS,BNSH->BTNH", jax.nn.softmax(scores, axis=-1), v)
 
 
 def test_kv_heads_in_wrong_order_are_caught_at_attention(smollm2, smollm2_reference, ids, monkeypatch, fresh_jit):
