@@ -1,0 +1,468 @@
+"""jaxllm against Transformers on one CPU process: prefill latency, decode tokens/s, the memory roofline, compiles.
+
+Both engines run in fp32 on the same checkpoint with the same thread count; Transformers uses `sdpa` attention
+(its fastest CPU path). Every figure is the median of `repeats` timed runs after one warm-up run; JAX results are
+waited for with `block_until_ready`, Transformers runs under `torch.no_grad`. Ratios are Transformers time over
+jaxllm time, so > 1 means jaxllm is faster.
+
+    figures = bench.run(None, repeats=5)   # a JSON-serialisable dict
+    print(bench.table(figures))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxllm.generate import GREEDY, Model, _decode_loop, _left_pad, _prefill, bucket, compile_counts, generate
+from jaxllm.model import KVCache, forward
+
+# Prose (not random ids) so that greedy decoding behaves like real use; repeated to reach the longest prompt.
+PROMPT_TEXT = (
+    "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined movable "
+    "metal type, oil-based ink and a wooden screw press into a system that could produce books far faster than "
+    "scribes. Within fifty years presses were running in more than two hundred European cities, and the price of "
+    "books fell so sharply that reading spread from monasteries and universities to merchants and craftsmen. "
+)
+# No token has this id, so the cached decode never stops early (generate's eos_ids=[] does the same).
+NO_EOS = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What a run measures. `max_repeats` caps the caller's repeats (quick runs)."""
+
+    prefill_lengths: tuple[int, ...] = (16, 128, 512)
+    decode_prompt: int = 16  # prompt tokens before the decode
+    decode_tokens: int = 128  # new tokens in the decode figures
+    nocache_tokens: int = 32  # new tokens on the no-cache reference path (each step is a full forward)
+    session_lengths: tuple[int, ...] = (5, 9, 14, 21, 30, 44, 60, 77, 99, 120)  # prompt lengths of the session
+    session_tokens: int = 16  # new tokens per session prompt
+    matrix: tuple[int, int] = (16384, 8192)  # fp32 matrix of the bandwidth probe: 512 MiB, far beyond any cache
+    max_repeats: int | None = None
+
+
+FULL = Settings()
+QUICK = Settings(prefill_lengths=(16, 128), decode_tokens=32, nocache_tokens=8, session_lengths=(5, 9, 14, 21, 30),
+                 matrix=(8192, 8192), max_repeats=2)
+
+
+# ---- timing -------------------------------------------------------------------------------------------------
+
+
+def _seconds(fn: Callable[..., Any], setup: Callable[[], tuple] = tuple) -> tuple[float, Any]:
+    """Wall time of one fn(*setup()) (setup untimed) and its result. fn must wait for its own results."""
+    args = setup()
+    start = time.perf_counter()
+    out = fn(*args)
+    return time.perf_counter() - start, out
+
+
+def _median(fn: Callable[..., Any], repeats: int, setup: Callable[[], tuple] = tuple, warmup: bool = True) -> float:
+    """Median seconds over `repeats` timed calls, after one untimed warm-up call."""
+    if warmup:
+        _seconds(fn, setup)
+    return statistics.median(_seconds(fn, setup)[0] for _ in range(repeats))
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1e3, 3)
+
+
+def _ratio(theirs: float, ours: float) -> float:
+    return round(theirs / ours, 3)
+
+
+# ---- the two engines ----------------------------------------------------------------------------------------
+
+
+def _torch():
+    try:
+        import torch
+        import transformers
+    except ImportError as e:
+        raise ImportError(f"the benchmark runs Transformers alongside jaxllm: pip install 'jaxllm[test]' ({e})") from None
+    return torch, transformers
+
+
+def _transformers_model(path):
+    """Transformers' LlamaForCausalLM in fp32 with sdpa attention (its fastest CPU path), in eval mode."""
+    torch, transformers = _torch()
+    kwargs = dict(dtype=torch.float32, attn_implementation="sdpa")
+    if path.suffix == ".gguf":
+        kwargs["gguf_file"], path = path.name, path.parent
+    return transformers.LlamaForCausalLM.from_pretrained(str(path), **kwargs).eval()
+
+
+def _prompt_ids(tokenizer, length: int) -> list[int]:
+    ids = tokenizer.encode(PROMPT_TEXT)
+    ids = tokenizer.encode(PROMPT_TEXT * (length // len(ids) + 1))
+    return ids[:length]
+
+
+def _fresh_cache(params, batch: int, slots: int) -> KVCache:
+    return jax.block_until_ready(KVCache.zeros(params.config, batch, slots, params.embed_tokens.dtype))
+
+
+def _prefill_inputs(prompt: list[int], pad_id: int = 0):
+    """ids, mask [1, P], left-padded to the bucket, as generate builds them."""
+    ids, mask = _left_pad([prompt], bucket(len(prompt)), pad_id)
+    return jnp.asarray(ids), jnp.asarray(mask)
+
+
+def _run_prefill(params, ids, mask, cache):
+    return jax.block_until_ready(_prefill(params, ids, mask, cache))
+
+
+def _run_decode_loop(params, logits, mask, cache, max_new: int):
+    out, steps, cache = jax.block_until_ready(_decode_loop(
+        params, logits, mask, cache, jnp.int32(max_new), jnp.asarray([NO_EOS], jnp.int32), jnp.int32(0),
+        jax.random.key(0), GREEDY))
+    return out, steps
+
+
+def _prefilled(params, ids, mask, slots: int):
+    """A setup for the decode loop: the prefill done (untimed) into a fresh cache, as generate would."""
+    def setup():
+        logits, cache = _run_prefill(params, ids, mask, _fresh_cache(params, 1, slots))
+        return params, logits, mask, cache
+    return setup
+
+
+# ---- the figures --------------------------------------------------------------------------------------------
+
+
+def _compile_times(params, prompt: list[int], new_tokens: int) -> dict[str, Any]:
+    """Prefill: first call minus a warm call. Decode loop: first call (and first minus warm). Starts from empty jit
+    caches for these two programs, so the figures are real compiles even when this process has run them before."""
+    _prefill.clear_cache()
+    _decode_loop.clear_cache()
+    ids, mask = _prefill_inputs(prompt)
+    slots = bucket(ids.shape[1] + new_tokens)
+    before = compile_counts()
+
+    def new_cache():
+        return params, ids, mask, _fresh_cache(params, 1, slots)
+
+    prefill_first, _ = _seconds(_run_prefill, new_cache)
+    prefill_warm, _ = _seconds(_run_prefill, new_cache)
+    setup = _prefilled(params, ids, mask, slots)
+    loop_first, _ = _seconds(_run_decode_loop, lambda: (*setup(), new_tokens))
+    loop_warm, _ = _seconds(_run_decode_loop, lambda: (*setup(), new_tokens))
+    after = compile_counts()
+    return {
+        "prefill_bucket": int(ids.shape[1]),
+        "cache_slots": slots,
+        "prefill_first_call_s": round(prefill_first, 3),
+        "prefill_warm_call_s": round(prefill_warm, 3),
+        "prefill_compile_s": round(prefill_first - prefill_warm, 3),
+        "decode_loop_first_call_s": round(loop_first, 3),
+        "decode_loop_warm_call_s": round(loop_warm, 3),
+        "decode_loop_compile_s": round(loop_first - loop_warm, 3),
+        "programs_compiled": {name: after[name] - before[name] for name in after},
+    }
+
+
+def _prefill_figures(params, reference, tokenizer, lengths, new_tokens: int, repeats: int) -> list[dict[str, Any]]:
+    """Per prompt length: jaxllm's cached-path prefill program (last-slot logits, cache written) against
+    Transformers' prefill (cache filled, logits_to_keep=1), and jaxllm's no-cache forward against Transformers'
+    forward (use_cache=False), both with logits at every position."""
+    torch, _ = _torch()
+    rows = []
+    for length in lengths:
+        prompt = _prompt_ids(tokenizer, length)
+        ids, mask = _prefill_inputs(prompt)
+        slots = bucket(ids.shape[1] + new_tokens)  # the cache generate would allocate for `new_tokens` more
+        prefill_s = _median(_run_prefill, repeats, lambda: (params, ids, mask, _fresh_cache(params, 1, slots)))
+        plain_ids = jnp.asarray([prompt], jnp.int32)
+        positions = jnp.arange(length, dtype=jnp.int32)[None]
+        forward_s = _median(lambda: jax.block_until_ready(forward(params, plain_ids, positions)), repeats)
+        torch_ids = torch.tensor([prompt])
+        with torch.no_grad():
+            reference_s = _median(lambda: reference(input_ids=torch_ids, use_cache=False).logits, repeats)
+            # What Transformers' generate runs as its prefill: a DynamicCache filled, logits for the last position.
+            reference_prefill_s = _median(lambda: reference(input_ids=torch_ids, use_cache=True, logits_to_keep=1).logits,
+                                          repeats)
+        rows.append({
+            "tokens": length,
+            "bucket": int(ids.shape[1]),
+            "cache_slots": slots,
+            "jaxllm_prefill_ms": _ms(prefill_s),
+            "jaxllm_forward_ms": _ms(forward_s),
+            "transformers_forward_ms": _ms(reference_s),
+            "transformers_prefill_ms": _ms(reference_prefill_s),
+            "ratio_vs_prefill": _ratio(reference_prefill_s, prefill_s),
+            "ratio_vs_forward": _ratio(reference_s, forward_s),
+        })
+    return rows
+
+
+def _decode_figures(model: Model, reference, prompt: list[int], new_tokens: int, nocache_tokens: int,
+                    repeats: int) -> dict[str, Any]:
+    """Greedy decode of `new_tokens` after `prompt`, EOS disabled in both engines so both make every token.
+
+    Decode-only rates count decode steps: the first new token comes from the prefill's logits, so N tokens take
+    N - 1 steps. jaxllm's is the compiled while_loop alone; Transformers' is generate(N) minus generate(1).
+    End-to-end rates are N / (prefill + decode)."""
+    torch, _ = _torch()
+    params = model.params
+    ids, mask = _prefill_inputs(prompt)
+    slots = bucket(ids.shape[1] + new_tokens)
+    steps = new_tokens - 1
+    setup = _prefilled(params, ids, mask, slots)
+    loop_s = _median(_run_decode_loop, repeats, lambda: (*setup(), new_tokens))
+    out, taken = _run_decode_loop(*setup(), new_tokens)
+    if int(taken) != new_tokens:
+        raise RuntimeError(f"the decode loop stopped after {int(taken)} of {new_tokens} tokens with EOS disabled")
+    ours = np.asarray(out)[0, :new_tokens].tolist()
+
+    generate_s = _median(lambda: generate(model, prompt, new_tokens, eos_ids=[]), repeats)
+    nocache_s = _median(lambda: generate(model, prompt, nocache_tokens, use_cache=False, eos_ids=[]), repeats)
+
+    torch_ids = torch.tensor([prompt])
+    pad = reference.generation_config.pad_token_id
+    pad = pad if pad is not None else 0
+
+    def reference_generate(n: int):
+        # min_new_tokens masks EOS until n tokens exist, so exactly n are made, as with jaxllm's eos_ids=[].
+        return reference.generate(torch_ids, attention_mask=torch.ones_like(torch_ids), do_sample=False,
+                                  max_new_tokens=n, min_new_tokens=n, pad_token_id=pad)
+
+    with torch.no_grad():
+        reference_s = _median(lambda: reference_generate(new_tokens), repeats)
+        reference_first_s = _median(lambda: reference_generate(1), repeats)
+        theirs = reference_generate(new_tokens)[0, len(prompt):].tolist()
+    if len(theirs) != new_tokens:
+        raise RuntimeError(f"Transformers generated {len(theirs)} tokens, expected {new_tokens}")
+    reference_decode_s = max(reference_s - reference_first_s, 1e-9)
+    agree = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), new_tokens)
+    figures = {
+        "prompt_tokens": len(prompt),
+        "new_tokens": new_tokens,
+        "decode_steps": steps,
+        "cache_slots": slots,
+        "jaxllm_decode_loop_s": round(loop_s, 4),
+        "jaxllm_decode_tokens_per_s": round(steps / loop_s, 3),
+        "jaxllm_decode_ms_per_token": _ms(loop_s / steps),
+        "jaxllm_generate_s": round(generate_s, 4),
+        "jaxllm_generate_tokens_per_s": round(new_tokens / generate_s, 3),
+        "transformers_generate_s": round(reference_s, 4),
+        "transformers_generate_tokens_per_s": round(new_tokens / reference_s, 3),
+        "transformers_first_token_s": round(reference_first_s, 4),
+        "transformers_decode_tokens_per_s": round(steps / reference_decode_s, 3),
+        "transformers_decode_ms_per_token": _ms(reference_decode_s / steps),
+        "ratio_decode": _ratio(reference_decode_s, loop_s),
+        "ratio_generate": _ratio(reference_s, generate_s),
+        "greedy_tokens_agree": agree,  # leading new tokens identical in the two engines
+        "nocache_new_tokens": nocache_tokens,
+        "jaxllm_nocache_s": round(nocache_s, 4),
+        "jaxllm_nocache_tokens_per_s": round(nocache_tokens / nocache_s, 3),
+    }
+    return figures
+
+
+def _bandwidth(shape: tuple[int, int], repeats: int) -> dict[str, Any]:
+    """Memory bandwidth from a jitted fp32 matrix-vector product: every matrix byte is read once per call."""
+    matrix = jax.block_until_ready(jax.random.normal(jax.random.key(1), shape, jnp.float32))
+    vector = jax.block_until_ready(jnp.ones(shape[1], jnp.float32))
+    matvec = jax.jit(lambda a, x: a @ x)
+    seconds = _median(lambda: jax.block_until_ready(matvec(matrix, vector)), max(repeats, 10))
+    return {"matrix": list(shape), "matrix_bytes": int(matrix.nbytes), "matvec_ms": _ms(seconds),
+            "gb_per_s": round(matrix.nbytes / seconds / 1e9, 3)}
+
+
+def _roofline(params, decode: dict[str, Any], bandwidth: dict[str, Any]) -> dict[str, Any]:
+    """A decode step reads every weight once (the tied embedding once: it is one leaf), so bytes / bandwidth bounds
+    the step time from below. The KV cache read per step is reported alongside, not counted in the bound."""
+    weight_bytes = sum(int(leaf.nbytes) for leaf in jax.tree_util.tree_leaves(params))
+    cache = KVCache.zeros(params.config, 1, decode["cache_slots"], params.embed_tokens.dtype)
+    cache_bytes = sum(int(leaf.nbytes) for leaf in jax.tree_util.tree_leaves(cache))
+    bytes_per_s = bandwidth["gb_per_s"] * 1e9
+    roofline = bytes_per_s / weight_bytes
+    return {
+        "weight_bytes": weight_bytes,
+        "kv_cache_bytes": cache_bytes,
+        "bandwidth_gb_per_s": bandwidth["gb_per_s"],
+        "roofline_ms_per_token": _ms(weight_bytes / bytes_per_s),
+        "roofline_tokens_per_s": round(roofline, 3),
+        "jaxllm_fraction": round(decode["jaxllm_decode_tokens_per_s"] / roofline, 3),
+        "transformers_fraction": round(decode["transformers_decode_tokens_per_s"] / roofline, 3),
+        "jaxllm_effective_gb_per_s": round(weight_bytes * decode["jaxllm_decode_tokens_per_s"] / 1e9, 3),
+    }
+
+
+def _same_bucket_length(n: int) -> int:
+    """Another prompt length padded to the same bucket as n."""
+    return n + 1 if bucket(n + 1) == bucket(n) else n - 1
+
+
+def _session(model: Model, tokenizer, lengths, new_tokens: int) -> dict[str, Any]:
+    """Compilations for a session of prompts of varied lengths: first one prompt per bucket the session needs
+    (the warm-up), then the session itself, whose lengths all fall in compiled buckets: 0 new programs."""
+    def counted(prompts):
+        before = compile_counts()
+        for p in prompts:
+            generate(model, p, new_tokens)
+        after = compile_counts()
+        return {name: after[name] - before[name] for name in after}
+
+    buckets = sorted({bucket(n) for n in lengths})
+    warmup_lengths = [next(_same_bucket_length(n) for n in lengths if bucket(n) == b) for b in buckets]
+    warmup = counted([_prompt_ids(tokenizer, n) for n in warmup_lengths])
+    start = time.perf_counter()
+    session = counted([_prompt_ids(tokenizer, n) for n in lengths])
+    return {
+        "prompt_lengths": list(lengths),
+        "new_tokens": new_tokens,
+        "buckets": buckets,
+        "warmup_lengths": warmup_lengths,
+        "warmup_compiles": warmup,
+        "session_compiles": session,
+        "session_s": round(time.perf_counter() - start, 3),
+    }
+
+
+def run(model: str | None = None, repeats: int = 5, quick: bool = False, settings: Settings | None = None) -> dict[str, Any]:
+    """Run every benchmark on `model` (the default model when None) in fp32; returns JSON-serialisable figures.
+
+    `settings` overrides the FULL / QUICK presets. Clears the jit caches of the prefill and decode-loop programs
+    (to time their compiles), so this process recompiles them afterwards. Sets torch's thread count to
+    os.cpu_count() while it runs; jax keeps XLA's default CPU thread pool.
+    """
+    torch, transformers = _torch()
+    from jaxllm.loader import load_model, resolve
+
+    settings = settings or (QUICK if quick else FULL)
+    repeats = max(1, min(repeats, settings.max_repeats or repeats))
+    threads = os.cpu_count() or 1
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        load_average_start = os.getloadavg()[0]
+        path = resolve(model)
+        jax_model = load_model(path)
+        reference = _transformers_model(path)
+        tokenizer = jax_model.tokenizer
+        decode_prompt = _prompt_ids(tokenizer, settings.decode_prompt)
+        figures: dict[str, Any] = {"environment": {
+            "model": str(path),
+            "parameters": sum(int(leaf.size) for leaf in jax.tree_util.tree_leaves(jax_model.params)),
+            "dtype": str(jax_model.params.embed_tokens.dtype),
+            "repeats": repeats,
+            "quick": bool(quick),
+            "cpu_count": threads,
+            "torch_threads": torch.get_num_threads(),
+            "transformers_attention": reference.config._attn_implementation,
+            "jax": jax.__version__,
+            "jax_device": str(jax.devices()[0].device_kind),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "processor": platform.processor() or platform.machine(),
+        }}
+        figures["compile"] = _compile_times(jax_model.params, decode_prompt, settings.decode_tokens)
+        figures["decode"] = _decode_figures(jax_model, reference, decode_prompt, settings.decode_tokens,
+                                            settings.nocache_tokens, repeats)
+        figures["prefill"] = _prefill_figures(jax_model.params, reference, tokenizer, settings.prefill_lengths,
+                                              settings.decode_tokens, repeats)
+        bandwidth = _bandwidth(settings.matrix, repeats)
+        figures["roofline"] = {"matvec_ms": bandwidth["matvec_ms"], "matrix": bandwidth["matrix"],
+                               **_roofline(jax_model.params, figures["decode"], bandwidth)}
+        figures["session"] = _session(jax_model, tokenizer, settings.session_lengths, settings.session_tokens)
+        figures["environment"]["load_average"] = [round(load_average_start, 2), round(os.getloadavg()[0], 2)]
+        return figures
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+# ---- the report ---------------------------------------------------------------------------------------------
+
+
+def _rows(header: list[str], rows: list[list[Any]]) -> list[str]:
+    cells = [header] + [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return [line(cells[0]), line(["-" * w for w in widths])] + [line(r) for r in cells[1:]]
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 10 else f"{value:,.1f}"
+    return str(value)
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{name} {n}" for name, n in counts.items())
+
+
+def table(figures: dict[str, Any]) -> str:
+    """The figures as a plain-text report. Ratios are Transformers time / jaxllm time (> 1: jaxllm faster)."""
+    env, comp, dec, roof, ses = (figures[k] for k in ("environment", "compile", "decode", "roofline", "session"))
+    out = [
+        f"model        {env['model']} ({env['parameters']:,} parameters, {env['dtype']})",
+        f"engines      jaxllm (jax {env['jax']}, {env['jax_device']}) vs Transformers {env['transformers']} "
+        f"(torch {env['torch']}, attention {env['transformers_attention']})",
+        f"threads      {env['torch_threads']} torch threads on {env['cpu_count']} CPUs; jax on XLA's default CPU thread pool; "
+        f"load average {env['load_average'][0]} at start, {env['load_average'][1]} at end",
+        f"method       median of {env['repeats']} timed runs after a warm-up; ratio = Transformers / jaxllm "
+        f"(> 1: jaxllm faster)",
+        "",
+        "Prefill / forward latency (ms). Prefill: the cache filled and last-position logits (jaxllm's program at the",
+        "bucket with a cache of S slots; Transformers with logits_to_keep=1). Forward: logits at every position.",
+    ]
+    out += _rows(["tokens", "bucket", "S", "jaxllm prefill", "HF prefill", "ratio", "jaxllm forward", "HF forward",
+                  "ratio"],
+                 [[r["tokens"], r["bucket"], r["cache_slots"], r["jaxllm_prefill_ms"], r["transformers_prefill_ms"],
+                   r["ratio_vs_prefill"], r["jaxllm_forward_ms"], r["transformers_forward_ms"], r["ratio_vs_forward"]]
+                  for r in figures["prefill"]])
+    out += [
+        "",
+        f"Decode: {dec['new_tokens']} new tokens after a {dec['prompt_tokens']}-token prompt, greedy, EOS disabled "
+        f"({dec['decode_steps']} decode steps; cache of {dec['cache_slots']} slots)",
+    ]
+    out += _rows(["path", "seconds", "tokens/s", "ms/token"], [
+        ["jaxllm decode loop (steps only)", dec["jaxllm_decode_loop_s"], dec["jaxllm_decode_tokens_per_s"],
+         dec["jaxllm_decode_ms_per_token"]],
+        ["HF generate(N) - generate(1)", round(dec["transformers_generate_s"] - dec["transformers_first_token_s"], 4),
+         dec["transformers_decode_tokens_per_s"], dec["transformers_decode_ms_per_token"]],
+        ["jaxllm generate (end to end)", dec["jaxllm_generate_s"], dec["jaxllm_generate_tokens_per_s"],
+         _ms(dec["jaxllm_generate_s"] / dec["new_tokens"])],
+        ["HF generate (end to end)", dec["transformers_generate_s"], dec["transformers_generate_tokens_per_s"],
+         _ms(dec["transformers_generate_s"] / dec["new_tokens"])],
+        [f"jaxllm no-cache ({dec['nocache_new_tokens']} tokens)", dec["jaxllm_nocache_s"],
+         dec["jaxllm_nocache_tokens_per_s"], _ms(dec["jaxllm_nocache_s"] / dec["nocache_new_tokens"])],
+    ])
+    out += [
+        f"ratio decode {dec['ratio_decode']}, end to end {dec['ratio_generate']}; greedy tokens agree for the first "
+        f"{dec['greedy_tokens_agree']} of {dec['new_tokens']}",
+        "",
+        "Memory roofline for decode",
+        f"  weights read per token   {roof['weight_bytes'] / 1e6:,.1f} MB (tied embedding counted once); "
+        f"KV cache {roof['kv_cache_bytes'] / 1e6:,.1f} MB (not counted)",
+        f"  bandwidth                {roof['bandwidth_gb_per_s']} GB/s (jitted fp32 matvec, {roof['matrix'][0]}x"
+        f"{roof['matrix'][1]}, {roof['matvec_ms']} ms)",
+        f"  roofline                 {roof['roofline_tokens_per_s']} tokens/s ({roof['roofline_ms_per_token']} "
+        f"ms/token)",
+        f"  jaxllm decode            {roof['jaxllm_fraction']:.1%} of roofline "
+        f"({roof['jaxllm_effective_gb_per_s']} GB/s effective)",
+        f"  Transformers decode      {roof['transformers_fraction']:.1%} of roofline",
+        "",
+        f"Compiles (prefill bucket {comp['prefill_bucket']}, cache {comp['cache_slots']} slots)",
+        f"  prefill                  {comp['prefill_compile_s']} s (first call {comp['prefill_first_call_s']} s "
+        f"- warm call {comp['prefill_warm_call_s']} s)",
+        f"  decode loop              first call {comp['decode_loop_first_call_s']} s "
+        f"(compile ~{comp['decode_loop_compile_s']} s over a warm call of {comp['decode_loop_warm_call_s']} s)",
+        f"  programs compiled        {_counts(comp['programs_compiled'])}",
+        f"  session                  {len(ses['prompt_lengths'])} prompts of {ses['prompt_lengths']} tokens, "
+        f"{ses['new_tokens']} new each; buckets {ses['buckets']}",
+        f"    warm-up (lengths {ses['warmup_lengths']}): {_counts(ses['warmup_compiles'])}",
+        f"    session ({ses['session_s']} s): {_counts(ses['session_compiles'])}",
+    ]
+    return "\n".join(out)

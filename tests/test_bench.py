@@ -1,0 +1,82 @@
+"""The benchmark on the real default model, at a tiny size: the report's structure and sanity, never its speed."""
+
+import json
+import math
+
+import pytest
+
+from jaxllm import bench, cli
+
+# Smaller than QUICK so the module stays well under a minute and a half; one repeat is enough for structure.
+TINY = bench.Settings(prefill_lengths=(16,), decode_tokens=8, nocache_tokens=4, session_lengths=(3, 7, 12, 20),
+                      session_tokens=4, matrix=(2048, 4096), max_repeats=1)
+
+
+@pytest.fixture(scope="module")
+def figures():
+    return bench.run(None, repeats=3, settings=TINY)
+
+
+def numbers(tree):
+    """Every number in a nested dict/list, with its path."""
+    if isinstance(tree, dict):
+        return [(f"{k}.{p}" if p else k, v) for k, sub in tree.items() for p, v in numbers(sub)]
+    if isinstance(tree, list):
+        return [(f"{i}.{p}" if p else str(i), v) for i, sub in enumerate(tree) for p, v in numbers(sub)]
+    return [("", tree)] if isinstance(tree, (int, float)) and not isinstance(tree, bool) else []
+
+
+def test_figures_cover_every_section(figures):
+    assert set(figures) == {"environment", "compile", "decode", "prefill", "roofline", "session"}
+    assert [row["tokens"] for row in figures["prefill"]] == list(TINY.prefill_lengths)
+    assert figures["decode"]["new_tokens"] == TINY.decode_tokens
+    assert figures["environment"]["transformers_attention"] == "sdpa"
+    assert figures["environment"]["repeats"] == 1  # capped by the settings
+
+
+def test_figures_are_json_serialisable(figures):
+    assert json.loads(json.dumps(figures)) == figures
+
+
+def test_timings_and_ratios_are_positive_and_finite(figures):
+    timed = [(path, v) for path, v in numbers(figures)
+             if path.endswith(("_ms", "_s", "tokens_per_s", "gb_per_s", "ratio_vs_prefill", "ratio_vs_forward"))
+             or "ratio_" in path or "fraction" in path]
+    assert len(timed) > 20
+    for path, value in timed:
+        assert math.isfinite(value) and value > 0, f"{path} = {value}"
+
+
+def test_compile_figures_count_real_compiles(figures):
+    compile_ = figures["compile"]
+    assert compile_["programs_compiled"]["prefill"] == 1
+    assert compile_["programs_compiled"]["decode_loop"] == 1
+
+
+def test_lengths_in_compiled_buckets_compile_nothing(figures):
+    session = figures["session"]
+    assert session["buckets"] == [16, 32]
+    assert session["session_compiles"] == {name: 0 for name in session["session_compiles"]}
+
+
+def test_greedy_decode_is_the_same_in_both_engines(figures):
+    assert figures["decode"]["greedy_tokens_agree"] == TINY.decode_tokens
+
+
+def test_table_shows_every_section(figures):
+    text = bench.table(figures)
+    for heading in ("Prefill / forward latency", "Decode:", "Memory roofline", "Compiles"):
+        assert heading in text
+
+
+def test_cli_bench_writes_json_with_the_same_keys(figures, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "QUICK", TINY)
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "--quick", "--json", str(out)]) == 0
+    written = json.loads(out.read_text())
+    assert written["environment"]["quick"] is True
+    assert set(written) == set(figures)
+    for section in ("environment", "compile", "decode", "roofline", "session"):
+        assert set(written[section]) == set(figures[section]), section
+    assert [set(row) for row in written["prefill"]] == [set(row) for row in figures["prefill"]]
+    assert "Memory roofline" in capsys.readouterr().out
