@@ -84,11 +84,15 @@ def positions_from_mask(mask: Array) -> Array:
 # ---- the cached path: one prefill program, one decode-loop program -------------------------------------------
 
 
+def _kv_mask(prompt_mask: Array, S: int) -> Array:
+    """[B, S] over the cache slots: the prompt's mask, then every generated slot counts as a real token."""
+    return jnp.concatenate([prompt_mask, jnp.ones((prompt_mask.shape[0], S - prompt_mask.shape[1]), prompt_mask.dtype)], 1)
+
+
 @functools.partial(jax.jit, donate_argnames="cache")
 def _prefill(params: Params, ids: Array, mask: Array, cache: KVCache) -> tuple[Array, KVCache]:
     """ids, mask [B, P] (left-padded) -> logits of the last slot [B, V] and the cache with slots 0..P-1 filled."""
-    S = cache.length
-    kv_mask = jnp.concatenate([mask, jnp.ones((mask.shape[0], S - mask.shape[1]), mask.dtype)], axis=1)  # [B, S]
+    kv_mask = _kv_mask(mask, cache.length)
     logits, cache = run(params, ids, positions_from_mask(mask), kv_mask, cache, offset=0, last_only=True)
     return logits[:, -1].astype(jnp.float32), cache
 
@@ -100,10 +104,6 @@ def _decode_step(params: Params, token: Array, position: Array, kv_mask: Array, 
 
 
 _decode_step_jit = jax.jit(_decode_step, donate_argnames="cache")
-
-
-def _kv_mask(prompt_mask: Array, S: int) -> Array:
-    return jnp.concatenate([prompt_mask, jnp.ones((prompt_mask.shape[0], S - prompt_mask.shape[1]), prompt_mask.dtype)], 1)
 
 
 @functools.partial(jax.jit, static_argnames="sampling", donate_argnames="cache")
