@@ -142,8 +142,12 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
     return x * cos + rotated * sin
 
 
-def attention(q: Array, k: Array, v: Array, allowed: Array) -> Array:
-    """Grouped-query attention. q [B, T, N, H], k/v [B, K, S, H], allowed [B, T, S] -> [B, T, N, H].
+def attention(q: Array, k: Array, v: Array, allowed: Array,
+              cached: tuple[Array, Array, Array] | None = None) -> Array:
+    """Grouped-query attention. q [B, T, N, H], k/v [B, K, T, H] (this call's keys), allowed [B, T, T] -> [B, T, N, H].
+
+    `cached` = (k, v [B, K, S, H], allowed [B, 1 or T, S]) adds the keys of earlier calls; one softmax runs over
+    both sets. Reading the cache as it was before this call's write lets XLA update it in place.
 
     Query head n reads key/value head n // G (HF's repeat_kv order). The G query heads that share a key/value head
     are folded into the query rows, so each key/value head is one [T·G, H] x [S, H] matmul and K/V are never
@@ -153,12 +157,20 @@ def attention(q: Array, k: Array, v: Array, allowed: Array) -> Array:
     K = k.shape[1]
     G = N // K
     q = q.reshape(B, T, K, G, H).transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, H)  # rows ordered (t, g)
-    scores = jnp.einsum("BKRH,BKSH->BKRS", q, k).astype(jnp.float32).reshape(B, K, T, G, -1) * H**-0.5
-    # A finite minimum (not -inf) keeps fully masked rows, e.g. left padding, free of NaN, as in HF.
-    scores = jnp.where(allowed[:, None, :, None, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(B, K, T * G, -1)  # softmax in fp32, as HF
-    out = jnp.einsum("BKRS,BKSH->BKRH", probs, v).reshape(B, K, T, G, H)
-    return out.transpose(0, 2, 1, 3, 4).reshape(B, T, N, H)
+    parts = [(k, v, allowed)] if cached is None else [cached, (k, v, allowed)]
+
+    def scores(keys: Array, visible: Array) -> Array:  # [B, K, T, G, S] in fp32
+        s = jnp.einsum("BKRH,BKSH->BKRS", q, keys).astype(jnp.float32).reshape(B, K, T, G, -1) * H**-0.5
+        # A finite minimum (not -inf) keeps fully masked rows, e.g. left padding, free of NaN, as in HF.
+        return jnp.where(visible[:, None, :, None, :], s, jnp.finfo(jnp.float32).min)
+
+    probs = jax.nn.softmax(jnp.concatenate([scores(kk, a) for kk, _, a in parts], axis=-1), axis=-1)  # fp32, as HF
+    probs = probs.astype(v.dtype).reshape(B, K, T * G, -1)
+    out, start = 0, 0
+    for kk, vv, _ in parts:
+        out = out + jnp.einsum("BKRS,BKSH->BKRH", probs[..., start:start + kk.shape[2]], vv)
+        start += kk.shape[2]
+    return out.reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4).reshape(B, T, N, H)
 
 
 def _linear(x: Array, w: Array) -> Array:
@@ -170,13 +182,13 @@ def _bias(x: Array, b: Array | None) -> Array:
     return x if b is None else x + b
 
 
-def attention_block(layer: Layer, x: Array, cos: Array, sin: Array, allowed: Array, config: LLMConfig, tap: Tap,
-                    kv: tuple[Array, Array] | None = None, offset: Array | int = 0) -> tuple[Array, tuple[Array, Array] | None]:
+def attention_block(layer: Layer, x: Array, cos: Array, sin: Array, allowed: tuple[Array | None, Array],
+                    config: LLMConfig, tap: Tap, kv: tuple[Array, Array] | None = None,
+                    offset: Array | int = 0) -> tuple[Array, tuple[Array, Array] | None]:
     """x [B, T, D] (already normed) -> attention output [B, T, D] before the residual add, and the updated cache.
 
-    With a cache (k, v [B, K, S, H]) this step's keys and values are written at slots offset..offset+T-1 and the
-    queries attend over the slots they can see (all S, or offset + T when offset is static, as in a prefill);
-    without a cache they attend over these T positions alone.
+    allowed = (visible cache slots [B, 1, S] or None, visible new positions [B or 1, T, T]). With a cache
+    (k, v [B, K, S, H]) this call's keys and values are written at slots offset..offset+T-1.
     """
     B, T, _ = x.shape
     N, K, H = config.num_attention_heads, config.num_key_value_heads, config.head_dim
@@ -191,12 +203,14 @@ def attention_block(layer: Layer, x: Array, cos: Array, sin: Array, allowed: Arr
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     tap("q_rope", q), tap("k_rope", k)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
+    cached_visible, new_visible = allowed
+    if cached_visible is None:
+        out = attention(q, k, v, new_visible)
+    else:
+        out = attention(q, k, v, new_visible, (kv[0], kv[1], cached_visible))
     if kv is not None:
         kv = (jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, 0, offset, 0)),  # [B, K, S, H]
               jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, 0, offset, 0)))
-        S = allowed.shape[-1]  # the slots this call can see: all of them, or offset + T for a static offset
-        k, v = kv[0][:, :, :S], kv[1][:, :, :S]
-    out = attention(q, k, v, allowed)
     chex.assert_shape(out, (B, T, N, H))
     tap("attn", out)
     # Heads merged first: an einsum contracting (N, H) together makes XLA re-lay the weight out on every call.
@@ -216,7 +230,7 @@ def mlp(layer: Layer, x: Array, tap: Tap) -> Array:
     return out
 
 
-def decoder_block(layer: Layer, x: Array, cos: Array, sin: Array, allowed: Array, config: LLMConfig, tap: Tap,
+def decoder_block(layer: Layer, x: Array, cos: Array, sin: Array, allowed: tuple[Array | None, Array], config: LLMConfig, tap: Tap,
                   kv: tuple[Array, Array] | None = None, offset: Array | int = 0) -> tuple[Array, tuple[Array, Array] | None]:
     """Pre-norm residual block: h = x + attn(norm(x)), out = h + mlp(norm(h)). x [B, T, D] -> [B, T, D]."""
     normed = rms_norm(x, layer.input_layernorm, config.rms_norm_eps)
@@ -233,13 +247,20 @@ def decoder_block(layer: Layer, x: Array, cos: Array, sin: Array, allowed: Array
     return out, kv
 
 
-def attention_mask_for(T: int, S: int, offset: Array | int, kv_mask: Array | None) -> Array:
-    """allowed [B or 1, T, S]: query t (sequence index offset + t) sees key slot s <= offset + t, as HF's causal mask
-    by cache position, and only slots that kv_mask [B, S] marks as real tokens (not padding)."""
-    allowed = (jnp.arange(S)[None, :] <= offset + jnp.arange(T)[:, None])[None]
-    if kv_mask is not None:
-        allowed = allowed & kv_mask.astype(bool)[:, None, :]
-    return allowed
+def visibility(T: int, kv_mask: Array | None, cache: KVCache | None, offset: Array | int) -> tuple[Array | None, Array]:
+    """Which keys each query may see: HF's causal mask by cache position, minus padding.
+
+    Returns (cache slots [B, 1, S] or None, new positions [B or 1, T, T]). This call's tokens sit at slots
+    offset..offset+T-1; query t sees every earlier slot and new positions t' <= t, except those kv_mask marks as
+    padding (kv_mask is [B, T] without a cache, [B, S] over the slots with one).
+    """
+    causal = jnp.tril(jnp.ones((T, T), bool))[None]
+    if cache is None or (isinstance(offset, int) and offset == 0):  # nothing was cached before this call
+        new_mask = None if kv_mask is None else kv_mask[:, :T].astype(bool)
+        return None, causal if new_mask is None else causal & new_mask[:, None, :]
+    kv_mask = jnp.ones((1, cache.length), bool) if kv_mask is None else kv_mask.astype(bool)
+    earlier = (jnp.arange(cache.length) < offset)[None, None, :] & kv_mask[:, None, :]
+    return earlier, causal & jax.lax.dynamic_slice_in_dim(kv_mask, offset, T, axis=1)[:, None, :]
 
 
 def run(params: Params, ids: Array, positions: Array, kv_mask: Array | None = None, cache: KVCache | None = None,
@@ -259,11 +280,7 @@ def run(params: Params, ids: Array, positions: Array, kv_mask: Array | None = No
     tap("embed", x)
     cos, sin = rope_tables(config, positions)
     chex.assert_shape([cos, sin], (B, T, config.head_dim))
-    S = T if cache is None else cache.length
-    if isinstance(offset, int):  # a static offset (prefill): slots past offset + T are causally invisible anyway
-        S = min(S, offset + T)
-        kv_mask = None if kv_mask is None else kv_mask[:, :S]
-    allowed = attention_mask_for(T, S, offset, kv_mask)
+    allowed = visibility(T, kv_mask, cache, offset)
     new_k, new_v = [], []
     for i, layer in enumerate(params.layers):
         kv = None if cache is None else (cache.k[i], cache.v[i])
