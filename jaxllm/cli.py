@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxllm", description="A LLaMA-family inference engine in JAX.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("generate", help="stream a greedy continuation of a prompt")
+    p = sub.add_parser("generate", help="stream the continuation of a prompt (greedy by default)")
     p.add_argument("prompt", help="the prompt text")
     _model_arg(p)
     p.add_argument("--max-new-tokens", "-n", type=int, default=20)
@@ -62,8 +62,9 @@ def cmd_generate(args) -> int:
 
     model = load_model(args.model)
     prompt = args.prompt
-    if args.chat:
-        prompt = model.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    if args.chat:  # the rendered template carries its own special tokens: encode it without adding BOS again
+        chat = model.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        prompt = model.tokenizer.encode(chat, add_special_tokens=False)
     stream = model.tokenizer.stream(skip_special_tokens=True)
     sys.stdout.write(args.prompt if not args.chat else "")
     sys.stdout.flush()

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.errors import InputError
-from jaxllm.model import KVCache, Params, check_inputs, run
+from jaxllm.model import KVCache, Params, run
 
 Array = jax.Array
 MIN_BUCKET = 16
@@ -173,21 +173,37 @@ def compile_counts() -> dict[str, int]:
 # ---- the Python API -----------------------------------------------------------------------------------------
 
 
+def _is_token_ids(value) -> bool:
+    """A flat sequence of integers (a list, tuple or 1-D array): one prompt as ids."""
+    if isinstance(value, np.ndarray | jax.Array):
+        return value.ndim == 1 and np.issubdtype(value.dtype, np.integer)
+    return isinstance(value, Sequence) and not isinstance(value, str) and all(
+        isinstance(t, int | np.integer) and not isinstance(t, bool) for t in value)
+
+
 def _as_batch(model: Model, prompts) -> tuple[list[list[int]], bool]:
-    """One prompt or a list of them; each a string (needs a tokenizer) or a list of token ids."""
-    single = isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], (int, np.integer)))
+    """One prompt or a list of them; each a string (needs a tokenizer) or token ids. Every id is checked against
+    the vocabulary here, before padding, so an error names the prompt and position the user gave."""
+    single = isinstance(prompts, str) or (_is_token_ids(prompts) and len(prompts) > 0)
     batch = [prompts] if single else list(prompts)
     if not batch:
         raise InputError("no prompt given")
+    vocab = model.params.config.vocab_size
     ids = []
-    for p in batch:
+    for row, p in enumerate(batch):
         if isinstance(p, str):
             if model.tokenizer is None:
                 raise InputError("a text prompt needs a tokenizer; load the model with jaxllm.load_model or pass token ids")
             p = model.tokenizer.encode(p)
+        if not _is_token_ids(p):
+            raise InputError(f"prompt {row} must be a string or a sequence of integer token ids, found {type(p).__name__}")
         p = [int(t) for t in p]
         if not p:
-            raise InputError("a prompt must hold at least one token")
+            raise InputError(f"prompt {row} holds no tokens")
+        bad = next((i for i, t in enumerate(p) if not 0 <= t < vocab), None)
+        if bad is not None:
+            where = f"prompt {row}, " if not single else ""
+            raise InputError(f"token id {p[bad]} at {where}position {bad} is outside the vocabulary [0, {vocab})")
         ids.append(p)
     return ids, single
 
@@ -213,11 +229,17 @@ def generate(model: Model | Params, prompts, max_new_tokens: int = 20, *, use_ca
     model = model if isinstance(model, Model) else Model(model)
     params, config, tokenizer = model.params, model.params.config, model.tokenizer
     prompts_ids, single = _as_batch(model, prompts)
-    if max_new_tokens < 1:
-        raise InputError(f"max_new_tokens must be at least 1, found {max_new_tokens}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int | np.integer) or max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be a positive integer, found {max_new_tokens!r}")
+    if sampling.top_k > config.vocab_size:
+        raise InputError(f"top_k ({sampling.top_k}) is larger than the vocabulary ({config.vocab_size})")
     if eos_ids is None:
-        eos_ids = sorted(getattr(tokenizer, "eos_ids", None) or config.eos_token_ids)
-    pad_id = int(eos_ids[0]) if eos_ids else 0
+        eos_ids = getattr(tokenizer, "eos_ids", None) or config.eos_token_ids
+    eos_ids = sorted({int(e) for e in eos_ids})
+    outside = [e for e in eos_ids if not 0 <= e < config.vocab_size]
+    if outside:
+        raise InputError(f"eos id(s) {outside} outside the vocabulary [0, {config.vocab_size})")
+    pad_id = eos_ids[0] if eos_ids else 0
     longest = max(map(len, prompts_ids))
     if longest + max_new_tokens > config.max_position_embeddings and config.rope.rope_type != "dynamic":
         raise InputError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
@@ -226,8 +248,7 @@ def generate(model: Model | Params, prompts, max_new_tokens: int = 20, *, use_ca
     P = bucket(longest) if use_cache else longest
     S = bucket(P + max_new_tokens)
     ids, mask = _left_pad(prompts_ids, P, pad_id)
-    check_inputs(config, ids, ids)
-    eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
+    eos = jnp.asarray(eos_ids or [-1], jnp.int32)  # -1: no token matches, decoding runs to max_new_tokens
 
     if use_cache:
         cache = KVCache.zeros(config, len(prompts_ids), S, params.embed_tokens.dtype)
@@ -240,7 +261,7 @@ def generate(model: Model | Params, prompts, max_new_tokens: int = 20, *, use_ca
             out = _stream_cached(params, logits, mask, cache, max_new_tokens, eos, pad_id, key, sampling, callback)
     else:
         out = _stream_nocache(params, ids, mask, S, max_new_tokens, eos, pad_id, key, sampling, callback)
-    results = [_result(p, row, set(map(int, eos_ids)), tokenizer) for p, row in zip(prompts_ids, out)]
+    results = [_result(p, row, set(eos_ids), tokenizer) for p, row in zip(prompts_ids, out)]
     return results[0] if single else results
 
 

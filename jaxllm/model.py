@@ -338,10 +338,12 @@ def forward(params: Params, ids: Array, positions: Array, attention_mask: Array 
     """Jitted forward: ids [B, T] int, positions [B, T] int, optional attention_mask [B, T] (1 = real token)
     -> logits [B, T, V]. Positions are honoured as given (RoPE), the causal mask goes by index."""
     check_inputs(params.config, ids, positions, attention_mask)
-    return _forward_jit(params, jnp.asarray(ids), jnp.asarray(positions), attention_mask)
+    mask = None if attention_mask is None else jnp.asarray(attention_mask)
+    return _forward_jit(params, jnp.asarray(ids), jnp.asarray(positions), mask)
 
 
 def forward_with_intermediates(params: Params, ids: Array, positions: Array, attention_mask: Array | None = None):
     """The same forward, also returning every tapped intermediate by name (a dict: jit returns its keys sorted)."""
     check_inputs(params.config, ids, positions, attention_mask)
-    return _intermediates_jit(params, jnp.asarray(ids), jnp.asarray(positions), attention_mask)
+    mask = None if attention_mask is None else jnp.asarray(attention_mask)
+    return _intermediates_jit(params, jnp.asarray(ids), jnp.asarray(positions), mask)

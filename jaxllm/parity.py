@@ -28,9 +28,6 @@ class ParityResult:
     reference: np.ndarray = dataclasses.field(repr=False)  # Transformers' logits [B, T, V]
     ours: np.ndarray = dataclasses.field(repr=False)  # jaxllm's logits [B, T, V]
 
-    def ok(self, tolerance: float = TOLERANCE) -> bool:
-        return self.max_abs_diff <= tolerance
-
 
 def _torch():
     try:

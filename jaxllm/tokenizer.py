@@ -76,10 +76,13 @@ class Tokenizer:
             eos_ids = frozenset([backend.token_to_id(eos)])
         return cls(backend, tokenizer_config, eos_ids)
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of text, special tokens in the text included, with BOS as the checkpoint adds it."""
-        ids = self.backend.encode(text, add_special_tokens=True).ids
-        return [self.bos_id, *ids] if self.prepend_bos else ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of text, special tokens in the text included, with BOS as the checkpoint adds it.
+
+        `add_special_tokens=False` adds no BOS: for text that already carries it, such as a rendered chat
+        template (Transformers' apply_chat_template(tokenize=True) encodes the same way)."""
+        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        return [self.bos_id, *ids] if add_special_tokens and self.prepend_bos else ids
 
     def _check_ids(self, ids: list[int]):
         for token_id in ids:

@@ -167,3 +167,51 @@ def test_malformed_inputs_are_explained(checkpoint):
         forward(params, np.array([1, 2, 3]), np.arange(3))
     with pytest.raises(InputError, match=r"ids must be integers, found dtype float"):
         forward(params, np.array([[1.0, 2.0]]), np.arange(2)[None])
+
+
+def test_generate_names_an_out_of_vocabulary_prompt_token(checkpoint):
+    from jaxllm.generate import generate
+
+    params = load(checkpoint)
+    with pytest.raises(InputError, match=r"token id 64 at position 2 is outside the vocabulary \[0, 64\)"):
+        generate(params, [1, 2, 64], 3)
+    with pytest.raises(InputError, match=r"token id 70 at prompt 1, position 0 is outside"):
+        generate(params, [[1, 2], [70]], 3)
+
+
+def test_generate_rejects_bad_arguments_by_name(checkpoint):
+    from jaxllm.generate import Sampling, generate
+
+    params = load(checkpoint)
+    with pytest.raises(InputError, match=r"max_new_tokens must be a positive integer, found 2.5"):
+        generate(params, [1, 2], 2.5)
+    with pytest.raises(InputError, match=r"max_new_tokens must be a positive integer, found 0"):
+        generate(params, [1, 2], 0)
+    with pytest.raises(InputError, match=r"top_k \(100\) is larger than the vocabulary \(64\)"):
+        generate(params, [1, 2], 3, sampling=Sampling(temperature=1.0, top_k=100))
+    with pytest.raises(InputError, match=r"eos id\(s\) \[99\] outside the vocabulary"):
+        generate(params, [1, 2], 3, eos_ids=[99])
+    with pytest.raises(InputError, match=r"no prompt given"):
+        generate(params, [], 3)
+    with pytest.raises(InputError, match=r"prompt 0 holds no tokens"):
+        generate(params, [[]], 3)
+    with pytest.raises(InputError, match=r"a text prompt needs a tokenizer"):
+        generate(params, "hello", 3)
+    with pytest.raises(InputError, match=r"prompt 1 must be a string or a sequence of integer token ids, found float"):
+        generate(params, [[1, 2], 3.5], 3)
+
+
+def test_generate_accepts_arrays_and_sets_as_users_hold_them(checkpoint):
+    from jaxllm.generate import generate
+
+    params = load(checkpoint)
+    expected = generate(params, [3, 4, 5], 6, eos_ids=[2]).tokens
+    assert generate(params, np.array([3, 4, 5]), 6, eos_ids={2}).tokens == expected
+    assert generate(params, (3, 4, 5), 6, eos_ids=frozenset([2])).tokens == expected
+
+
+def test_forward_accepts_a_plain_list_attention_mask(checkpoint):
+    params = load(checkpoint)
+    ids, positions = [[1, 2, 3]], [[0, 1, 2]]
+    with_mask, without = forward(params, ids, positions, [[1, 1, 1]]), forward(params, ids, positions)
+    assert np.abs(np.asarray(with_mask) - np.asarray(without)).max() < 1e-5

@@ -164,3 +164,11 @@ def test_bos_is_added_exactly_once_when_asked_for(smollm2_dir, tmp_path, add_bos
 def test_missing_tokenizer_is_named(tmp_path):
     with pytest.raises(TokenizerError, match="no tokenizer.json"):
         Tokenizer.from_dir(tmp_path)
+
+
+def test_encode_without_special_tokens_adds_no_bos(smollm2_dir, tmp_path):
+    """A rendered chat template carries its own special tokens: encoding it must not add BOS again."""
+    tokenizer = with_bos_settings(smollm2_dir, tmp_path / "tok", True, True)
+    assert tokenizer.encode("hi") == [1, 6004]
+    assert tokenizer.encode("hi", add_special_tokens=False) == [6004]
+    assert tokenizer.encode("<|im_start|>hi", add_special_tokens=False) == [1, 6004]
