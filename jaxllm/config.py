@@ -56,6 +56,11 @@ class LLMConfig:
     rope: RopeConfig = RopeConfig()
     model_type: str = "llama"
 
+    @property
+    def num_groups(self) -> int:
+        """G = N // K: query heads that share one key/value head."""
+        return self.num_attention_heads // self.num_key_value_heads
+
     @classmethod
     def from_json(cls, path: str | Path) -> "LLMConfig":
         path = Path(path)

@@ -37,6 +37,7 @@ def test_shipped_configs_parse():
     smol = LLMConfig.from_json(CONFIGS / "smollm2-135m.json")
     assert (smol.num_hidden_layers, smol.hidden_size, smol.num_attention_heads, smol.num_key_value_heads) == (30, 576, 9, 3)
     assert (smol.head_dim, smol.tie_word_embeddings, smol.rope.theta, smol.vocab_size) == (64, True, 1e5, 49152)
+    assert smol.num_groups == 3  # G = N // K
     llama = LLMConfig.from_json(CONFIGS / "llama-3.2-1b.json")
     assert llama.rope.rope_type == "llama3" and llama.rope.factor == 32.0 and llama.tie_word_embeddings
     assert llama.rope.original_max_position_embeddings == 8192 and llama.eos_token_ids == (128001,)
