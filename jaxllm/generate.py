@@ -297,8 +297,8 @@ def _stream_nocache(params, ids, mask, S, max_new, eos, pad_id, key, sampling, c
 
 def _emit(tokens: np.ndarray, done: np.ndarray, eos: Array, pad_id: int, callback) -> tuple[np.ndarray, np.ndarray]:
     tokens = np.where(done, pad_id, tokens)
-    for row in np.flatnonzero(~done):
-        if callback is not None:
+    if callback is not None:
+        for row in np.flatnonzero(~done):
             callback(int(row), int(tokens[row]))
     return tokens, done | np.isin(tokens, np.asarray(eos))
 

@@ -133,15 +133,11 @@ def _pickle_refusal(path: Path) -> CheckpointError:
 
 def load_safetensors_dir(directory: Path, dtype=jnp.float32) -> Params:
     config = LLMConfig.from_json(directory / "config.json")
-    files = _safetensors_files(directory)
     handles, shapes = {}, {}
-    for f in files:
-        h = safe_open(f, framework="flax")
-        for name in h.keys():
-            sl = h.get_slice(name)
-            if sl.get_dtype() not in FLOAT_DTYPES:
-                raise CheckpointError(f"{f}: tensor {name} has dtype {sl.get_dtype()}; expected one of {FLOAT_DTYPES}")
-            handles[name], shapes[name] = h, tuple(sl.get_shape())
+    for f, h, name, shape, stored in _stored_tensors(directory):
+        if stored not in FLOAT_DTYPES:
+            raise CheckpointError(f"{f}: tensor {name} has dtype {stored}; expected one of {FLOAT_DTYPES}")
+        handles[name], shapes[name] = h, shape
     return build_params(config, shapes, lambda name: handles[name].get_tensor(name), dtype, str(directory))
 
 
@@ -195,10 +191,16 @@ def resolve(model: str | Path | None) -> Path:
     return Path(resolve_model(None if model is None else str(model)))
 
 
-def tensor_names(directory: Path) -> Iterable[tuple[str, tuple[int, ...], str]]:
-    """(name, shape, dtype) of every stored tensor, in file order: what `jaxllm inspect` lists."""
+def _stored_tensors(directory: Path):
+    """(file, open handle, name, shape, dtype) of every stored tensor, read from the headers alone."""
     for f in _safetensors_files(directory):
         h = safe_open(f, framework="flax")
         for name in h.keys():
             sl = h.get_slice(name)
-            yield name, tuple(sl.get_shape()), sl.get_dtype()
+            yield f, h, name, tuple(sl.get_shape()), sl.get_dtype()
+
+
+def tensor_names(directory: Path) -> Iterable[tuple[str, tuple[int, ...], str]]:
+    """(name, shape, dtype) of every stored tensor, in file order: what `jaxllm inspect` lists."""
+    for _, _, name, shape, stored in _stored_tensors(directory):
+        yield name, shape, stored

@@ -334,16 +334,19 @@ def check_inputs(config: LLMConfig, ids, positions, attention_mask=None) -> None
         raise InputError(f"positions must be non-negative, found {int(pos_np.min())}")
 
 
+def _checked(params: Params, ids, positions, attention_mask) -> tuple:
+    """check_inputs, then everything as arrays, ready for a jitted entry point."""
+    check_inputs(params.config, ids, positions, attention_mask)
+    mask = None if attention_mask is None else jnp.asarray(attention_mask)
+    return params, jnp.asarray(ids), jnp.asarray(positions), mask
+
+
 def forward(params: Params, ids: Array, positions: Array, attention_mask: Array | None = None) -> Array:
     """Jitted forward: ids [B, T] int, positions [B, T] int, optional attention_mask [B, T] (1 = real token)
     -> logits [B, T, V]. Positions are honoured as given (RoPE), the causal mask goes by index."""
-    check_inputs(params.config, ids, positions, attention_mask)
-    mask = None if attention_mask is None else jnp.asarray(attention_mask)
-    return _forward_jit(params, jnp.asarray(ids), jnp.asarray(positions), mask)
+    return _forward_jit(*_checked(params, ids, positions, attention_mask))
 
 
 def forward_with_intermediates(params: Params, ids: Array, positions: Array, attention_mask: Array | None = None):
     """The same forward, also returning every tapped intermediate by name (a dict: jit returns its keys sorted)."""
-    check_inputs(params.config, ids, positions, attention_mask)
-    mask = None if attention_mask is None else jnp.asarray(attention_mask)
-    return _intermediates_jit(params, jnp.asarray(ids), jnp.asarray(positions), mask)
+    return _intermediates_jit(*_checked(params, ids, positions, attention_mask))

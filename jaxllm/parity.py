@@ -79,10 +79,15 @@ def compare_logits(reference: np.ndarray, ours: np.ndarray, attention_mask=None)
     )
 
 
+def _ids_and_positions(ids, positions) -> tuple[np.ndarray, np.ndarray]:
+    """ids as [B, T]; positions as given, or 0..T-1 for every row."""
+    ids = np.atleast_2d(np.asarray(ids))
+    return ids, np.tile(np.arange(ids.shape[1]), (ids.shape[0], 1)) if positions is None else np.asarray(positions)
+
+
 def compare(params: Params, reference, ids, positions=None, attention_mask=None) -> ParityResult:
     """Run both engines on the same ids and positions ([B, T]; positions default to 0..T-1) and compare."""
-    ids = np.atleast_2d(np.asarray(ids))
-    positions = np.tile(np.arange(ids.shape[1]), (ids.shape[0], 1)) if positions is None else np.asarray(positions)
+    ids, positions = _ids_and_positions(ids, positions)
     ref = reference_logits(reference, ids, positions, attention_mask)
     return compare_logits(ref, jax_logits(params, ids, positions, attention_mask), attention_mask)
 
@@ -263,8 +268,7 @@ def ladder(model, ids, positions=None, reference=None, tolerance: float = LADDER
         raise ValueError("ladder(params, ...) needs `reference`: a Transformers model or a checkpoint directory")
     elif not hasattr(reference, "model"):
         reference = reference_model(reference)
-    ids = np.atleast_2d(np.asarray(ids))
-    positions = np.tile(np.arange(ids.shape[1]), (ids.shape[0], 1)) if positions is None else np.asarray(positions)
+    ids, positions = _ids_and_positions(ids, positions)
     ref = reference_intermediates(reference, ids, positions)
     with jax.default_matmul_precision("highest"):
         _, ours = forward_with_intermediates(model, ids, positions)
