@@ -1,6 +1,6 @@
 """jaxllm: a LLaMA-family inference engine as pure JAX functions.
 
-    params = jaxllm.load("smollm2-135m")             # immutable pytree; params.layers[3].q_proj is [N, H, D]
+    params = jaxllm.load("smollm2-135m")             # immutable pytree; params.layers[3].qkv_proj is [(N+2K)·H, D]
     logits = jaxllm.forward(params, ids, positions)  # [B, T, V], jitted
     model = jaxllm.load_model("smollm2-135m")        # params + tokenizer
     jaxllm.generate(model, "The capital of France is").text

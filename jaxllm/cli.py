@@ -102,9 +102,9 @@ def cmd_inspect(args) -> int:
     print(f"\ntensors ({len(tensors)}):")
     for name, shape, dtype in tensors:
         print(f"  {name:<52} {str(list(shape)):<14} {dtype}")
-    print("\nlayer-0 weight map, as stored ([out, in]) -> the jaxllm field (forward layout):")
+    print("\nlayer-0 weight map, as stored ([out, in]) -> the jaxllm field (q/k/v and gate/up stacked by rows):")
     for e in layer_table(config, 0):
-        print(f"  {e.hf_name:<44} [{e.letters}] = {str(list(e.hf_shape)):<12} -> layers[0].{e.field}")
+        print(f"  {e.hf_name:<44} [{e.letters}] = {str(list(e.hf_shape)):<12} -> layers[0].{e.target}")
     return 0
 
 

@@ -24,58 +24,61 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers older HF checkpoints save
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
-    """One row of the HF-name → pytree table: where a tensor goes, the shape HF stores, how to reorient it."""
+    """One row of the HF-name → pytree table: where a tensor goes and the shape HF stores. Tensors that share a
+    field (q/k/v, gate/up) are stacked along `out` in table order; `rows` says which rows of the field are theirs."""
 
     hf_name: str
     field: str  # Params field, or Layer field for per-layer entries
     hf_shape: tuple[int, ...]
     letters: str  # hf_shape in shape letters, e.g. "N·H, D"
-    to_forward: Callable[[Any], Any]  # HF layout -> the layout Params documents (a reshape at most)
+    rows: tuple[int, int] | None = None  # [start, stop) within a stacked field; None: the whole field
+
+    @property
+    def target(self) -> str:
+        """Where it lands, for people: 'qkv_proj[576:768]'."""
+        return self.field if self.rows is None else f"{self.field}[{self.rows[0]}:{self.rows[1]}]"
 
 
-def _same(w):
-    return w
+def _stacked(field: str, parts: list[tuple[str, int, str]], suffix: str, cols: tuple[int, ...] = (),
+             col_letters: str = "") -> list[Entry]:
+    """Entries for HF tensors stacked into one field; parts are (HF name without suffix, rows, row letters)."""
+    entries, start = [], 0
+    for name, rows, letters in parts:
+        entries.append(Entry(name + suffix, field, (rows, *cols), letters + col_letters, (start, start + rows)))
+        start += rows
+    return entries
 
 
 def layer_table(c: LLMConfig, i: int) -> list[Entry]:
-    """HF names of layer i and where they go. Matrices stay [out, in] as nn.Linear stores them; q/k/v split heads."""
+    """HF names of layer i and where they go. Matrices stay [out, in] as nn.Linear stores them."""
     D, F, N, K, H = c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
     p = f"model.layers.{i}."
+    qkv = [(p + "self_attn.q_proj", N * H, "N·H"), (p + "self_attn.k_proj", K * H, "K·H"),
+           (p + "self_attn.v_proj", K * H, "K·H")]
+    gate_up = [(p + "mlp.gate_proj", F, "F"), (p + "mlp.up_proj", F, "F")]
     rows = [
-        Entry(p + "input_layernorm.weight", "input_layernorm", (D,), "D", _same),
-        Entry(p + "self_attn.q_proj.weight", "q_proj", (N * H, D), "N·H, D", lambda w: w.reshape(N, H, D)),
-        Entry(p + "self_attn.k_proj.weight", "k_proj", (K * H, D), "K·H, D", lambda w: w.reshape(K, H, D)),
-        Entry(p + "self_attn.v_proj.weight", "v_proj", (K * H, D), "K·H, D", lambda w: w.reshape(K, H, D)),
-        Entry(p + "self_attn.o_proj.weight", "o_proj", (D, N * H), "D, N·H", _same),
-        Entry(p + "post_attention_layernorm.weight", "post_attention_layernorm", (D,), "D", _same),
-        Entry(p + "mlp.gate_proj.weight", "gate_proj", (F, D), "F, D", _same),
-        Entry(p + "mlp.up_proj.weight", "up_proj", (F, D), "F, D", _same),
-        Entry(p + "mlp.down_proj.weight", "down_proj", (D, F), "D, F", _same),
+        Entry(p + "input_layernorm.weight", "input_layernorm", (D,), "D"),
+        *_stacked("qkv_proj", qkv, ".weight", (D,), ", D"),
+        Entry(p + "self_attn.o_proj.weight", "o_proj", (D, N * H), "D, N·H"),
+        Entry(p + "post_attention_layernorm.weight", "post_attention_layernorm", (D,), "D"),
+        *_stacked("gate_up_proj", gate_up, ".weight", (D,), ", D"),
+        Entry(p + "mlp.down_proj.weight", "down_proj", (D, F), "D, F"),
     ]
     if c.attention_bias:
-        rows += [
-            Entry(p + "self_attn.q_proj.bias", "q_bias", (N * H,), "N·H", lambda b: b.reshape(N, H)),
-            Entry(p + "self_attn.k_proj.bias", "k_bias", (K * H,), "K·H", lambda b: b.reshape(K, H)),
-            Entry(p + "self_attn.v_proj.bias", "v_bias", (K * H,), "K·H", lambda b: b.reshape(K, H)),
-            Entry(p + "self_attn.o_proj.bias", "o_bias", (D,), "D", _same),
-        ]
+        rows += [*_stacked("qkv_bias", qkv, ".bias"), Entry(p + "self_attn.o_proj.bias", "o_bias", (D,), "D")]
     if c.mlp_bias:
-        rows += [
-            Entry(p + "mlp.gate_proj.bias", "gate_bias", (F,), "F", _same),
-            Entry(p + "mlp.up_proj.bias", "up_bias", (F,), "F", _same),
-            Entry(p + "mlp.down_proj.bias", "down_bias", (D,), "D", _same),
-        ]
+        rows += [*_stacked("gate_up_bias", gate_up, ".bias"), Entry(p + "mlp.down_proj.bias", "down_bias", (D,), "D")]
     return rows
 
 
 def model_table(c: LLMConfig) -> list[Entry]:
     """HF names outside the layers. A tied model has no lm_head: logits use embed_tokens transposed."""
     rows = [
-        Entry("model.embed_tokens.weight", "embed_tokens", (c.vocab_size, c.hidden_size), "V, D", _same),
-        Entry("model.norm.weight", "norm", (c.hidden_size,), "D", _same),
+        Entry("model.embed_tokens.weight", "embed_tokens", (c.vocab_size, c.hidden_size), "V, D"),
+        Entry("model.norm.weight", "norm", (c.hidden_size,), "D"),
     ]
     if not c.tie_word_embeddings:
-        rows.append(Entry("lm_head.weight", "lm_head", (c.vocab_size, c.hidden_size), "V, D", _same))
+        rows.append(Entry("lm_head.weight", "lm_head", (c.vocab_size, c.hidden_size), "V, D"))
     return rows
 
 
@@ -95,11 +98,14 @@ def build_params(config: LLMConfig, shapes: dict[str, tuple[int, ...]], read: Ca
                                       ("mis-shaped tensors", misshaped)) if items]
         raise CheckpointError(f"{source}: checkpoint does not match its config\n" + "\n".join(parts))
 
-    def get(e: Entry):
-        return jnp.asarray(e.to_forward(jnp.asarray(read(e.hf_name)))).astype(dtype)
+    def fields(table: list[Entry]) -> dict[str, Any]:
+        parts: dict[str, list] = {}
+        for e in table:  # stacked tensors arrive in table order, i.e. in the order of their rows
+            parts.setdefault(e.field, []).append(jnp.asarray(read(e.hf_name)).astype(dtype))
+        return {f: p[0] if len(p) == 1 else jnp.concatenate(p, axis=0) for f, p in parts.items()}
 
-    top = {e.field: get(e) for e in model_table(config)}
-    layers = tuple(Layer(**{e.field: get(e) for e in table}) for table in tables)
+    top = fields(model_table(config))
+    layers = tuple(Layer(**fields(table)) for table in tables)
     return Params(layers=layers, lm_head=top.pop("lm_head", None), config=config, **top)
 
 

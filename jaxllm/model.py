@@ -25,24 +25,19 @@ Tap = Callable[[str, Array], None]
 
 @flax.struct.dataclass
 class Layer:
-    """One decoder block. Matrices keep HF's [out, in] orientation (heads split out of `out`): with one token per
-    step, each output is a dot over a contiguous row, measurably faster on CPU than the [in, out] layout."""
+    """One decoder block. Matrices keep HF's [out, in] orientation, and the projections that read the same input are
+    stacked along `out` (HF's q/k/v, and gate/up): with one token per step every output is a dot over a contiguous
+    row, and one large matvec runs faster on CPU than two or three small ones (measured in jaxllm.bench's decode)."""
 
     input_layernorm: Array  # [D]
-    q_proj: Array  # [N, H, D]
-    k_proj: Array  # [K, H, D]
-    v_proj: Array  # [K, H, D]
+    qkv_proj: Array  # [(N + 2K)·H, D]: rows of HF's q_proj [N·H, D], then k_proj [K·H, D], then v_proj [K·H, D]
     o_proj: Array  # [D, N·H]
     post_attention_layernorm: Array  # [D]
-    gate_proj: Array  # [F, D]
-    up_proj: Array  # [F, D]
+    gate_up_proj: Array  # [2F, D]: rows of HF's gate_proj [F, D], then up_proj [F, D]
     down_proj: Array  # [D, F]
-    q_bias: Array | None = None  # [N, H]   (attention_bias)
-    k_bias: Array | None = None  # [K, H]
-    v_bias: Array | None = None  # [K, H]
+    qkv_bias: Array | None = None  # [(N + 2K)·H]   (attention_bias)
     o_bias: Array | None = None  # [D]
-    gate_bias: Array | None = None  # [F]   (mlp_bias)
-    up_bias: Array | None = None  # [F]
+    gate_up_bias: Array | None = None  # [2F]   (mlp_bias)
     down_bias: Array | None = None  # [D]
 
 
@@ -59,21 +54,26 @@ class Params:
 
 @flax.struct.dataclass
 class KVCache:
-    """Keys and values of every layer, after RoPE, in fixed-size buffers: slot s holds sequence index s."""
+    """Keys and values of every layer, after RoPE, in fixed-size buffers: slot s holds sequence index s.
 
-    k: tuple[Array, ...]  # L × [B, K, S, H]: each head's keys contiguous, the layout the attention dots read
+    Keys are stored transposed, [B, K, H, S], so that a decode step's scores are a plain [G, H] x [H, S] matmul per
+    key/value head (reading [S, H] keys made the library transpose them on every call: 3x the attention time).
+    """
+
+    k: tuple[Array, ...]  # L × [B, K, H, S]
     v: tuple[Array, ...]  # L × [B, K, S, H]
 
     @property
     def length(self) -> int:
         """S: the number of slots."""
-        return self.k[0].shape[2]
+        return self.v[0].shape[2]
 
     @classmethod
     def zeros(cls, config: LLMConfig, batch: int, length: int, dtype=jnp.float32) -> "KVCache":
-        shape = (batch, config.num_key_value_heads, length, config.head_dim)  # [B, K, S, H]
+        B, K, S, H = batch, config.num_key_value_heads, length, config.head_dim
         layers = range(config.num_hidden_layers)
-        return cls(k=tuple(jnp.zeros(shape, dtype) for _ in layers), v=tuple(jnp.zeros(shape, dtype) for _ in layers))
+        return cls(k=tuple(jnp.zeros((B, K, H, S), dtype) for _ in layers),
+                   v=tuple(jnp.zeros((B, K, S, H), dtype) for _ in layers))
 
 
 def _no_tap(name: str, value: Array) -> None:
@@ -146,30 +146,33 @@ def attention(q: Array, k: Array, v: Array, allowed: Array,
               cached: tuple[Array, Array, Array] | None = None) -> Array:
     """Grouped-query attention. q [B, T, N, H], k/v [B, K, T, H] (this call's keys), allowed [B, T, T] -> [B, T, N, H].
 
-    `cached` = (k, v [B, K, S, H], allowed [B, 1 or T, S]) adds the keys of earlier calls; one softmax runs over
-    both sets. Reading the cache as it was before this call's write lets XLA update it in place.
+    `cached` = (keys [B, K, H, S], values [B, K, S, H], allowed [B, 1 or T, S]) adds the keys of earlier calls; one
+    softmax runs over both sets. Reading the cache as it was before this call's write lets XLA update it in place.
 
     Query head n reads key/value head n // G (HF's repeat_kv order). The G query heads that share a key/value head
-    are folded into the query rows, so each key/value head is one [T·G, H] x [S, H] matmul and K/V are never
+    are folded into the query rows, so each key/value head is one [T·G, H] x [H, S] matmul and K/V are never
     copied G times (measured: half the time of a 5-axis einsum at T = 512).
     """
     B, T, N, H = q.shape
     K = k.shape[1]
     G = N // K
-    q = q.reshape(B, T, K, G, H).transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, H)  # rows ordered (t, g)
-    parts = [(k, v, allowed)] if cached is None else [cached, (k, v, allowed)]
+    q = q.reshape(B, T, K, G, H).transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, H)
+    # (keys, values, visible, how the keys are laid out): rows of R = T·G are ordered (t, g)
+    parts = [(k, v, allowed, "BKRH,BKSH->BKRS")]
+    if cached is not None:
+        parts.insert(0, (*cached, "BKRH,BKHS->BKRS"))
 
-    def scores(keys: Array, visible: Array) -> Array:  # [B, K, T, G, S] in fp32
-        s = jnp.einsum("BKRH,BKSH->BKRS", q, keys).astype(jnp.float32).reshape(B, K, T, G, -1) * H**-0.5
+    def scores(keys: Array, visible: Array, spec: str) -> Array:  # [B, K, T, G, S] in fp32
+        s = jnp.einsum(spec, q, keys).astype(jnp.float32).reshape(B, K, T, G, -1) * H**-0.5
         # A finite minimum (not -inf) keeps fully masked rows, e.g. left padding, free of NaN, as in HF.
         return jnp.where(visible[:, None, :, None, :], s, jnp.finfo(jnp.float32).min)
 
-    probs = jax.nn.softmax(jnp.concatenate([scores(kk, a) for kk, _, a in parts], axis=-1), axis=-1)  # fp32, as HF
-    probs = probs.astype(v.dtype).reshape(B, K, T * G, -1)
+    probs = jax.nn.softmax(jnp.concatenate([scores(kk, a, spec) for kk, _, a, spec in parts], axis=-1), axis=-1)
+    probs = probs.astype(v.dtype).reshape(B, K, T * G, -1)  # fp32 softmax, as HF
     out, start = 0, 0
-    for kk, vv, _ in parts:
-        out = out + jnp.einsum("BKRS,BKSH->BKRH", probs[..., start:start + kk.shape[2]], vv)
-        start += kk.shape[2]
+    for _, vv, _, _ in parts:
+        out = out + jnp.einsum("BKRS,BKSH->BKRH", probs[..., start:start + vv.shape[2]], vv)
+        start += vv.shape[2]
     return out.reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4).reshape(B, T, N, H)
 
 
@@ -188,15 +191,15 @@ def attention_block(layer: Layer, x: Array, cos: Array, sin: Array, allowed: tup
     """x [B, T, D] (already normed) -> attention output [B, T, D] before the residual add, and the updated cache.
 
     allowed = (visible cache slots [B, 1, S] or None, visible new positions [B or 1, T, T]). With a cache
-    (k, v [B, K, S, H]) this call's keys and values are written at slots offset..offset+T-1.
+    (keys [B, K, H, S], values [B, K, S, H]) this call's keys and values are written at slots offset..offset+T-1.
     """
     B, T, _ = x.shape
     N, K, H = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    # Projections as [B, T, D] x [out, D] matmuls, heads split afterwards: contracting straight into [.., N, H]
-    # makes XLA transpose the weight on every call.
-    q = _bias(_linear(x, layer.q_proj.reshape(N * H, -1)).reshape(B, T, N, H), layer.q_bias)
-    k = _bias(_linear(x, layer.k_proj.reshape(K * H, -1)).reshape(B, T, K, H), layer.k_bias)
-    v = _bias(_linear(x, layer.v_proj.reshape(K * H, -1)).reshape(B, T, K, H), layer.v_bias)
+    # One [B, T, D] x [out, D] matmul, heads split afterwards: contracting straight into [.., N, H] makes XLA
+    # transpose the weight on every call.
+    qkv = _bias(_linear(x, layer.qkv_proj), layer.qkv_bias)  # [B, T, (N + 2K)·H]
+    q, k, v = jnp.split(qkv, [N * H, (N + K) * H], axis=-1)
+    q, k, v = q.reshape(B, T, N, H), k.reshape(B, T, K, H), v.reshape(B, T, K, H)
     chex.assert_shape(q, (B, T, N, H))
     chex.assert_shape([k, v], (B, T, K, H))
     tap("q_proj", q), tap("k_proj", k), tap("v_proj", v)
@@ -209,7 +212,7 @@ def attention_block(layer: Layer, x: Array, cos: Array, sin: Array, allowed: tup
     else:
         out = attention(q, k, v, new_visible, (kv[0], kv[1], cached_visible))
     if kv is not None:
-        kv = (jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, 0, offset, 0)),  # [B, K, S, H]
+        kv = (jax.lax.dynamic_update_slice(kv[0], k.transpose(0, 1, 3, 2).astype(kv[0].dtype), (0, 0, 0, offset)),
               jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, 0, offset, 0)))
     chex.assert_shape(out, (B, T, N, H))
     tap("attn", out)
@@ -221,8 +224,7 @@ def attention_block(layer: Layer, x: Array, cos: Array, sin: Array, allowed: tup
 
 def mlp(layer: Layer, x: Array, tap: Tap) -> Array:
     """SwiGLU: down(silu(gate(x)) * up(x)). x [B, T, D] -> [B, T, D]."""
-    gate = _bias(_linear(x, layer.gate_proj), layer.gate_bias)  # [B, T, F]
-    up = _bias(_linear(x, layer.up_proj), layer.up_bias)  # [B, T, F]
+    gate, up = jnp.split(_bias(_linear(x, layer.gate_up_proj), layer.gate_up_bias), 2, axis=-1)  # [B, T, F] each
     tap("gate_proj", gate), tap("up_proj", up)
     out = _bias(_linear(jax.nn.silu(gate) * up, layer.down_proj), layer.down_bias)  # [B, T, D]
     chex.assert_equal_shape([x, out])

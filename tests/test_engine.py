@@ -116,11 +116,12 @@ def test_params_pytree_is_keyed_by_layer_and_immutable(tmp_path_factory):
     params = load(make_checkpoint(tmp_path_factory, "tree", VARIANTS["gqa"]))
     c = params.config
     assert len(params.layers) == c.num_hidden_layers
-    assert params.layers[1].q_proj.shape == (c.num_attention_heads, c.head_dim, c.hidden_size)  # [N, H, D]
-    assert params.layers[1].k_proj.shape == (c.num_key_value_heads, c.head_dim, c.hidden_size)  # [K, H, D]
+    N, K, H = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    assert params.layers[1].qkv_proj.shape == ((N + 2 * K) * H, c.hidden_size)  # [(N + 2K)·H, D]
+    assert params.layers[1].gate_up_proj.shape == (2 * c.intermediate_size, c.hidden_size)  # [2F, D]
     assert params.lm_head.shape == (c.vocab_size, c.hidden_size)  # [V, D]
     with pytest.raises(dataclasses.FrozenInstanceError):
-        params.layers[0].q_proj = None
+        params.layers[0].qkv_proj = None
     assert isinstance(params.layers, tuple)
     hash(c)  # the config is static data: hashable, not a pytree leaf
     assert all(isinstance(leaf, jax.Array) for leaf in jax.tree_util.tree_leaves(params))
