@@ -47,12 +47,13 @@ class Settings:
     session_lengths: tuple[int, ...] = (5, 9, 14, 21, 30, 44, 60, 77, 99, 120)  # prompt lengths of the session
     session_tokens: int = 16  # new tokens per session prompt
     matrix: tuple[int, int] = (16384, 8192)  # fp32 matrix of the bandwidth probe: 512 MiB, far beyond any cache
+    roofline_pairs: int = 11  # (decode loop, matvec) pairs timed side by side for the roofline fraction
     max_repeats: int | None = None
 
 
 FULL = Settings()
 QUICK = Settings(prefill_lengths=(16, 128), decode_tokens=32, nocache_tokens=8, session_lengths=(5, 9, 14, 21, 30),
-                 matrix=(8192, 8192), max_repeats=2)
+                 matrix=(8192, 8192), roofline_pairs=3, max_repeats=2)
 
 
 # ---- timing -------------------------------------------------------------------------------------------------
@@ -269,33 +270,52 @@ def _decode_figures(model: Model, reference, prompt: list[int], new_tokens: int,
     return figures
 
 
-def _bandwidth(shape: tuple[int, int], repeats: int) -> dict[str, Any]:
-    """Memory bandwidth from a jitted fp32 matrix-vector product: every matrix byte is read once per call."""
+def _roofline(params, prompt: list[int], new_tokens: int, decode: dict[str, Any], shape: tuple[int, int],
+              pairs: int) -> dict[str, Any]:
+    """Decode against the memory roofline. A step reads every weight once (the tied embedding once: it is one
+    leaf), so weight bytes / bandwidth bounds its time from below; the bandwidth is that of a jitted fp32
+    matrix-vector product over a matrix far beyond any cache. This machine's memory is shared, and the bandwidth
+    it gives drifts by tens of percent within minutes (seen here: from 30 to 55 GB/s between runs), so
+    each timed decode loop is paired with the matvec timed right after it, and the fraction is the median of the
+    pairs' fractions. The KV cache read per step is reported alongside, not counted in the bound."""
+    weight_bytes = sum(int(leaf.nbytes) for leaf in jax.tree_util.tree_leaves(params))
     matrix = jax.block_until_ready(jax.random.normal(jax.random.key(1), shape, jnp.float32))
     vector = jax.block_until_ready(jnp.ones(shape[1], jnp.float32))
     matvec = jax.jit(lambda a, x: a @ x)
-    seconds = _median(lambda: jax.block_until_ready(matvec(matrix, vector)), max(repeats, 10))
-    return {"matrix": list(shape), "matrix_bytes": int(matrix.nbytes), "matvec_ms": _ms(seconds),
-            "gb_per_s": round(matrix.nbytes / seconds / 1e9, 3)}
 
+    def run_matvec():
+        return jax.block_until_ready(matvec(matrix, vector))
 
-def _roofline(params, decode: dict[str, Any], bandwidth: dict[str, Any]) -> dict[str, Any]:
-    """A decode step reads every weight once (the tied embedding once: it is one leaf), so bytes / bandwidth bounds
-    the step time from below. The KV cache read per step is reported alongside, not counted in the bound."""
-    weight_bytes = sum(int(leaf.nbytes) for leaf in jax.tree_util.tree_leaves(params))
-    cache = KVCache.zeros(params.config, 1, decode["cache_slots"], params.embed_tokens.dtype)
-    cache_bytes = sum(int(leaf.nbytes) for leaf in jax.tree_util.tree_leaves(cache))
-    bytes_per_s = bandwidth["gb_per_s"] * 1e9
-    roofline = bytes_per_s / weight_bytes
+    ids, mask = _prefill_inputs(prompt)
+    slots = bucket(ids.shape[1] + new_tokens)
+    setup = _prefilled(params, ids, mask, slots)
+    cache_bytes = sum(int(leaf.nbytes) for leaf in jax.tree_util.tree_leaves(_fresh_cache(params, 1, slots)))
+    steps = new_tokens - 1
+    _seconds(run_matvec), _seconds(_run_decode_loop, lambda: (*setup(), new_tokens))  # warm-ups
+    step_s, matvec_s = [], []
+    for _ in range(pairs):
+        step_s.append(_seconds(_run_decode_loop, lambda: (*setup(), new_tokens))[0] / steps)
+        matvec_s.append(statistics.median(_seconds(run_matvec)[0] for _ in range(3)))
+    fractions = [(weight_bytes / step) / (matrix.nbytes / matvec) for step, matvec in zip(step_s, matvec_s)]
+    bytes_per_s = matrix.nbytes / statistics.median(matvec_s)
+    reference_step_s = 1 / decode["transformers_decode_tokens_per_s"]
     return {
+        "matrix": list(shape),
+        "pairs": pairs,
         "weight_bytes": weight_bytes,
         "kv_cache_bytes": cache_bytes,
-        "bandwidth_gb_per_s": bandwidth["gb_per_s"],
+        "matvec_ms": _ms(statistics.median(matvec_s)),
+        "bandwidth_gb_per_s": round(bytes_per_s / 1e9, 3),
+        "bandwidth_range_gb_per_s": [round(matrix.nbytes / max(matvec_s) / 1e9, 3),
+                                     round(matrix.nbytes / min(matvec_s) / 1e9, 3)],
         "roofline_ms_per_token": _ms(weight_bytes / bytes_per_s),
-        "roofline_tokens_per_s": round(roofline, 3),
-        "jaxllm_fraction": round(decode["jaxllm_decode_tokens_per_s"] / roofline, 3),
-        "transformers_fraction": round(decode["transformers_decode_tokens_per_s"] / roofline, 3),
-        "jaxllm_effective_gb_per_s": round(weight_bytes * decode["jaxllm_decode_tokens_per_s"] / 1e9, 3),
+        "roofline_tokens_per_s": round(bytes_per_s / weight_bytes, 3),
+        "jaxllm_paired_ms_per_token": _ms(statistics.median(step_s)),
+        "jaxllm_fraction": round(statistics.median(fractions), 3),
+        "jaxllm_fraction_range": [round(min(fractions), 3), round(max(fractions), 3)],
+        "jaxllm_effective_gb_per_s": round(weight_bytes / statistics.median(step_s) / 1e9, 3),
+        # Transformers' decode was timed earlier, not in the pairs: against the pairs' median bandwidth.
+        "transformers_fraction": round(weight_bytes / bytes_per_s / reference_step_s, 3),
     }
 
 
@@ -372,9 +392,8 @@ def run(model: str | None = None, repeats: int = 5, quick: bool = False, setting
                                             settings.nocache_tokens, repeats)
         figures["prefill"] = _prefill_figures(jax_model.params, reference, tokenizer, settings.prefill_lengths,
                                               settings.decode_tokens, repeats)
-        bandwidth = _bandwidth(settings.matrix, repeats)
-        figures["roofline"] = {"matvec_ms": bandwidth["matvec_ms"], "matrix": bandwidth["matrix"],
-                               **_roofline(jax_model.params, figures["decode"], bandwidth)}
+        figures["roofline"] = _roofline(jax_model.params, decode_prompt, settings.decode_tokens, figures["decode"],
+                                        settings.matrix, max(repeats, settings.roofline_pairs))
         figures["session"] = _session(jax_model, tokenizer, settings.session_lengths, settings.session_tokens)
         figures["environment"]["load_average"] = [round(load_average_start, 2), round(os.getloadavg()[0], 2)]
         return figures
@@ -446,13 +465,16 @@ def table(figures: dict[str, Any]) -> str:
         "Memory roofline for decode",
         f"  weights read per token   {roof['weight_bytes'] / 1e6:,.1f} MB (tied embedding counted once); "
         f"KV cache {roof['kv_cache_bytes'] / 1e6:,.1f} MB (not counted)",
+        f"  method                   {roof['pairs']} pairs of (decode loop, matvec) timed side by side; medians",
         f"  bandwidth                {roof['bandwidth_gb_per_s']} GB/s (jitted fp32 matvec, {roof['matrix'][0]}x"
-        f"{roof['matrix'][1]}, {roof['matvec_ms']} ms)",
+        f"{roof['matrix'][1]}, {roof['matvec_ms']} ms; pairs ranged {roof['bandwidth_range_gb_per_s'][0]}-"
+        f"{roof['bandwidth_range_gb_per_s'][1]} GB/s)",
         f"  roofline                 {roof['roofline_tokens_per_s']} tokens/s ({roof['roofline_ms_per_token']} "
         f"ms/token)",
-        f"  jaxllm decode            {roof['jaxllm_fraction']:.1%} of roofline "
-        f"({roof['jaxllm_effective_gb_per_s']} GB/s effective)",
-        f"  Transformers decode      {roof['transformers_fraction']:.1%} of roofline",
+        f"  jaxllm decode            {roof['jaxllm_fraction']:.1%} of roofline (median of the pairs' fractions, which "
+        f"ranged {roof['jaxllm_fraction_range'][0]:.1%}-{roof['jaxllm_fraction_range'][1]:.1%}; "
+        f"{roof['jaxllm_paired_ms_per_token']} ms/token, {roof['jaxllm_effective_gb_per_s']} GB/s effective)",
+        f"  Transformers decode      {roof['transformers_fraction']:.1%} of roofline (timed above, not in the pairs)",
         "",
         f"Compiles (prefill bucket {comp['prefill_bucket']}, cache {comp['cache_slots']} slots)",
         f"  prefill                  {comp['prefill_compile_s']} s (first call {comp['prefill_first_call_s']} s "

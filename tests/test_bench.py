@@ -9,7 +9,7 @@ from jaxllm import bench, cli
 
 # Smaller than QUICK so the module stays well under a minute and a half; one repeat is enough for structure.
 TINY = bench.Settings(prefill_lengths=(16,), decode_tokens=8, nocache_tokens=4, session_lengths=(3, 7, 12, 20),
-                      session_tokens=4, matrix=(2048, 4096), max_repeats=1)
+                      session_tokens=4, matrix=(2048, 4096), roofline_pairs=3, max_repeats=1)
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +45,16 @@ def test_timings_and_ratios_are_positive_and_finite(figures):
     assert len(timed) > 20
     for path, value in timed:
         assert math.isfinite(value) and value > 0, f"{path} = {value}"
+
+
+def test_roofline_fraction_is_the_median_of_side_by_side_pairs(figures):
+    roof = figures["roofline"]
+    assert roof["pairs"] == TINY.roofline_pairs
+    low, high = roof["jaxllm_fraction_range"]
+    assert 0 < low <= roof["jaxllm_fraction"] <= high
+    low, high = roof["bandwidth_range_gb_per_s"]
+    assert low <= roof["bandwidth_gb_per_s"] <= high
+    assert roof["weight_bytes"] > roof["kv_cache_bytes"] > 0
 
 
 def test_compile_figures_count_real_compiles(figures):
