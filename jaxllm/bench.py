@@ -12,6 +12,7 @@ jaxllm time, so > 1 means jaxllm is faster.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import platform
 import statistics
@@ -47,7 +48,7 @@ class Settings:
     session_lengths: tuple[int, ...] = (5, 9, 14, 21, 30, 44, 60, 77, 99, 120)  # prompt lengths of the session
     session_tokens: int = 16  # new tokens per session prompt
     matrix: tuple[int, int] = (16384, 8192)  # fp32 matrix of the bandwidth probe: 512 MiB, far beyond any cache
-    roofline_pairs: int = 11  # (decode loop, matvec) pairs timed side by side for the roofline fraction
+    roofline_pairs: int = 11  # jaxllm decode loops timed, each paired with a matvec for the roofline (at least repeats)
     max_repeats: int | None = None
 
 
@@ -206,20 +207,45 @@ def _prefill_figures(params, reference, tokenizer, lengths, new_tokens: int, rep
     return rows
 
 
+def _paired_decode(setup: Callable[[], tuple], new_tokens: int, shape: tuple[int, int],
+                   pairs: int) -> tuple[list[float], list[float]]:
+    """Seconds of `pairs` decode loops, each paired with the median of three matvecs timed right after it (a jitted
+    fp32 matrix-vector product over a matrix far beyond any cache: every byte read once per call). This machine's
+    memory is shared and the bandwidth it gives drifts by tens of percent within minutes (seen here: from 30 to
+    55 GB/s between runs), so the roofline compares each decode loop with the bandwidth of its own moment."""
+    matrix = jax.block_until_ready(jax.random.normal(jax.random.key(1), shape, jnp.float32))
+    vector = jax.block_until_ready(jnp.ones(shape[1], jnp.float32))
+    matvec = jax.jit(lambda a, x: a @ x)
+
+    def run_matvec():
+        return jax.block_until_ready(matvec(matrix, vector))
+
+    def loop_args():
+        return *setup(), new_tokens
+
+    _seconds(run_matvec), _seconds(_run_decode_loop, loop_args)  # warm-ups
+    loops, matvecs = [], []
+    for _ in range(pairs):
+        loops.append(_seconds(_run_decode_loop, loop_args)[0])
+        matvecs.append(statistics.median(_seconds(run_matvec)[0] for _ in range(3)))
+    return loops, matvecs
+
+
 def _decode_figures(model: Model, reference, prompt: list[int], new_tokens: int, nocache_tokens: int,
-                    repeats: int) -> dict[str, Any]:
+                    repeats: int, matrix: tuple[int, int], pairs: int) -> dict[str, Any]:
     """Greedy decode of `new_tokens` after `prompt`, EOS disabled in both engines so both make every token.
 
     Decode-only rates count decode steps: the first new token comes from the prefill's logits, so N tokens take
-    N - 1 steps. jaxllm's is the compiled while_loop alone; Transformers' is generate(N) minus generate(1).
-    End-to-end rates are N / (prefill + decode)."""
+    N - 1 steps. jaxllm's is the compiled while_loop alone, the median of `pairs` runs each paired with a matvec
+    for the roofline; Transformers' is generate(N) minus generate(1). End-to-end rates are N / (prefill + decode)."""
     torch, _ = _torch()
     params = model.params
     ids, mask = _prefill_inputs(prompt)
     slots = bucket(ids.shape[1] + new_tokens)
     steps = new_tokens - 1
     setup = _prefilled(params, ids, mask, slots)
-    loop_s = _median(_run_decode_loop, repeats, lambda: (*setup(), new_tokens))
+    paired_loop_s, paired_matvec_s = _paired_decode(setup, new_tokens, matrix, pairs)
+    loop_s = statistics.median(paired_loop_s)
     out, taken = _run_decode_loop(*setup(), new_tokens)
     if int(taken) != new_tokens:
         raise RuntimeError(f"the decode loop stopped after {int(taken)} of {new_tokens} tokens with EOS disabled")
@@ -266,56 +292,42 @@ def _decode_figures(model: Model, reference, prompt: list[int], new_tokens: int,
         "nocache_new_tokens": nocache_tokens,
         "jaxllm_nocache_s": round(nocache_s, 4),
         "jaxllm_nocache_tokens_per_s": round(nocache_tokens / nocache_s, 3),
+        "matrix": list(matrix),
+        "matrix_bytes": math.prod(matrix) * 4,  # fp32
+        "paired_loop_s": paired_loop_s,  # seconds of each timed decode loop and of the matvec right after it
+        "paired_matvec_s": paired_matvec_s,
     }
     return figures
 
 
-def _roofline(params, prompt: list[int], new_tokens: int, decode: dict[str, Any], shape: tuple[int, int],
-              pairs: int) -> dict[str, Any]:
-    """Decode against the memory roofline. A step reads every weight once (the tied embedding once: it is one
-    leaf), so weight bytes / bandwidth bounds its time from below; the bandwidth is that of a jitted fp32
-    matrix-vector product over a matrix far beyond any cache. This machine's memory is shared, and the bandwidth
-    it gives drifts by tens of percent within minutes (seen here: from 30 to 55 GB/s between runs), so
-    each timed decode loop is paired with the matvec timed right after it, and the fraction is the median of the
-    pairs' fractions. The KV cache read per step is reported alongside, not counted in the bound."""
+def _roofline(params, decode: dict[str, Any]) -> dict[str, Any]:
+    """Decode against the memory roofline. A step reads every weight once (the tied embedding once: it is one leaf),
+    so weight bytes / bandwidth bounds its time from below. Each of the decode figures' paired loops is compared with
+    the matvec timed right after it, and the fraction is the median of the pairs' fractions. The KV cache read per
+    step is reported alongside, not counted in the bound."""
     weight_bytes = sum(int(leaf.nbytes) for leaf in jax.tree_util.tree_leaves(params))
-    matrix = jax.block_until_ready(jax.random.normal(jax.random.key(1), shape, jnp.float32))
-    vector = jax.block_until_ready(jnp.ones(shape[1], jnp.float32))
-    matvec = jax.jit(lambda a, x: a @ x)
-
-    def run_matvec():
-        return jax.block_until_ready(matvec(matrix, vector))
-
-    ids, mask = _prefill_inputs(prompt)
-    slots = bucket(ids.shape[1] + new_tokens)
-    setup = _prefilled(params, ids, mask, slots)
-    cache_bytes = sum(int(leaf.nbytes) for leaf in jax.tree_util.tree_leaves(_fresh_cache(params, 1, slots)))
-    steps = new_tokens - 1
-    _seconds(run_matvec), _seconds(_run_decode_loop, lambda: (*setup(), new_tokens))  # warm-ups
-    step_s, matvec_s = [], []
-    for _ in range(pairs):
-        step_s.append(_seconds(_run_decode_loop, lambda: (*setup(), new_tokens))[0] / steps)
-        matvec_s.append(statistics.median(_seconds(run_matvec)[0] for _ in range(3)))
-    fractions = [(weight_bytes / step) / (matrix.nbytes / matvec) for step, matvec in zip(step_s, matvec_s)]
-    bytes_per_s = matrix.nbytes / statistics.median(matvec_s)
-    reference_step_s = 1 / decode["transformers_decode_tokens_per_s"]
+    cache = _fresh_cache(params, 1, decode["cache_slots"])
+    cache_bytes = sum(int(leaf.nbytes) for leaf in jax.tree_util.tree_leaves(cache))
+    step_s = [loop / decode["decode_steps"] for loop in decode["paired_loop_s"]]
+    matvec_s, matrix_bytes = decode["paired_matvec_s"], decode["matrix_bytes"]
+    fractions = [(weight_bytes / step) / (matrix_bytes / matvec) for step, matvec in zip(step_s, matvec_s)]
+    bytes_per_s = matrix_bytes / statistics.median(matvec_s)
     return {
-        "matrix": list(shape),
-        "pairs": pairs,
+        "matrix": decode["matrix"],
+        "pairs": len(step_s),
         "weight_bytes": weight_bytes,
         "kv_cache_bytes": cache_bytes,
         "matvec_ms": _ms(statistics.median(matvec_s)),
         "bandwidth_gb_per_s": round(bytes_per_s / 1e9, 3),
-        "bandwidth_range_gb_per_s": [round(matrix.nbytes / max(matvec_s) / 1e9, 3),
-                                     round(matrix.nbytes / min(matvec_s) / 1e9, 3)],
+        "bandwidth_range_gb_per_s": [round(matrix_bytes / max(matvec_s) / 1e9, 3),
+                                     round(matrix_bytes / min(matvec_s) / 1e9, 3)],
         "roofline_ms_per_token": _ms(weight_bytes / bytes_per_s),
         "roofline_tokens_per_s": round(bytes_per_s / weight_bytes, 3),
-        "jaxllm_paired_ms_per_token": _ms(statistics.median(step_s)),
         "jaxllm_fraction": round(statistics.median(fractions), 3),
         "jaxllm_fraction_range": [round(min(fractions), 3), round(max(fractions), 3)],
         "jaxllm_effective_gb_per_s": round(weight_bytes / statistics.median(step_s) / 1e9, 3),
-        # Transformers' decode was timed earlier, not in the pairs: against the pairs' median bandwidth.
-        "transformers_fraction": round(weight_bytes / bytes_per_s / reference_step_s, 3),
+        # Transformers' decode is not in the pairs: against the pairs' median bandwidth.
+        "transformers_fraction": round(decode["transformers_decode_tokens_per_s"] * weight_bytes / bytes_per_s, 3),
     }
 
 
@@ -389,11 +401,11 @@ def run(model: str | None = None, repeats: int = 5, quick: bool = False, setting
         }}
         figures["compile"] = _compile_times(jax_model.params, decode_prompt, settings.decode_tokens)
         figures["decode"] = _decode_figures(jax_model, reference, decode_prompt, settings.decode_tokens,
-                                            settings.nocache_tokens, repeats)
+                                            settings.nocache_tokens, repeats, settings.matrix,
+                                            max(repeats, settings.roofline_pairs))
         figures["prefill"] = _prefill_figures(jax_model.params, reference, tokenizer, settings.prefill_lengths,
                                               settings.decode_tokens, repeats)
-        figures["roofline"] = _roofline(jax_model.params, decode_prompt, settings.decode_tokens, figures["decode"],
-                                        settings.matrix, max(repeats, settings.roofline_pairs))
+        figures["roofline"] = _roofline(jax_model.params, figures["decode"])
         figures["session"] = _session(jax_model, tokenizer, settings.session_lengths, settings.session_tokens)
         figures["environment"]["load_average"] = [round(load_average_start, 2), round(os.getloadavg()[0], 2)]
         return figures
@@ -465,7 +477,8 @@ def table(figures: dict[str, Any]) -> str:
         "Memory roofline for decode",
         f"  weights read per token   {roof['weight_bytes'] / 1e6:,.1f} MB (tied embedding counted once); "
         f"KV cache {roof['kv_cache_bytes'] / 1e6:,.1f} MB (not counted)",
-        f"  method                   {roof['pairs']} pairs of (decode loop, matvec) timed side by side; medians",
+        f"  method                   the {roof['pairs']} decode loops above, each paired with a matvec timed right "
+        f"after it; medians",
         f"  bandwidth                {roof['bandwidth_gb_per_s']} GB/s (jitted fp32 matvec, {roof['matrix'][0]}x"
         f"{roof['matrix'][1]}, {roof['matvec_ms']} ms; pairs ranged {roof['bandwidth_range_gb_per_s'][0]}-"
         f"{roof['bandwidth_range_gb_per_s'][1]} GB/s)",
@@ -473,8 +486,9 @@ def table(figures: dict[str, Any]) -> str:
         f"ms/token)",
         f"  jaxllm decode            {roof['jaxllm_fraction']:.1%} of roofline (median of the pairs' fractions, which "
         f"ranged {roof['jaxllm_fraction_range'][0]:.1%}-{roof['jaxllm_fraction_range'][1]:.1%}; "
-        f"{roof['jaxllm_paired_ms_per_token']} ms/token, {roof['jaxllm_effective_gb_per_s']} GB/s effective)",
-        f"  Transformers decode      {roof['transformers_fraction']:.1%} of roofline (timed above, not in the pairs)",
+        f"{roof['jaxllm_effective_gb_per_s']} GB/s effective)",
+        f"  Transformers decode      {roof['transformers_fraction']:.1%} of roofline (not in the pairs: against their "
+        f"median bandwidth)",
         "",
         f"Compiles (prefill bucket {comp['prefill_bucket']}, cache {comp['cache_slots']} slots)",
         f"  prefill                  {comp['prefill_compile_s']} s (first call {comp['prefill_first_call_s']} s "
