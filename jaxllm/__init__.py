@@ -4,16 +4,23 @@
     logits = jaxllm.forward(params, ids, positions)  # [B, T, V], jitted
     model = jaxllm.load_model("smollm2-135m")        # params + tokenizer
     jaxllm.generate(model, "The capital of France is").text
+
+    settings = jaxllm.GenerationSettings(max_new_tokens=8, length=32)
+    state = jaxllm.prefill(params, ids, mask, jax.random.key(0), settings)   # ids, mask [B, P] left-padded
+    state = jaxllm.decode_step(params, state, settings)                      # one token more per row
+    state = jaxllm.decode(params, state, settings)                           # the rest, in one compiled loop
 """
 
 from jaxllm.config import LLMConfig
 from jaxllm.errors import CheckpointError, ConfigError, InputError, JaxLLMError, ModelNotFoundError, TokenizerError
-from jaxllm.generate import GenerationResult, Model, Sampling, generate
-from jaxllm.loader import load, load_model
-from jaxllm.model import KVCache, Params, forward, forward_with_intermediates
+from jaxllm.generate import (DecodeState, GenerationResult, GenerationSettings, Sampling, decode, decode_step,
+                             generate, left_pad, prefill)
+from jaxllm.loader import Checkpoint, load, load_model, open_checkpoint
+from jaxllm.model import KVCache, Model, Params, compile_counts, forward, forward_with_intermediates
 
 __all__ = [
-    "LLMConfig", "Params", "KVCache", "Model", "Sampling", "GenerationResult",
-    "load", "load_model", "forward", "forward_with_intermediates", "generate",
+    "LLMConfig", "Params", "KVCache", "Model", "Sampling", "GenerationSettings", "DecodeState", "GenerationResult",
+    "Checkpoint", "open_checkpoint", "load", "load_model", "forward", "forward_with_intermediates",
+    "prefill", "decode_step", "decode", "generate", "left_pad", "compile_counts",
     "JaxLLMError", "ConfigError", "CheckpointError", "TokenizerError", "InputError", "ModelNotFoundError",
 ]

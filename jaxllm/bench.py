@@ -23,8 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm.generate import GREEDY, Model, _decode_loop, _left_pad, _prefill, bucket, compile_counts, generate
-from jaxllm.model import KVCache, forward
+from jaxllm.generate import GenerationSettings, bucket, decode, generate, left_pad, prefill
+from jaxllm.model import KVCache, Model, compile_counts, forward
+from jaxllm.parity import reference_model, torch_and_transformers
 
 # Prose (not random ids) so that greedy decoding behaves like real use; repeated to reach the longest prompt.
 PROMPT_TEXT = (
@@ -33,8 +34,6 @@ PROMPT_TEXT = (
     "scribes. Within fifty years presses were running in more than two hundred European cities, and the price of "
     "books fell so sharply that reading spread from monasteries and universities to merchants and craftsmen. "
 )
-# No token has this id, so the cached decode never stops early (generate's eos_ids=[] does the same).
-NO_EOS = -1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,57 +85,33 @@ def _ratio(theirs: float, ours: float) -> float:
 # ---- the two engines ----------------------------------------------------------------------------------------
 
 
-def _torch():
-    try:
-        import torch
-        import transformers
-    except ImportError as e:
-        raise ImportError(f"the benchmark runs Transformers alongside jaxllm: pip install 'jaxllm[test]' ({e})") from None
-    return torch, transformers
-
-
-def _transformers_model(path):
-    """Transformers' LlamaForCausalLM in fp32 with sdpa attention (its fastest CPU path), in eval mode."""
-    torch, transformers = _torch()
-    kwargs = dict(dtype=torch.float32, attn_implementation="sdpa")
-    if path.suffix == ".gguf":
-        kwargs["gguf_file"], path = path.name, path.parent
-    return transformers.LlamaForCausalLM.from_pretrained(str(path), **kwargs).eval()
-
-
 def _prompt_ids(tokenizer, length: int) -> list[int]:
     ids = tokenizer.encode(PROMPT_TEXT)
     ids = tokenizer.encode(PROMPT_TEXT * (length // len(ids) + 1))
     return ids[:length]
 
 
-def _fresh_cache(params, batch: int, slots: int) -> KVCache:
-    return jax.block_until_ready(KVCache.zeros(params.config, batch, slots, params.embed_tokens.dtype))
+def _no_eos(prompt_slots: int, new_tokens: int) -> GenerationSettings:
+    """Greedy, EOS disabled (no eos ids: every row runs to new_tokens), the cache generate would allocate."""
+    return GenerationSettings(max_new_tokens=new_tokens, length=bucket(prompt_slots + new_tokens))
 
 
-def _prefill_inputs(prompt: list[int], pad_id: int = 0):
+def _prefill_inputs(prompt: list[int]):
     """ids, mask [1, P], left-padded to the bucket, as generate builds them."""
-    ids, mask = _left_pad([prompt], bucket(len(prompt)), pad_id)
-    return jnp.asarray(ids), jnp.asarray(mask)
+    return left_pad([prompt], bucket(len(prompt)), pad_id=0)
 
 
-def _run_prefill(params, ids, mask, cache):
-    return jax.block_until_ready(_prefill(params, ids, mask, cache))
+def _run_prefill(params, ids, mask, settings):
+    return jax.block_until_ready(prefill(params, ids, mask, jax.random.key(0), settings))
 
 
-def _run_decode_loop(params, logits, mask, cache, max_new: int):
-    out, steps, cache = jax.block_until_ready(_decode_loop(
-        params, logits, mask, cache, jnp.int32(max_new), jnp.asarray([NO_EOS], jnp.int32), jnp.int32(0),
-        jax.random.key(0), GREEDY))
-    return out, steps
+def _run_decode(params, state, settings):
+    return jax.block_until_ready(decode(params, state, settings))
 
 
-def _prefilled(params, ids, mask, slots: int):
-    """A setup for the decode loop: the prefill done (untimed) into a fresh cache, as generate would."""
-    def setup():
-        logits, cache = _run_prefill(params, ids, mask, _fresh_cache(params, 1, slots))
-        return params, logits, mask, cache
-    return setup
+def _prefilled(params, ids, mask, settings):
+    """A setup for the decode loop: the prefill done (untimed), as generate would."""
+    return lambda: (params, _run_prefill(params, ids, mask, settings), settings)
 
 
 # ---- the figures --------------------------------------------------------------------------------------------
@@ -144,32 +119,27 @@ def _prefilled(params, ids, mask, slots: int):
 
 def _compile_times(params, prompt: list[int], new_tokens: int) -> dict[str, Any]:
     """Prefill: first call minus a warm call. Decode loop: first call (and first minus warm). Starts from empty jit
-    caches for these two programs, so the figures are real compiles even when this process has run them before."""
-    _prefill.clear_cache()
-    _decode_loop.clear_cache()
+    caches, so the figures are real compiles even when this process has run the programs before."""
+    jax.clear_caches()
     ids, mask = _prefill_inputs(prompt)
-    slots = bucket(ids.shape[1] + new_tokens)
+    settings = _no_eos(ids.shape[1], new_tokens)
     before = compile_counts()
-
-    def new_cache():
-        return params, ids, mask, _fresh_cache(params, 1, slots)
-
-    prefill_first, _ = _seconds(_run_prefill, new_cache)
-    prefill_warm, _ = _seconds(_run_prefill, new_cache)
-    setup = _prefilled(params, ids, mask, slots)
-    loop_first, _ = _seconds(_run_decode_loop, lambda: (*setup(), new_tokens))
-    loop_warm, _ = _seconds(_run_decode_loop, lambda: (*setup(), new_tokens))
+    prefill_first, _ = _seconds(_run_prefill, lambda: (params, ids, mask, settings))
+    prefill_warm, _ = _seconds(_run_prefill, lambda: (params, ids, mask, settings))
+    setup = _prefilled(params, ids, mask, settings)
+    loop_first, _ = _seconds(_run_decode, setup)
+    loop_warm, _ = _seconds(_run_decode, setup)
     after = compile_counts()
     return {
         "prefill_bucket": int(ids.shape[1]),
-        "cache_slots": slots,
+        "cache_slots": settings.length,
         "prefill_first_call_s": round(prefill_first, 3),
         "prefill_warm_call_s": round(prefill_warm, 3),
         "prefill_compile_s": round(prefill_first - prefill_warm, 3),
         "decode_loop_first_call_s": round(loop_first, 3),
         "decode_loop_warm_call_s": round(loop_warm, 3),
         "decode_loop_compile_s": round(loop_first - loop_warm, 3),
-        "programs_compiled": {name: after[name] - before[name] for name in after},
+        "programs_compiled": {name: after[name] - before.get(name, 0) for name in after},
     }
 
 
@@ -177,13 +147,13 @@ def _prefill_figures(params, reference, tokenizer, lengths, new_tokens: int, rep
     """Per prompt length: jaxllm's cached-path prefill program (last-slot logits, cache written) against
     Transformers' prefill (cache filled, logits_to_keep=1), and jaxllm's no-cache forward against Transformers'
     forward (use_cache=False), both with logits at every position."""
-    torch, _ = _torch()
+    torch, _ = torch_and_transformers()
     rows = []
     for length in lengths:
         prompt = _prompt_ids(tokenizer, length)
         ids, mask = _prefill_inputs(prompt)
-        slots = bucket(ids.shape[1] + new_tokens)  # the cache generate would allocate for `new_tokens` more
-        prefill_s = _median(_run_prefill, repeats, lambda: (params, ids, mask, _fresh_cache(params, 1, slots)))
+        settings = _no_eos(ids.shape[1], new_tokens)  # the cache generate would allocate for `new_tokens` more
+        prefill_s = _median(_run_prefill, repeats, lambda: (params, ids, mask, settings))
         plain_ids = jnp.asarray([prompt], jnp.int32)
         positions = jnp.arange(length, dtype=jnp.int32)[None]
         forward_s = _median(lambda: jax.block_until_ready(forward(params, plain_ids, positions)), repeats)
@@ -196,7 +166,7 @@ def _prefill_figures(params, reference, tokenizer, lengths, new_tokens: int, rep
         rows.append({
             "tokens": length,
             "bucket": int(ids.shape[1]),
-            "cache_slots": slots,
+            "cache_slots": settings.length,
             "jaxllm_prefill_ms": _ms(prefill_s),
             "jaxllm_forward_ms": _ms(forward_s),
             "transformers_forward_ms": _ms(reference_s),
@@ -207,8 +177,7 @@ def _prefill_figures(params, reference, tokenizer, lengths, new_tokens: int, rep
     return rows
 
 
-def _paired_decode(setup: Callable[[], tuple], new_tokens: int, shape: tuple[int, int],
-                   pairs: int) -> tuple[list[float], list[float]]:
+def _paired_decode(setup: Callable[[], tuple], shape: tuple[int, int], pairs: int) -> tuple[list[float], list[float]]:
     """Seconds of `pairs` decode loops, each paired with the median of three matvecs timed right after it (a jitted
     fp32 matrix-vector product over a matrix far beyond any cache: every byte read once per call). This machine's
     memory is shared and the bandwidth it gives drifts by tens of percent within minutes (seen here: from 30 to
@@ -220,13 +189,10 @@ def _paired_decode(setup: Callable[[], tuple], new_tokens: int, shape: tuple[int
     def run_matvec():
         return jax.block_until_ready(matvec(matrix, vector))
 
-    def loop_args():
-        return *setup(), new_tokens
-
-    _seconds(run_matvec), _seconds(_run_decode_loop, loop_args)  # warm-ups
+    _seconds(run_matvec), _seconds(_run_decode, setup)  # warm-ups
     loops, matvecs = [], []
     for _ in range(pairs):
-        loops.append(_seconds(_run_decode_loop, loop_args)[0])
+        loops.append(_seconds(_run_decode, setup)[0])
         matvecs.append(statistics.median(_seconds(run_matvec)[0] for _ in range(3)))
     return loops, matvecs
 
@@ -238,18 +204,19 @@ def _decode_figures(model: Model, reference, prompt: list[int], new_tokens: int,
     Decode-only rates count decode steps: the first new token comes from the prefill's logits, so N tokens take
     N - 1 steps. jaxllm's is the compiled while_loop alone, the median of `pairs` runs each paired with a matvec
     for the roofline; Transformers' is generate(N) minus generate(1). End-to-end rates are N / (prefill + decode)."""
-    torch, _ = _torch()
+    torch, _ = torch_and_transformers()
     params = model.params
     ids, mask = _prefill_inputs(prompt)
-    slots = bucket(ids.shape[1] + new_tokens)
+    settings = _no_eos(ids.shape[1], new_tokens)
+    slots = settings.length
     steps = new_tokens - 1
-    setup = _prefilled(params, ids, mask, slots)
-    paired_loop_s, paired_matvec_s = _paired_decode(setup, new_tokens, matrix, pairs)
+    setup = _prefilled(params, ids, mask, settings)
+    paired_loop_s, paired_matvec_s = _paired_decode(setup, matrix, pairs)
     loop_s = statistics.median(paired_loop_s)
-    out, taken = _run_decode_loop(*setup(), new_tokens)
-    if int(taken) != new_tokens:
-        raise RuntimeError(f"the decode loop stopped after {int(taken)} of {new_tokens} tokens with EOS disabled")
-    ours = np.asarray(out)[0, :new_tokens].tolist()
+    state = _run_decode(*setup())
+    if int(state.step) != new_tokens:
+        raise RuntimeError(f"the decode loop stopped after {int(state.step)} of {new_tokens} tokens with EOS disabled")
+    ours = np.asarray(state.tokens)[0, :new_tokens].tolist()
 
     generate_s = _median(lambda: generate(model, prompt, new_tokens, eos_ids=[]), repeats)
     nocache_s = _median(lambda: generate(model, prompt, nocache_tokens, use_cache=False, eos_ids=[]), repeats)
@@ -306,8 +273,8 @@ def _roofline(params, decode: dict[str, Any]) -> dict[str, Any]:
     the matvec timed right after it, and the fraction is the median of the pairs' fractions. The KV cache read per
     step is reported alongside, not counted in the bound."""
     weight_bytes = sum(int(leaf.nbytes) for leaf in jax.tree_util.tree_leaves(params))
-    cache = _fresh_cache(params, 1, decode["cache_slots"])
-    cache_bytes = sum(int(leaf.nbytes) for leaf in jax.tree_util.tree_leaves(cache))
+    cache = jax.eval_shape(lambda: KVCache.zeros(params.config, 1, decode["cache_slots"], params.embed_tokens.dtype))
+    cache_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(cache))
     step_s = [loop / decode["decode_steps"] for loop in decode["paired_loop_s"]]
     matvec_s, matrix_bytes = decode["paired_matvec_s"], decode["matrix_bytes"]
     fractions = [(weight_bytes / step) / (matrix_bytes / matvec) for step, matvec in zip(step_s, matvec_s)]
@@ -365,11 +332,11 @@ def _session(model: Model, tokenizer, lengths, new_tokens: int) -> dict[str, Any
 def run(model: str | None = None, repeats: int = 5, quick: bool = False, settings: Settings | None = None) -> dict[str, Any]:
     """Run every benchmark on `model` (the default model when None) in fp32; returns JSON-serialisable figures.
 
-    `settings` overrides the FULL / QUICK presets. Clears the jit caches of the prefill and decode-loop programs
-    (to time their compiles), so this process recompiles them afterwards. Sets torch's thread count to
+    `settings` overrides the FULL / QUICK presets. Clears JAX's caches (to time the compiles of the prefill and
+    decode-loop programs), so this process recompiles its programs afterwards. Sets torch's thread count to
     os.cpu_count() while it runs; jax keeps XLA's default CPU thread pool.
     """
-    torch, transformers = _torch()
+    torch, transformers = torch_and_transformers()
     from jaxllm.loader import load_model, resolve
 
     settings = settings or (QUICK if quick else FULL)
@@ -381,7 +348,7 @@ def run(model: str | None = None, repeats: int = 5, quick: bool = False, setting
         load_average_start = os.getloadavg()[0]
         path = resolve(model)
         jax_model = load_model(path)
-        reference = _transformers_model(path)
+        reference = reference_model(path, attention="sdpa")
         tokenizer = jax_model.tokenizer
         decode_prompt = _prompt_ids(tokenizer, settings.decode_prompt)
         figures: dict[str, Any] = {"environment": {

@@ -16,6 +16,12 @@ def _model_arg(p: argparse.ArgumentParser) -> None:
                    help="model directory, .gguf file, Hub repo id, or 'smollm2-135m' (the default)")
 
 
+def _compile_cache_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-compile-cache", action="store_true",
+                   help="compile every program anew instead of reusing those kept in the jaxllm cache folder "
+                        "(also: JAXLLM_COMPILE_CACHE=0)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxllm", description="A LLaMA-family inference engine in JAX.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -30,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    _compile_cache_arg(p)
 
     p = sub.add_parser("inspect", help="show the config, every tensor, and the layer-0 weight map")
     _model_arg(p)
@@ -40,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", "-n", type=int, default=20)
     p.add_argument("--out", type=Path, help="write the JSON report here")
     p.add_argument("--ladder", action="store_true", help="also run the component-by-component diff ladder")
+    _compile_cache_arg(p)
 
     p = sub.add_parser("convert", help="convert a GGUF file to an HF-format directory")
     p.add_argument("gguf", type=Path, help="the .gguf file")
@@ -83,24 +91,15 @@ def cmd_generate(args) -> int:
 def cmd_inspect(args) -> int:
     import dataclasses
 
-    from jaxllm.config import LLMConfig
-    from jaxllm.loader import layer_table, resolve, tensor_names
+    from jaxllm.loader import layer_table, open_checkpoint
 
-    path = resolve(args.model)
-    if path.suffix == ".gguf":
-        from jaxllm.convert import read_gguf
-
-        checkpoint = read_gguf(path)
-        config = LLMConfig.from_dict(checkpoint.config, source=str(path))
-        tensors = [(n, s, "GGUF→F32") for n, s in checkpoint.shapes.items()]
-    else:
-        config = LLMConfig.from_json(path / "config.json")
-        tensors = list(tensor_names(path))
-    print(f"model: {path}\n\nconfig:")
+    checkpoint = open_checkpoint(args.model)
+    config = checkpoint.config
+    print(f"model: {checkpoint.path}\n\nconfig:")
     for f in dataclasses.fields(config):
         print(f"  {f.name:<26} {getattr(config, f.name)}")
-    print(f"\ntensors ({len(tensors)}):")
-    for name, shape, dtype in tensors:
+    print(f"\ntensors ({len(checkpoint.tensors)}):")
+    for name, (shape, dtype) in checkpoint.tensors.items():
         print(f"  {name:<52} {str(list(shape)):<14} {dtype}")
     print("\nlayer-0 weight map, as stored ([out, in]) -> the jaxllm field (q/k/v and gate/up stacked by rows):")
     for e in layer_table(config, 0):
@@ -155,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from jaxllm.errors import JaxLLMError
 
+    if not getattr(args, "no_compile_cache", True):  # generate and parity; the bench times real compiles
+        from jaxllm.hub import enable_compilation_cache
+
+        enable_compilation_cache()
     try:
         return COMMANDS[args.command](args)
     except (JaxLLMError, ImportError, OSError) as error:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +49,8 @@ class LLMConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     mlp_bias: bool = False
-    hidden_act: str = "silu"
-    bos_token_ids: tuple[int, ...] = ()
-    eos_token_ids: tuple[int, ...] = ()
+    eos_token_ids: tuple[int, ...] = ()  # generation stops at any of these
     rope: RopeConfig = RopeConfig()
-    model_type: str = "llama"
 
     @property
     def num_groups(self) -> int:
@@ -128,11 +124,8 @@ class LLMConfig:
             tie_word_embeddings=bool(data.get("tie_word_embeddings", False)),
             attention_bias=bool(data.get("attention_bias", False)),
             mlp_bias=bool(data.get("mlp_bias", False)),
-            hidden_act=act,
-            bos_token_ids=_token_ids(data.get("bos_token_id"), "bos_token_id", fail),
             eos_token_ids=_token_ids(data.get("eos_token_id"), "eos_token_id", fail),
             rope=_rope_config(data, max_pos, fail),
-            model_type=model_type,
         )
 
 
@@ -174,16 +167,3 @@ def _rope_config(data: dict[str, Any], max_pos: int, fail) -> RopeConfig:
     if rope.factor <= 0 or (rope_type == "llama3" and rope.high_freq_factor <= rope.low_freq_factor):
         raise fail(f"invalid rope parameters {params!r}")
     return rope
-
-
-def yarn_attention_factor(rope: RopeConfig) -> float:
-    """YaRN's cos/sin scale (HF `_compute_yarn_parameters`): 0.1·ln(factor)+1, or a ratio of mscales when both given."""
-    if rope.attention_factor is not None:
-        return rope.attention_factor
-
-    def mscale(scale: float, m: float = 1.0) -> float:
-        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
-
-    if rope.mscale and rope.mscale_all_dim:
-        return mscale(rope.factor, rope.mscale) / mscale(rope.factor, rope.mscale_all_dim)
-    return mscale(rope.factor)

@@ -86,18 +86,26 @@ PRE_TOKENIZERS = {
 
 @dataclass(frozen=True)
 class GGUFCheckpoint:
-    """A GGUF file read as an HF checkpoint; tensors are dequantized only when iterated."""
+    """A GGUF file read as an HF checkpoint; tensors are dequantized only when read."""
 
     path: Path
     config: dict  # HF config.json
     shapes: dict[str, tuple[int, ...]]  # HF name -> HF shape [out, in], in file order
     reader: gguf.GGUFReader = field(repr=False)
+    by_name: dict = field(repr=False)  # HF name -> the reader's tensor
+
+    def read(self, name: str) -> np.ndarray:
+        """One tensor by HF name: float32, in HF orientation."""
+        return _hf_weight(self.by_name[name], name, self.config, self.path)
+
+    def stored_type(self, name: str) -> str:
+        """The GGUF type a tensor is stored in (Q4_1, Q8_0, F32, ...)."""
+        return self.by_name[name].tensor_type.name
 
     def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
-        """Yield (HF name, float32 array in HF orientation), one tensor at a time."""
-        for tensor in self.reader.tensors:
-            name = hf_name(tensor.name, self.path)
-            yield name, _hf_weight(tensor, name, self.config, self.path)
+        """Yield (HF name, float32 array in HF orientation), one tensor at a time, in file order."""
+        for name in self.shapes:
+            yield name, self.read(name)
 
     def tokenizer_files(self) -> dict[str, dict]:
         """tokenizer.json, tokenizer_config.json and generation_config.json, built from the metadata."""
@@ -112,9 +120,10 @@ def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
     except Exception as error:  # the reader raises bare ValueError/struct.error/IndexError on bad bytes
         raise CheckpointError(f"{path}: not a readable GGUF file ({type(error).__name__}: {error})") from error
     config = hf_config(reader, path)
+    by_name = {hf_name(t.name, path): t for t in reader.tensors}
     # GGUF lists dimensions innermost first: [in, out] there is [out, in] here.
-    shapes = {hf_name(t.name, path): tuple(int(n) for n in reversed(t.shape)) for t in reader.tensors}
-    return GGUFCheckpoint(path, config, shapes, reader)
+    shapes = {name: tuple(int(n) for n in reversed(t.shape)) for name, t in by_name.items()}
+    return GGUFCheckpoint(path, config, shapes, reader, by_name)
 
 
 _REQUIRED = object()

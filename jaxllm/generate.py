@@ -1,20 +1,27 @@
-"""Text generation on the pure forward: a KV-cached prefill + decode loop (default) and the no-cache reference path.
+"""Text generation on the pure forward: prefill, one decode step, and the loop that repeats it.
 
-Shapes are bucketed (powers of two) so new prompt lengths within a bucket reuse the compiled programs.
+    state = prefill(params, ids, mask, key, settings)   # the prompt in, the first token out
+    state = decode_step(params, state, settings)        # one more token per row
+    state = decode(params, state, settings)             # lax.while_loop over decode_step until EOS or the limit
+
+`decode_step` is both the body of the compiled loop and the step of the streaming loop. With `use_cache` the
+state carries a KV cache and a step feeds the last token alone; without it, a step runs the full forward over the
+prompt and every token so far (the reference path). Shapes are bucketed (powers of two) so new prompt lengths
+within a bucket reuse the compiled programs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Callable, Sequence
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.errors import InputError
-from jaxllm.model import KVCache, Params, run
+from jaxllm.model import KVCache, Model, Params, check_inputs, program, run
 
 Array = jax.Array
 MIN_BUCKET = 16
@@ -37,20 +44,51 @@ class Sampling:
 GREEDY = Sampling()
 
 
+@flax.struct.dataclass
+class GenerationSettings:
+    """How to generate: a pytree whose numbers are traced (a new limit or EOS id compiles nothing new) and whose
+    shape-setting fields are static."""
+
+    max_new_tokens: int  # stop after this many new tokens (at most length - P)
+    eos_ids: tuple[int, ...] = ()  # a row stops at the first of these it produces; () runs to max_new_tokens
+    pad_id: int = 0  # fed to, and reported for, rows that have stopped
+    sampling: Sampling = flax.struct.field(pytree_node=False, default=GREEDY)
+    length: int = flax.struct.field(pytree_node=False, default=0)  # S: prompt slots + new-token slots
+    use_cache: bool = flax.struct.field(pytree_node=False, default=True)
+
+    def check(self, config, prompt_slots: int) -> None:
+        """InputError naming the setting that cannot run with this model and a prompt of `prompt_slots` slots."""
+        if not 1 <= int(self.max_new_tokens) <= self.length - prompt_slots:
+            raise InputError(f"max_new_tokens ({int(self.max_new_tokens)}) must be between 1 and length - prompt "
+                             f"slots ({self.length} - {prompt_slots})")
+        outside = [int(e) for e in self.eos_ids if not 0 <= int(e) < config.vocab_size]
+        if outside:
+            raise InputError(f"eos id(s) {outside} outside the vocabulary [0, {config.vocab_size})")
+        if not 0 <= int(self.pad_id) < config.vocab_size:
+            raise InputError(f"pad id {int(self.pad_id)} outside the vocabulary [0, {config.vocab_size})")
+        if self.sampling.top_k > config.vocab_size:
+            raise InputError(f"top_k ({self.sampling.top_k}) is larger than the vocabulary ({config.vocab_size})")
+
+
+@flax.struct.dataclass
+class DecodeState:
+    """Everything the decode loop carries, by name."""
+
+    step: Array  # [] int32: new tokens made so far
+    tokens: Array  # [B, S - P] int32: the new tokens in [:, :step]; a row holds pad_id after its EOS
+    done: Array  # [B] bool: the row has produced an EOS
+    key: Array  # the PRNG key the next token is sampled with
+    prompt: Array  # [B, P] int32, left-padded
+    prompt_mask: Array  # [B, P]: 1 for the prompt's real tokens
+    cache: KVCache | None  # keys and values of the prompt and every token fed so far; None on the reference path
+
+
 @dataclasses.dataclass(frozen=True)
 class GenerationResult:
     prompt_ids: list[int]
     tokens: list[int]  # the new token ids, up to and including EOS
     text: str | None  # the new tokens decoded (special tokens skipped); None without a tokenizer
     finish_reason: str  # "eos" or "length"
-
-
-@dataclasses.dataclass(frozen=True)
-class Model:
-    """What generation needs: the parameter pytree and, for text in and out, a tokenizer."""
-
-    params: Params
-    tokenizer: object | None = None
 
 
 def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
@@ -81,93 +119,84 @@ def positions_from_mask(mask: Array) -> Array:
     return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0).astype(jnp.int32)
 
 
-# ---- the cached path: one prefill program, one decode-loop program -------------------------------------------
+def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts as ids and mask [B, length] (int32), each right-aligned; the mask is 1 on real tokens."""
+    ids = np.full((len(prompts), length), pad_id, np.int32)
+    mask = np.zeros((len(prompts), length), np.int32)
+    for row, p in enumerate(prompts):
+        ids[row, length - len(p):], mask[row, length - len(p):] = p, 1
+    return ids, mask
 
 
-def _kv_mask(prompt_mask: Array, S: int) -> Array:
-    """[B, S] over the cache slots: the prompt's mask, then every generated slot counts as a real token."""
-    return jnp.concatenate([prompt_mask, jnp.ones((prompt_mask.shape[0], S - prompt_mask.shape[1]), prompt_mask.dtype)], 1)
+# ---- the programs ---------------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, donate_argnames="cache")
-def _prefill(params: Params, ids: Array, mask: Array, cache: KVCache) -> tuple[Array, KVCache]:
-    """ids, mask [B, P] (left-padded) -> logits of the last slot [B, V] and the cache with slots 0..P-1 filled."""
-    kv_mask = _kv_mask(mask, cache.length)
-    logits, cache = run(params, ids, positions_from_mask(mask), kv_mask, cache, offset=0, last_only=True)
-    return logits[:, -1].astype(jnp.float32), cache
+def _advance(state: DecodeState, logits: Array, settings: GenerationSettings) -> DecodeState:
+    """Sample the next token from logits [B, V] and record it; rows that have stopped get pad_id."""
+    key, sub = jax.random.split(state.key)
+    token = jnp.where(state.done, settings.pad_id, sample(logits, sub, settings.sampling))  # [B]
+    eos = jnp.asarray(settings.eos_ids or (-1,), jnp.int32)  # -1: no token matches
+    return state.replace(step=state.step + 1, tokens=state.tokens.at[:, state.step].set(token),
+                         done=state.done | jnp.isin(token, eos), key=key)
 
 
-def _decode_step(params: Params, token: Array, position: Array, kv_mask: Array, cache: KVCache, slot: Array):
-    """One token per row: token, position [B] at cache slot `slot` -> logits [B, V] and the updated cache."""
-    logits, cache = run(params, token[:, None], position[:, None], kv_mask, cache, offset=slot)
-    return logits[:, 0].astype(jnp.float32), cache
+def running(state: DecodeState, settings: GenerationSettings) -> Array:
+    """[] bool: some row still needs tokens."""
+    return (state.step < settings.max_new_tokens) & ~jnp.all(state.done)
+
+
+def _prefill(params: Params, ids: Array, mask: Array, key: Array, settings: GenerationSettings) -> DecodeState:
+    B, P = ids.shape
+    state = DecodeState(step=jnp.int32(0), tokens=jnp.full((B, settings.length - P), settings.pad_id, jnp.int32),
+                        done=jnp.zeros(B, bool), key=key, prompt=ids, prompt_mask=mask, cache=None)
+    if not settings.use_cache:  # nothing to keep: the first decode step reads the prompt
+        return state
+    cache = KVCache.zeros(params.config, B, settings.length, params.embed_tokens.dtype)
+    logits, cache = run(params, ids, positions_from_mask(mask), mask, cache, last_only=True)
+    return _advance(state.replace(cache=cache), logits[:, -1].astype(jnp.float32), settings)
+
+
+def _decode_step(params: Params, state: DecodeState, settings: GenerationSettings) -> DecodeState:
+    B, P = state.prompt.shape
+    if state.cache is None:  # the reference path: the prompt and every new token through the full forward
+        ids = jnp.concatenate([state.prompt, state.tokens], axis=1)  # [B, S]
+        made = jnp.arange(state.tokens.shape[1]) < state.step
+        mask = jnp.concatenate([state.prompt_mask.astype(bool), jnp.broadcast_to(made, state.tokens.shape)], 1)
+        logits, cache = run(params, ids, positions_from_mask(mask), mask)
+        logits = jax.lax.dynamic_index_in_dim(logits, P + state.step - 1, axis=1, keepdims=False)  # [B, V]
+    else:  # the last token alone, at the next position of its row: the count of real tokens before it
+        last = jax.lax.dynamic_index_in_dim(state.tokens, state.step - 1, axis=1)  # [B, 1]
+        positions = jnp.sum(state.cache.mask, axis=-1, dtype=jnp.int32)[:, None]  # [B, 1]
+        logits, cache = run(params, last, positions, cache=state.cache)
+        logits = logits[:, 0]
+    return _advance(state.replace(cache=cache), logits.astype(jnp.float32), settings)
+
+
+def _decode(params: Params, state: DecodeState, settings: GenerationSettings) -> DecodeState:
+    return jax.lax.while_loop(lambda s: running(s, settings), lambda s: _decode_step(params, s, settings), state)
 
 
 # XLA CPU options for the decode programs, each measured on the profile of a decode step: region analysis lets copy
-# insertion prove that the cache's in-place update follows every read of it (without it XLA copied all L cache
+# insertion prove that the cache's in-place update follows every read of it (without it XLA copies all L cache
 # buffers on every step); the concurrency-optimized scheduler orders the small ops of a step better.
 DECODE_COMPILER_OPTIONS = {
     "xla_cpu_copy_insertion_use_region_analysis": True,
     "xla_cpu_enable_concurrency_optimized_scheduler": True,
 }
-_decode_step_jit = jax.jit(_decode_step, donate_argnames="cache", compiler_options=DECODE_COMPILER_OPTIONS)
+_prefill_program = program(_prefill, "prefill")
+decode_step = program(_decode_step, "decode_step", donate_argnames="state", compiler_options=DECODE_COMPILER_OPTIONS)
+decode_step.__doc__ = """One more token per row: (params, state, settings) -> state. Jitted; the state's buffers are donated."""
+decode = program(_decode, "decode", donate_argnames="state", compiler_options=DECODE_COMPILER_OPTIONS)
+decode.__doc__ = """decode_step until every row has stopped or max_new_tokens are made, in one compiled
+lax.while_loop: (params, state, settings) -> state. The state's buffers are donated."""
 
 
-@functools.partial(jax.jit, static_argnames="sampling", donate_argnames="cache",
-                   compiler_options=DECODE_COMPILER_OPTIONS)
-def _decode_loop(params: Params, logits: Array, prompt_mask: Array, cache: KVCache, max_new: Array,
-                 eos_ids: Array, pad_id: Array, key: Array, sampling: Sampling) -> tuple[Array, Array, KVCache]:
-    """The whole decode inside one program (lax.while_loop), stopping early once every row has produced EOS.
-
-    logits [B, V] from the prefill; prompt_mask [B, P]. Returns new tokens [B, S] (first max_new valid) and the
-    number of steps taken, and the cache (returned so that the donated buffers are updated in place).
-    Finished rows are fed `pad_id`, and their outputs are masked out.
-    """
-    B, P = prompt_mask.shape
-    S = cache.length
-    kv_mask = _kv_mask(prompt_mask, S)
-    last_position = jnp.sum(prompt_mask, axis=-1).astype(jnp.int32) - 1  # [B]
-
-    def emit(state, logits):
-        out, done, key, step = state[0], state[1], state[2], state[3]
-        key, sub = jax.random.split(key)
-        token = jnp.where(done, pad_id, sample(logits, sub, sampling))
-        return out.at[:, step].set(token), done | jnp.isin(token, eos_ids), key, token
-
-    out, done, key, token = emit((jnp.zeros((B, S), jnp.int32), jnp.zeros(B, bool), key, 0), logits)
-
-    def cond(state):
-        step, done = state[0], state[2]
-        return (step < max_new) & ~jnp.all(done)
-
-    def body(state):
-        step, out, done, key, token, cache = state
-        logits, cache = _decode_step(params, token, last_position + step, kv_mask, cache, P + step - 1)
-        out, done, key, token = emit((out, done, key, step), logits)
-        return step + 1, out, done, key, token, cache
-
-    step, out, _, _, _, cache = jax.lax.while_loop(cond, body, (jnp.int32(1), out, done, key, token, cache))
-    return out, step, cache
-
-
-# ---- the no-cache reference path (Day 27): the full forward over a fixed-size buffer each step ------------------
-
-
-@functools.partial(jax.jit, static_argnames="sampling", donate_argnames=("buffer", "mask"))
-def _nocache_step(params: Params, buffer: Array, mask: Array, index: Array, key: Array, sampling: Sampling):
-    """buffer, mask [B, S]; tokens live in slots < index. The causal mask hides the unused tail, so one program
-    serves every step. Writes the next token at slot `index` and returns it [B]."""
-    logits, _ = run(params, buffer, positions_from_mask(mask), mask)
-    token = sample(jax.lax.dynamic_index_in_dim(logits, index - 1, axis=1, keepdims=False), key, sampling)
-    buffer = jax.lax.dynamic_update_slice(buffer, token[:, None], (0, index))
-    mask = jax.lax.dynamic_update_slice(mask, jnp.ones_like(mask[:, :1]), (0, index))
-    return buffer, mask, token
-
-
-def compile_counts() -> dict[str, int]:
-    """How many programs each jitted entry point has compiled in this process."""
-    fns = {"prefill": _prefill, "decode_loop": _decode_loop, "decode_step": _decode_step_jit, "nocache_step": _nocache_step}
-    return {name: fn._cache_size() for name, fn in fns.items()}
+def prefill(params: Params, ids, mask, key: Array, settings: GenerationSettings) -> DecodeState:
+    """The prompt in: ids, mask [B, P] (left-padded, see `left_pad`) -> the decode state. With a cache, the prompt's
+    keys and values fill slots 0..P-1 and the first token is sampled (step 1); without one, step 0."""
+    settings.check(params.config, np.shape(ids)[1])
+    check_inputs(params.config, ids, np.zeros(np.shape(ids), np.int32), mask)
+    return _prefill_program(params, jnp.asarray(ids), jnp.asarray(mask), key, settings)
 
 
 # ---- the Python API -----------------------------------------------------------------------------------------
@@ -208,12 +237,20 @@ def _as_batch(model: Model, prompts) -> tuple[list[list[int]], bool]:
     return ids, single
 
 
-def _left_pad(prompts: list[list[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    ids = np.full((len(prompts), length), pad_id, np.int32)
-    mask = np.zeros((len(prompts), length), np.int32)
-    for row, p in enumerate(prompts):
-        ids[row, length - len(p):], mask[row, length - len(p):] = p, 1
-    return ids, mask
+def _stream(params: Params, state: DecodeState, settings: GenerationSettings,
+            callback: Callable[[int, int], None]) -> DecodeState:
+    """decode_step from Python, handing each row's new token to callback(row, token) as soon as it exists."""
+    reported, done = 0, np.zeros(state.done.shape, bool)  # done: rows that had stopped before the token reported
+    while True:
+        if int(state.step) > reported:  # prefill and each step make at most one token per row
+            tokens = np.asarray(state.tokens[:, reported])
+            for row in np.flatnonzero(~done):
+                callback(int(row), int(tokens[row]))
+            reported += 1
+        done = np.asarray(state.done)
+        if not bool(running(state, settings)):
+            return state
+        state = decode_step(params, state, settings)
 
 
 def generate(model: Model | Params, prompts, max_new_tokens: int = 20, *, use_cache: bool = True,
@@ -223,7 +260,7 @@ def generate(model: Model | Params, prompts, max_new_tokens: int = 20, *, use_ca
 
     `prompts`: a string or a list of token ids, or a list of those (a batch, left-padded). Returns a
     GenerationResult, or a list of them for a batch. `callback(row, token_id)` streams tokens as they are made
-    (a Python loop over one jitted decode step); without it the cached decode runs as one compiled loop.
+    (a Python loop over the jitted decode_step); without it the decode runs as one compiled loop.
     `use_cache=False` runs the full forward over the whole sequence every step (the reference path).
     """
     model = model if isinstance(model, Model) else Model(model)
@@ -231,76 +268,23 @@ def generate(model: Model | Params, prompts, max_new_tokens: int = 20, *, use_ca
     prompts_ids, single = _as_batch(model, prompts)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int | np.integer) or max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be a positive integer, found {max_new_tokens!r}")
-    if sampling.top_k > config.vocab_size:
-        raise InputError(f"top_k ({sampling.top_k}) is larger than the vocabulary ({config.vocab_size})")
     if eos_ids is None:
         eos_ids = getattr(tokenizer, "eos_ids", None) or config.eos_token_ids
-    eos_ids = sorted({int(e) for e in eos_ids})
-    outside = [e for e in eos_ids if not 0 <= e < config.vocab_size]
-    if outside:
-        raise InputError(f"eos id(s) {outside} outside the vocabulary [0, {config.vocab_size})")
-    pad_id = eos_ids[0] if eos_ids else 0
+    eos_ids = tuple(sorted({int(e) for e in eos_ids}))
     longest = max(map(len, prompts_ids))
     if longest + max_new_tokens > config.max_position_embeddings and config.rope.rope_type != "dynamic":
         raise InputError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                          f"max_position_embeddings ({config.max_position_embeddings})")
-    key = jax.random.key(0) if key is None else key
-    P = bucket(longest) if use_cache else longest
-    S = bucket(P + max_new_tokens)
-    ids, mask = _left_pad(prompts_ids, P, pad_id)
-    eos = jnp.asarray(eos_ids or [-1], jnp.int32)  # -1: no token matches, decoding runs to max_new_tokens
-
-    if use_cache:
-        cache = KVCache.zeros(config, len(prompts_ids), S, params.embed_tokens.dtype)
-        logits, cache = _prefill(params, jnp.asarray(ids), jnp.asarray(mask), cache)
-        if callback is None:
-            out, _, _ = _decode_loop(params, logits, jnp.asarray(mask), cache, jnp.int32(max_new_tokens), eos,
-                                  jnp.int32(pad_id), key, sampling)
-            out = np.asarray(out)[:, :max_new_tokens]
-        else:
-            out = _stream_cached(params, logits, mask, cache, max_new_tokens, eos, pad_id, key, sampling, callback)
-    else:
-        out = _stream_nocache(params, ids, mask, S, max_new_tokens, eos, pad_id, key, sampling, callback)
+    P = bucket(longest)
+    settings = GenerationSettings(max_new_tokens=int(max_new_tokens), eos_ids=eos_ids,
+                                  pad_id=eos_ids[0] if eos_ids else 0, sampling=sampling,
+                                  length=bucket(P + max_new_tokens), use_cache=use_cache)
+    ids, mask = left_pad(prompts_ids, P, settings.pad_id)
+    state = prefill(params, ids, mask, jax.random.key(0) if key is None else key, settings)
+    state = decode(params, state, settings) if callback is None else _stream(params, state, settings, callback)
+    out = np.asarray(state.tokens)[:, :max_new_tokens]
     results = [_result(p, row, set(eos_ids), tokenizer) for p, row in zip(prompts_ids, out)]
     return results[0] if single else results
-
-
-def _stream_cached(params, logits, mask, cache, max_new, eos, pad_id, key, sampling, callback) -> np.ndarray:
-    B, P = mask.shape
-    kv_mask = _kv_mask(jnp.asarray(mask), cache.length)
-    last_position = mask.sum(-1).astype(np.int32) - 1
-    out, done = np.full((B, max_new), pad_id, np.int32), np.zeros(B, bool)
-    for step in range(max_new):
-        if step:
-            logits, cache = _decode_step_jit(params, jnp.asarray(out[:, step - 1]), jnp.asarray(last_position + step),
-                                             kv_mask, cache, jnp.int32(P + step - 1))
-        key, sub = jax.random.split(key)
-        out[:, step], done = _emit(np.asarray(sample(logits, sub, sampling)), done, eos, pad_id, callback)
-        if done.all():
-            break
-    return out
-
-
-def _stream_nocache(params, ids, mask, S, max_new, eos, pad_id, key, sampling, callback) -> np.ndarray:
-    B, P = ids.shape
-    buffer = jnp.asarray(np.pad(ids, ((0, 0), (0, S - P))))
-    mask_buf = jnp.asarray(np.pad(mask, ((0, 0), (0, S - P))))
-    out, done = np.full((B, max_new), pad_id, np.int32), np.zeros(B, bool)
-    for step in range(max_new):
-        key, sub = jax.random.split(key)
-        buffer, mask_buf, token = _nocache_step(params, buffer, mask_buf, jnp.int32(P + step), sub, sampling)
-        out[:, step], done = _emit(np.asarray(token), done, eos, pad_id, callback)
-        if done.all():
-            break
-    return out
-
-
-def _emit(tokens: np.ndarray, done: np.ndarray, eos: Array, pad_id: int, callback) -> tuple[np.ndarray, np.ndarray]:
-    tokens = np.where(done, pad_id, tokens)
-    if callback is not None:
-        for row in np.flatnonzero(~done):
-            callback(int(row), int(tokens[row]))
-    return tokens, done | np.isin(tokens, np.asarray(eos))
 
 
 def _result(prompt: list[int], row: np.ndarray, eos_ids: set[int], tokenizer) -> GenerationResult:

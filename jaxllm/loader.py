@@ -1,12 +1,15 @@
-"""Checkpoint → immutable parameter pytree. Safetensors (single or sharded) and GGUF; pickles are refused."""
+"""Checkpoint → immutable parameter pytree. Safetensors (single or sharded) and GGUF; pickles are refused.
+
+    checkpoint = open_checkpoint(path)      # config, tensor names/shapes/dtypes, a reader, tokenizer files
+    params = build_params(checkpoint)       # every name and shape checked against the config, then read
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import jax.numpy as jnp
 import numpy as np
@@ -14,8 +17,8 @@ from safetensors import safe_open
 
 from jaxllm.config import LLMConfig
 from jaxllm.errors import CheckpointError
-from jaxllm.generate import Model
-from jaxllm.model import Layer, Params
+from jaxllm.model import Layer, Model, Params
+from jaxllm.tokenizer import Tokenizer, read_tokenizer_files
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors dtype codes we load; bf16 -> fp32 is exact
@@ -82,8 +85,25 @@ def model_table(c: LLMConfig) -> list[Entry]:
     return rows
 
 
-def build_params(config: LLMConfig, shapes: dict[str, tuple[int, ...]], read: Callable[[str], Any], dtype, source: str) -> Params:
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """An opened checkpoint, either format: what loading, `jaxllm inspect` and the bench read. Nothing is read
+    beyond headers and metadata until `read` or `tokenizer_files` is called."""
+
+    path: Path  # the directory or the .gguf file
+    config: LLMConfig
+    tensors: dict[str, tuple[tuple[int, ...], str]]  # HF name -> (HF shape, stored dtype), in file order
+    read: Callable[[str], Any] = dataclasses.field(repr=False)  # HF name -> array in HF orientation
+    tokenizer_files: Callable[[], dict[str, dict]] = dataclasses.field(repr=False)  # parsed, as tokenizer.py names them
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: shape for name, (shape, _) in self.tensors.items()}
+
+
+def build_params(checkpoint: Checkpoint, dtype=jnp.float32) -> Params:
     """Check every tensor's name and shape against the config (all problems in one error), then read them one by one."""
+    config, shapes = checkpoint.config, checkpoint.shapes
     tables = [layer_table(config, i) for i in range(config.num_hidden_layers)]
     expected = {e.hf_name: e for e in model_table(config)} | {e.hf_name: e for t in tables for e in t}
     missing = [f"{n} (expected {list(e.hf_shape)})" for n, e in expected.items() if n not in shapes]
@@ -96,12 +116,12 @@ def build_params(config: LLMConfig, shapes: dict[str, tuple[int, ...]], read: Ca
         parts = [f"{label}:\n  " + "\n  ".join(items)
                  for label, items in (("missing tensors", missing), ("unexpected tensors", unexpected),
                                       ("mis-shaped tensors", misshaped)) if items]
-        raise CheckpointError(f"{source}: checkpoint does not match its config\n" + "\n".join(parts))
+        raise CheckpointError(f"{checkpoint.path}: checkpoint does not match its config\n" + "\n".join(parts))
 
     def fields(table: list[Entry]) -> dict[str, Any]:
         parts: dict[str, list] = {}
         for e in table:  # stacked tensors arrive in table order, i.e. in the order of their rows
-            parts.setdefault(e.field, []).append(jnp.asarray(read(e.hf_name)).astype(dtype))
+            parts.setdefault(e.field, []).append(jnp.asarray(checkpoint.read(e.hf_name)).astype(dtype))
         return {f: p[0] if len(p) == 1 else jnp.concatenate(p, axis=0) for f, p in parts.items()}
 
     top = fields(model_table(config))
@@ -137,52 +157,48 @@ def _pickle_refusal(path: Path) -> CheckpointError:
     )
 
 
-def load_safetensors_dir(directory: Path, dtype=jnp.float32) -> Params:
+def _open_safetensors(directory: Path) -> Checkpoint:
     config = LLMConfig.from_json(directory / "config.json")
-    handles, shapes = {}, {}
-    for f, h, name, shape, stored in _stored_tensors(directory):
-        if stored not in FLOAT_DTYPES:
-            raise CheckpointError(f"{f}: tensor {name} has dtype {stored}; expected one of {FLOAT_DTYPES}")
-        handles[name], shapes[name] = h, shape
-    return build_params(config, shapes, lambda name: handles[name].get_tensor(name), dtype, str(directory))
+    handles, tensors = {}, {}
+    for f in _safetensors_files(directory):
+        h = safe_open(f, framework="flax")
+        for name in h.keys():
+            sl = h.get_slice(name)
+            if sl.get_dtype() not in FLOAT_DTYPES:
+                raise CheckpointError(f"{f}: tensor {name} has dtype {sl.get_dtype()}; expected one of {FLOAT_DTYPES}")
+            handles[name], tensors[name] = h, (tuple(sl.get_shape()), sl.get_dtype())
+    return Checkpoint(directory, config, tensors, read=lambda name: handles[name].get_tensor(name),
+                      tokenizer_files=lambda: read_tokenizer_files(directory))
 
 
-def load_gguf(path: Path, dtype=jnp.float32) -> Params:
-    """A .gguf file, dequantized to fp32 and re-oriented to HF's layout by jaxllm.convert, then loaded as above."""
+def _open_gguf(path: Path) -> Checkpoint:
+    """A .gguf file, read once: dequantized to fp32 and re-oriented to HF's layout tensor by tensor (jaxllm.convert)."""
     from jaxllm.convert import read_gguf
 
-    checkpoint = read_gguf(path)
-    config = LLMConfig.from_dict(checkpoint.config, source=str(path))
-    arrays: dict[str, np.ndarray] = dict(checkpoint.tensors())  # popped as each one moves into the pytree
-    return build_params(config, checkpoint.shapes, arrays.pop, dtype, str(path))
+    gguf = read_gguf(path)
+    config = LLMConfig.from_dict(gguf.config, source=str(path))
+    tensors = {name: (shape, gguf.stored_type(name)) for name, shape in gguf.shapes.items()}
+    return Checkpoint(path, config, tensors, read=gguf.read,
+                      tokenizer_files=lambda: {"config.json": gguf.config, **gguf.tokenizer_files()})
+
+
+def open_checkpoint(model: str | Path | None = None) -> Checkpoint:
+    """Open a checkpoint: a directory with config.json and safetensors, a .gguf file, the name of the default model
+    ("smollm2-135m", also when None), or a Hub repo id (needs network access)."""
+    path = resolve(model)
+    return _open_gguf(path) if path.suffix == ".gguf" else _open_safetensors(path)
 
 
 def load(model: str | Path | None = None, dtype=jnp.float32) -> Params:
-    """Load a checkpoint into a Params pytree (parameters in `dtype`, fp32 by default).
-
-    `model`: a directory with config.json and safetensors, a .gguf file, the name of the default model
-    ("smollm2-135m", also when None), or a Hub repo id (needs network access).
-    """
-    path = resolve(model)
-    if path.suffix == ".gguf":
-        return load_gguf(path, dtype)
-    return load_safetensors_dir(path, dtype)
+    """Load a checkpoint into a Params pytree (parameters in `dtype`, fp32 by default); `model` as for open_checkpoint."""
+    return build_params(open_checkpoint(model), dtype)
 
 
 def load_model(model: str | Path | None = None, dtype=jnp.float32) -> Model:
     """Parameters and tokenizer together, for generation from text (same `model` argument as `load`)."""
-    from jaxllm.tokenizer import Tokenizer
-
-    path = resolve(model)
-    if path.suffix != ".gguf":
-        return Model(load_safetensors_dir(path, dtype), Tokenizer.from_dir(path))
-    from jaxllm.convert import read_gguf
-
-    with tempfile.TemporaryDirectory() as tmp:  # the tokenizer files live in the GGUF's metadata
-        for name, content in read_gguf(path).tokenizer_files().items():
-            (Path(tmp) / name).write_text(json.dumps(content), encoding="utf-8")
-        tokenizer = Tokenizer.from_dir(tmp)
-    return Model(load_gguf(path, dtype), tokenizer)
+    checkpoint = open_checkpoint(model)
+    tokenizer = Tokenizer.from_files(checkpoint.tokenizer_files(), checkpoint.path)
+    return Model(build_params(checkpoint, dtype), tokenizer)
 
 
 def resolve(model: str | Path | None) -> Path:
@@ -195,18 +211,3 @@ def resolve(model: str | Path | None) -> Path:
     from jaxllm.hub import resolve_model
 
     return Path(resolve_model(None if model is None else str(model)))
-
-
-def _stored_tensors(directory: Path):
-    """(file, open handle, name, shape, dtype) of every stored tensor, read from the headers alone."""
-    for f in _safetensors_files(directory):
-        h = safe_open(f, framework="flax")
-        for name in h.keys():
-            sl = h.get_slice(name)
-            yield f, h, name, tuple(sl.get_shape()), sl.get_dtype()
-
-
-def tensor_names(directory: Path) -> Iterable[tuple[str, tuple[int, ...], str]]:
-    """(name, shape, dtype) of every stored tensor, in file order: what `jaxllm inspect` lists."""
-    for _, _, name, shape, stored in _stored_tensors(directory):
-        yield name, shape, stored

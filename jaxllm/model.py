@@ -6,6 +6,9 @@ K key/value heads, G = N // K, H head_dim, F intermediate, V vocab, L layers.
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+import functools
 import math
 from typing import Callable
 
@@ -15,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm.config import LLMConfig, yarn_attention_factor
+from jaxllm.config import LLMConfig, RopeConfig
 from jaxllm.errors import InputError
 
 Array = jax.Array
@@ -53,28 +56,58 @@ class Params:
     config: LLMConfig = flax.struct.field(pytree_node=False)
 
 
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """What generation from text needs: the parameter pytree and a tokenizer (None: token ids in and out)."""
+
+    params: Params
+    tokenizer: object | None = None
+
+
 @flax.struct.dataclass
 class KVCache:
-    """Keys and values of every layer, after RoPE, in fixed-size buffers: slot s holds sequence index s.
+    """Keys and values of every layer, after RoPE, in fixed-size buffers of S slots, and which slots hold what.
 
-    Keys are stored transposed, [B, K, H, S], so that a decode step's scores are a plain [G, H] x [H, S] matmul per
-    key/value head (from [S, H] keys the library transposed them on every call: 3x the time of those scores).
+    Slot s holds the s-th token fed to the cache. `mask` marks the slots that hold a real token (written, and not
+    padding), so a call's queries see exactly the masked-in slots plus their own causal past; `index` is the next
+    slot to write. Keys are stored transposed, [B, K, H, S], so that a decode step's scores are a plain
+    [G, H] x [H, S] matmul per key/value head with no transpose of the cache.
     """
 
     k: tuple[Array, ...]  # L × [B, K, H, S]
     v: tuple[Array, ...]  # L × [B, K, S, H]
+    mask: Array  # [B, S] bool: the slot holds a real token
+    index: Array  # [] int32: the next slot to write
+    # True until the first write: a call into an empty cache attends over its own keys alone, not over S slots
+    # that are all masked out (a prefill of T tokens would otherwise score T x S more keys).
+    empty: bool = flax.struct.field(pytree_node=False, default=False)
 
     @property
     def length(self) -> int:
         """S: the number of slots."""
-        return self.v[0].shape[2]
+        return self.mask.shape[1]
 
     @classmethod
     def zeros(cls, config: LLMConfig, batch: int, length: int, dtype=jnp.float32) -> "KVCache":
         B, K, S, H = batch, config.num_key_value_heads, length, config.head_dim
         layers = range(config.num_hidden_layers)
         return cls(k=tuple(jnp.zeros((B, K, H, S), dtype) for _ in layers),
-                   v=tuple(jnp.zeros((B, K, S, H), dtype) for _ in layers))
+                   v=tuple(jnp.zeros((B, K, S, H), dtype) for _ in layers),
+                   mask=jnp.zeros((B, S), bool), index=jnp.zeros((), jnp.int32), empty=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What every block of one forward call shares: the config, RoPE tables, who sees whom, where the cache is
+    written, and the tap that records intermediates."""
+
+    config: LLMConfig
+    cos: Array  # [B, T, H]
+    sin: Array  # [B, T, H]
+    visible: Array  # [B or 1, T, T]: query t sees this call's key t'
+    cached_visible: Array | None  # [B, 1, S]: every query sees cache slot s; None without a cache or with an empty one
+    index: Array | None  # [] int32: the cache slot of this call's first token
+    tap: Tap
 
 
 def _no_tap(name: str, value: Array) -> None:
@@ -86,6 +119,19 @@ def rms_norm(x: Array, weight: Array, eps: float) -> Array:
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return weight * x32.astype(x.dtype)
+
+
+def yarn_attention_factor(rope: RopeConfig) -> float:
+    """YaRN's cos/sin scale (HF `_compute_yarn_parameters`): 0.1·ln(factor)+1, or a ratio of mscales when both given."""
+    if rope.attention_factor is not None:
+        return rope.attention_factor
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    if rope.mscale and rope.mscale_all_dim:
+        return mscale(rope.factor, rope.mscale) / mscale(rope.factor, rope.mscale_all_dim)
+    return mscale(rope.factor)
 
 
 def rope_inv_freq(config: LLMConfig, positions: Array) -> tuple[Array, float]:
@@ -143,30 +189,30 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
     return x * cos + rotated * sin
 
 
-def attention(q: Array, k: Array, v: Array, allowed: Array,
+def attention(q: Array, k: Array, v: Array, visible: Array,
               cached: tuple[Array, Array, Array] | None = None) -> Array:
-    """Grouped-query attention. q [B, T, N, H], k/v [B, K, T, H] (this call's keys), allowed [B, T, T] -> [B, T, N, H].
+    """Grouped-query attention. q [B, T, N, H], k/v [B, K, T, H] (this call's keys), visible [B, T, T] -> [B, T, N, H].
 
-    `cached` = (keys [B, K, H, S], values [B, K, S, H], allowed [B, 1 or T, S]) adds the keys of earlier calls; one
+    `cached` = (keys [B, K, H, S], values [B, K, S, H], visible [B, 1, S]) adds the keys of earlier calls; one
     softmax runs over both sets. Reading the cache as it was before this call's write lets XLA update it in place.
 
     Query head n reads key/value head n // G (HF's repeat_kv order). The G query heads that share a key/value head
     are folded into the query rows, so each key/value head is one [T·G, H] x [H, S] matmul and K/V are never
-    copied G times (measured: half the time of a 5-axis einsum at T = 512).
+    copied G times (half the time of a 5-axis einsum at T = 512).
     """
     B, T, N, H = q.shape
     K = k.shape[1]
     G = N // K
     q = q.reshape(B, T, K, G, H).transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, H)
     # (keys, values, visible, how the keys are laid out): rows of R = T·G are ordered (t, g)
-    parts = [(k, v, allowed, "BKRH,BKSH->BKRS")]
+    parts = [(k, v, visible, "BKRH,BKSH->BKRS")]
     if cached is not None:
         parts.insert(0, (*cached, "BKRH,BKHS->BKRS"))
 
-    def scores(keys: Array, visible: Array, spec: str) -> Array:  # [B, K, T, G, S] in fp32
+    def scores(keys: Array, seen: Array, spec: str) -> Array:  # [B, K, T, G, S] in fp32
         s = jnp.einsum(spec, q, keys).astype(jnp.float32).reshape(B, K, T, G, -1) * H**-0.5
         # A finite minimum (not -inf) keeps fully masked rows, e.g. left padding, free of NaN, as in HF.
-        return jnp.where(visible[:, None, :, None, :], s, jnp.finfo(jnp.float32).min)
+        return jnp.where(seen[:, None, :, None, :], s, jnp.finfo(jnp.float32).min)
 
     probs = jax.nn.softmax(jnp.concatenate([scores(kk, a, spec) for kk, _, a, spec in parts], axis=-1), axis=-1)
     probs = probs.astype(v.dtype).reshape(B, K, T * G, -1)  # fp32 softmax, as HF
@@ -186,15 +232,14 @@ def _bias(x: Array, b: Array | None) -> Array:
     return x if b is None else x + b
 
 
-def attention_block(layer: Layer, x: Array, cos: Array, sin: Array, allowed: tuple[Array | None, Array],
-                    config: LLMConfig, tap: Tap, kv: tuple[Array, Array] | None = None,
-                    offset: Array | int = 0) -> tuple[Array, tuple[Array, Array] | None]:
-    """x [B, T, D] (already normed) -> attention output [B, T, D] before the residual add, and the updated cache.
+LayerCache = tuple[Array, Array]  # one layer's keys [B, K, H, S] and values [B, K, S, H]
 
-    allowed = (visible cache slots [B, 1, S] or None, visible new positions [B or 1, T, T]). With a cache
-    (keys [B, K, H, S], values [B, K, S, H]) this call's keys and values are written at slots offset..offset+T-1.
-    """
+
+def attention_block(layer: Layer, x: Array, kv: LayerCache | None, ctx: Context) -> tuple[Array, LayerCache | None]:
+    """x [B, T, D] (already normed) -> attention output [B, T, D] before the residual add, and the layer's cache
+    with this call's keys and values written at slots ctx.index .. ctx.index + T - 1."""
     B, T, _ = x.shape
+    config = ctx.config
     N, K, H = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     # One [B, T, D] x [out, D] matmul, heads split afterwards: contracting straight into [.., N, H] makes XLA
     # transpose the weight on every call.
@@ -203,23 +248,22 @@ def attention_block(layer: Layer, x: Array, cos: Array, sin: Array, allowed: tup
     q, k, v = q.reshape(B, T, N, H), k.reshape(B, T, K, H), v.reshape(B, T, K, H)
     chex.assert_shape(q, (B, T, N, H))
     chex.assert_shape([k, v], (B, T, K, H))
-    tap("q_proj", q), tap("k_proj", k), tap("v_proj", v)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    tap("q_rope", q), tap("k_rope", k)
+    ctx.tap("q_proj", q), ctx.tap("k_proj", k), ctx.tap("v_proj", v)
+    q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+    ctx.tap("q_rope", q), ctx.tap("k_rope", k)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
-    cached_visible, new_visible = allowed
-    if cached_visible is None:
-        out = attention(q, k, v, new_visible)
+    if ctx.cached_visible is None:
+        out = attention(q, k, v, ctx.visible)
     else:
-        out = attention(q, k, v, new_visible, (kv[0], kv[1], cached_visible))
+        out = attention(q, k, v, ctx.visible, (kv[0], kv[1], ctx.cached_visible))
     if kv is not None:
-        kv = (jax.lax.dynamic_update_slice(kv[0], k.transpose(0, 1, 3, 2).astype(kv[0].dtype), (0, 0, 0, offset)),
-              jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, 0, offset, 0)))
+        kv = (jax.lax.dynamic_update_slice(kv[0], k.transpose(0, 1, 3, 2).astype(kv[0].dtype), (0, 0, 0, ctx.index)),
+              jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, 0, ctx.index, 0)))
     chex.assert_shape(out, (B, T, N, H))
-    tap("attn", out)
+    ctx.tap("attn", out)
     # Heads merged first: an einsum contracting (N, H) together makes XLA re-lay the weight out on every call.
     out = _bias(_linear(out.reshape(B, T, N * H), layer.o_proj), layer.o_bias)
-    tap("o_proj", out)
+    ctx.tap("o_proj", out)
     return out, kv
 
 
@@ -233,46 +277,31 @@ def mlp(layer: Layer, x: Array, tap: Tap) -> Array:
     return out
 
 
-def decoder_block(layer: Layer, x: Array, cos: Array, sin: Array, allowed: tuple[Array | None, Array], config: LLMConfig, tap: Tap,
-                  kv: tuple[Array, Array] | None = None, offset: Array | int = 0) -> tuple[Array, tuple[Array, Array] | None]:
+def decoder_block(layer: Layer, x: Array, kv: LayerCache | None, ctx: Context) -> tuple[Array, LayerCache | None]:
     """Pre-norm residual block: h = x + attn(norm(x)), out = h + mlp(norm(h)). x [B, T, D] -> [B, T, D]."""
-    normed = rms_norm(x, layer.input_layernorm, config.rms_norm_eps)
+    eps = ctx.config.rms_norm_eps
+    normed = rms_norm(x, layer.input_layernorm, eps)
     chex.assert_equal_shape([x, normed])
-    tap("input_layernorm", normed)
-    attn, kv = attention_block(layer, normed, cos, sin, allowed, config, tap, kv, offset)
+    ctx.tap("input_layernorm", normed)
+    attn, kv = attention_block(layer, normed, kv, ctx)
     h = x + attn
-    tap("attn_residual", h)
-    normed = rms_norm(h, layer.post_attention_layernorm, config.rms_norm_eps)
-    tap("post_attention_layernorm", normed)
-    out = h + mlp(layer, normed, tap)
+    ctx.tap("attn_residual", h)
+    normed = rms_norm(h, layer.post_attention_layernorm, eps)
+    ctx.tap("post_attention_layernorm", normed)
+    out = h + mlp(layer, normed, ctx.tap)
     chex.assert_equal_shape([x, out])
-    tap("block", out)
+    ctx.tap("block", out)
     return out, kv
 
 
-def visibility(T: int, kv_mask: Array | None, cache: KVCache | None, offset: Array | int) -> tuple[Array | None, Array]:
-    """Which keys each query may see: HF's causal mask by cache position, minus padding.
-
-    Returns (cache slots [B, 1, S] or None, new positions [B or 1, T, T]). This call's tokens sit at slots
-    offset..offset+T-1; query t sees every earlier slot and new positions t' <= t, except those kv_mask marks as
-    padding (kv_mask is [B, T] without a cache, [B, S] over the slots with one).
-    """
-    causal = jnp.tril(jnp.ones((T, T), bool))[None]
-    if cache is None or (isinstance(offset, int) and offset == 0):  # nothing was cached before this call
-        new_mask = None if kv_mask is None else kv_mask[:, :T].astype(bool)
-        return None, causal if new_mask is None else causal & new_mask[:, None, :]
-    kv_mask = jnp.ones((1, cache.length), bool) if kv_mask is None else kv_mask.astype(bool)
-    earlier = (jnp.arange(cache.length) < offset)[None, None, :] & kv_mask[:, None, :]
-    return earlier, causal & jax.lax.dynamic_slice_in_dim(kv_mask, offset, T, axis=1)[:, None, :]
-
-
-def run(params: Params, ids: Array, positions: Array, kv_mask: Array | None = None, cache: KVCache | None = None,
-        offset: Array | int = 0, tap: Tap = _no_tap, last_only: bool = False) -> tuple[Array, KVCache | None]:
+def run(params: Params, ids: Array, positions: Array, mask: Array | None = None, cache: KVCache | None = None,
+        *, tap: Tap = _no_tap, last_only: bool = False) -> tuple[Array, KVCache | None]:
     """The forward pass, un-jitted: ids [B, T], positions [B, T] -> (logits [B, T, V], updated cache or None).
 
-    Without a cache kv_mask is the [B, T] attention mask; with one it is [B, S] over the cache slots, and this
-    call's tokens occupy slots offset..offset+T-1. `last_only` computes logits [B, 1, V] for the last position
-    alone: a prefill needs no more, and the LM head is a fifth of a 135M model's work.
+    `mask` [B, T] marks this call's real tokens (None: all). Query t sees this call's tokens t' <= t that are real
+    and, with a cache, every slot the cache marks real; this call's tokens go into slots cache.index onwards.
+    `last_only` computes logits [B, 1, V] for the last position alone: a prefill needs no more, and the LM head is
+    a fifth of a 135M model's work.
     """
     config = params.config
     B, T = ids.shape
@@ -283,11 +312,16 @@ def run(params: Params, ids: Array, positions: Array, kv_mask: Array | None = No
     tap("embed", x)
     cos, sin = rope_tables(config, positions)
     chex.assert_shape([cos, sin], (B, T, config.head_dim))
-    allowed = visibility(T, kv_mask, cache, offset)
+    real = jnp.ones((B, T), bool) if mask is None else mask.astype(bool)  # [B, T]
+    visible = jnp.tril(jnp.ones((T, T), bool))[None] & real[:, None, :]  # [B, T, T]: causal, padding hidden
+    ctx = Context(config, cos, sin, visible,
+                  cached_visible=None if cache is None or cache.empty else cache.mask[:, None, :],
+                  index=None if cache is None else cache.index, tap=tap)
     new_k, new_v = [], []
     for i, layer in enumerate(params.layers):
         kv = None if cache is None else (cache.k[i], cache.v[i])
-        x, kv = decoder_block(layer, x, cos, sin, allowed, config, lambda n, v, i=i: tap(f"layers.{i}.{n}", v), kv, offset)
+        layer_ctx = dataclasses.replace(ctx, tap=lambda name, value, i=i: tap(f"layers.{i}.{name}", value))
+        x, kv = decoder_block(layer, x, kv, layer_ctx)
         if kv is not None:
             new_k.append(kv[0]), new_v.append(kv[1])
     if last_only:
@@ -298,19 +332,47 @@ def run(params: Params, ids: Array, positions: Array, kv_mask: Array | None = No
     logits = _linear(x, lm_head)
     chex.assert_shape(logits, (B, T, V))
     tap("logits", logits)
-    return logits, (None if cache is None else KVCache(k=tuple(new_k), v=tuple(new_v)))
+    if cache is not None:
+        cache = KVCache(k=tuple(new_k), v=tuple(new_v), index=cache.index + ids.shape[1],
+                        mask=jax.lax.dynamic_update_slice(cache.mask, real, (0, cache.index)))
+    return logits, cache
 
 
-@jax.jit
-def _forward_jit(params, ids, positions, attention_mask):
-    return run(params, ids, positions, attention_mask)[0]
+# ---- jitted entry points ---------------------------------------------------------------------------------------
+
+_TRACES: collections.Counter[str] = collections.Counter()
 
 
-@jax.jit
-def _intermediates_jit(params, ids, positions, attention_mask):
+def program(fn: Callable, name: str | None = None, **jit_kwargs) -> Callable:
+    """jax.jit(fn, **jit_kwargs), counted: every trace of the program adds one to compile_counts()[name].
+    (A trace precedes every compile in this process; the persistent compilation cache may then load the result.)"""
+    name = name or fn.__name__
+
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        _TRACES[name] += 1
+        return fn(*args, **kwargs)
+
+    return jax.jit(traced, **jit_kwargs)
+
+
+def compile_counts() -> dict[str, int]:
+    """How many times each jitted entry point has been traced (so compiled) in this process, by name."""
+    return dict(_TRACES)
+
+
+def _logits(params, ids, positions, mask):
+    return run(params, ids, positions, mask)[0]
+
+
+def _intermediates(params, ids, positions, mask):
     acts: dict[str, Array] = {}
-    logits, _ = run(params, ids, positions, attention_mask, tap=acts.__setitem__)
+    logits, _ = run(params, ids, positions, mask, tap=acts.__setitem__)
     return logits, acts
+
+
+_forward = program(_logits, "forward")
+_forward_with_intermediates = program(_intermediates, "forward_with_intermediates")
 
 
 def check_inputs(config: LLMConfig, ids, positions, attention_mask=None) -> None:
@@ -347,9 +409,9 @@ def _checked(params: Params, ids, positions, attention_mask) -> tuple:
 def forward(params: Params, ids: Array, positions: Array, attention_mask: Array | None = None) -> Array:
     """Jitted forward: ids [B, T] int, positions [B, T] int, optional attention_mask [B, T] (1 = real token)
     -> logits [B, T, V]. Positions are honoured as given (RoPE), the causal mask goes by index."""
-    return _forward_jit(*_checked(params, ids, positions, attention_mask))
+    return _forward(*_checked(params, ids, positions, attention_mask))
 
 
 def forward_with_intermediates(params: Params, ids: Array, positions: Array, attention_mask: Array | None = None):
     """The same forward, also returning every tapped intermediate by name (a dict: jit returns its keys sorted)."""
-    return _intermediates_jit(*_checked(params, ids, positions, attention_mask))
+    return _forward_with_intermediates(*_checked(params, ids, positions, attention_mask))

@@ -15,7 +15,7 @@ import numpy as np
 
 from jaxllm.model import Params, forward
 
-# One tolerance for fp32 parity on random checkpoints (issue #2), one for the real model whose logits reach ~32.
+# One tolerance for fp32 parity on random checkpoints, one for the real model whose logits reach ~32.
 TOLERANCE = 1e-4
 REAL_MODEL_TOLERANCE = 2e-4
 
@@ -29,28 +29,34 @@ class ParityResult:
     ours: np.ndarray = dataclasses.field(repr=False)  # jaxllm's logits [B, T, V]
 
 
-def _torch():
+def torch_and_transformers():
+    """(torch, transformers), or an ImportError that says which extra provides them."""
     try:
         import torch
         import transformers
     except ImportError as e:
-        raise ImportError(f"the parity harness needs the test extra: pip install 'jaxllm[test]' ({e})") from None
+        raise ImportError(f"the parity harness and the benchmark need the test extra: pip install 'jaxllm[test]' ({e})") from None
     return torch, transformers
 
 
-def reference_model(path: str | Path, dtype: str = "float32"):
-    """Transformers' LlamaForCausalLM from a local HF directory, with eager attention, in eval mode."""
-    torch, transformers = _torch()
-    model = transformers.LlamaForCausalLM.from_pretrained(
-        str(path), dtype=getattr(torch, dtype), attn_implementation="eager"
-    )
-    return model.eval()
+def reference_model(path: str | Path, dtype: str = "float32", attention: str = "eager"):
+    """Transformers' LlamaForCausalLM, in eval mode, from a local HF directory (safetensors only: Transformers never
+    unpickles a weights file for us) or a .gguf file (Transformers' own GGUF loader). `attention` is its
+    attn_implementation: "eager" for parity, "sdpa" (its fastest CPU path) for the benchmark."""
+    torch, transformers = torch_and_transformers()
+    path = Path(path)
+    kwargs = dict(dtype=getattr(torch, dtype), attn_implementation=attention)
+    if path.suffix == ".gguf":
+        kwargs["gguf_file"], path = path.name, path.parent
+    else:
+        kwargs["use_safetensors"] = True
+    return transformers.LlamaForCausalLM.from_pretrained(str(path), **kwargs).eval()
 
 
 def reference_logits(model, ids, positions, attention_mask=None) -> np.ndarray:
     """Logits [B, T, V] from a Transformers model. An explicit all-ones mask stops HF from reading jumps in
     `position_ids` as packed sequences: positions feed RoPE only, as in jaxllm."""
-    torch, _ = _torch()
+    torch, _ = torch_and_transformers()
     ids = torch.as_tensor(np.asarray(ids), dtype=torch.long)
     mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(np.asarray(attention_mask))
     with torch.no_grad():
@@ -99,7 +105,7 @@ def random_checkpoint(config: dict[str, Any] | str | Path, out_dir: str | Path, 
     With `scale`, every weight is redrawn from N(0, scale²) and every norm weight from 1 + N(0, 0.1²), so that
     biases and norms are not left at their zero/one initial values and each tensor moves the logits.
     """
-    torch, transformers = _torch()
+    torch, transformers = torch_and_transformers()
     if not isinstance(config, dict):
         config = json.loads(Path(config).read_text())
     hf_config = transformers.LlamaConfig(**config)
@@ -120,7 +126,7 @@ def random_checkpoint(config: dict[str, Any] | str | Path, out_dir: str | Path, 
 
 def reference_greedy(model, ids: list[int], max_new_tokens: int, eos_ids) -> list[int]:
     """Transformers' own greedy decode (`generate(do_sample=False)`, with its KV cache): the new token ids."""
-    torch, _ = _torch()
+    torch, _ = torch_and_transformers()
     prompt = torch.tensor([ids])
     eos = list(eos_ids) or None
     with torch.no_grad():
@@ -133,13 +139,12 @@ def report(path: str | Path, prompt: str, max_new_tokens: int = 20, tolerance: f
            with_ladder: bool = False) -> dict[str, Any]:
     """Both engines on one prompt: logits at every position against Transformers fp32, the noise floor
     (Transformers fp32 vs its own float64 run), jaxllm vs float64, and the greedy continuation of each."""
-    from jaxllm.generate import Model, generate
-    from jaxllm.loader import load
-    from jaxllm.tokenizer import Tokenizer
+    from jaxllm.generate import generate
+    from jaxllm.loader import load_model
 
     path = Path(path)
-    tokenizer = Tokenizer.from_dir(path)
-    params = load(path)
+    model = load_model(path)
+    params, tokenizer = model.params, model.tokenizer
     ids = tokenizer.encode(prompt)
     positions = np.arange(len(ids))[None]
     ref32, ref64 = reference_model(path), reference_model(path, "float64")
@@ -147,7 +152,7 @@ def report(path: str | Path, prompt: str, max_new_tokens: int = 20, tolerance: f
     fp32 = reference_logits(ref32, [ids], positions)
     fp64 = reference_logits(ref64, [ids], positions)
     result = compare_logits(fp32, ours)
-    ours_tokens = generate(Model(params, tokenizer), ids, max_new_tokens).tokens
+    ours_tokens = generate(model, ids, max_new_tokens).tokens
     ref_tokens = reference_greedy(ref32, ids, max_new_tokens, sorted(tokenizer.eos_ids))
     out = {
         "model": str(path),
@@ -207,7 +212,7 @@ def rung_names(num_layers: int) -> list[str]:
 def reference_intermediates(model, ids, positions) -> dict[str, np.ndarray]:
     """Transformers' intermediates under jaxllm's names and layouts ([B, T, heads, H] for per-head tensors),
     captured with forward hooks; RoPE, which is no module, is applied with Transformers' own apply_rotary_pos_emb."""
-    torch, _ = _torch()
+    torch, _ = torch_and_transformers()
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     H = model.config.head_dim if getattr(model.config, "head_dim", None) else model.config.hidden_size // model.config.num_attention_heads

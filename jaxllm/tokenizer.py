@@ -16,13 +16,21 @@ from tokenizers import Tokenizer as Backend
 from jaxllm.errors import TokenizerError
 
 
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise TokenizerError(f"{path}: not valid JSON ({error})") from error
+# The files of a checkpoint that describe its tokenizer; config.json supplies EOS ids when the others do not.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "config.json")
+
+
+def read_tokenizer_files(directory: str | os.PathLike) -> dict[str, dict]:
+    """The tokenizer files present in a checkpoint directory, parsed."""
+    files = {}
+    for name in TOKENIZER_FILES:
+        path = Path(directory) / name
+        if path.is_file():
+            try:
+                files[name] = json.loads(path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                raise TokenizerError(f"{path}: not valid JSON ({error})") from error
+    return files
 
 
 def _token_text(value) -> str | None:
@@ -61,16 +69,20 @@ class Tokenizer:
     @classmethod
     def from_dir(cls, path: str | os.PathLike) -> Tokenizer:
         """Read tokenizer.json, tokenizer_config.json, and the EOS ids from generation_config.json or config.json."""
-        path = Path(path)
-        if not (path / "tokenizer.json").is_file():
-            raise TokenizerError(f"{path}: no tokenizer.json")
+        return cls.from_files(read_tokenizer_files(path), path)
+
+    @classmethod
+    def from_files(cls, files: dict[str, dict], source: str | os.PathLike) -> Tokenizer:
+        """Build from parsed tokenizer files (names as in TOKENIZER_FILES); `source` names them in errors."""
+        if "tokenizer.json" not in files:
+            raise TokenizerError(f"{source}: no tokenizer.json (the checkpoint carries no tokenizer)")
         try:
-            backend = Backend.from_file(str(path / "tokenizer.json"))
+            backend = Backend.from_str(json.dumps(files["tokenizer.json"]))
         except Exception as error:  # tokenizers raises a bare Exception on malformed files
-            raise TokenizerError(f"{path / 'tokenizer.json'}: cannot be read ({error})") from error
-        tokenizer_config = _read_json(path / "tokenizer_config.json")
-        eos_ids = _ids(_read_json(path / "generation_config.json").get("eos_token_id"))
-        eos_ids = eos_ids or _ids(_read_json(path / "config.json").get("eos_token_id"))
+            raise TokenizerError(f"{source}: tokenizer.json cannot be read ({error})") from error
+        tokenizer_config = files.get("tokenizer_config.json", {})
+        eos_ids = _ids(files.get("generation_config.json", {}).get("eos_token_id"))
+        eos_ids = eos_ids or _ids(files.get("config.json", {}).get("eos_token_id"))
         eos = _token_text(tokenizer_config.get("eos_token"))
         if not eos_ids and eos is not None and backend.token_to_id(eos) is not None:
             eos_ids = frozenset([backend.token_to_id(eos)])
@@ -84,14 +96,15 @@ class Tokenizer:
         ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
         return [self.bos_id, *ids] if add_special_tokens and self.prepend_bos else ids
 
-    def _check_ids(self, ids: list[int]):
+    def check_ids(self, ids: list[int]):
+        """TokenizerError naming the first id outside the vocabulary."""
         for token_id in ids:
             if not 0 <= token_id < self.vocab_size:
                 raise TokenizerError(f"token id {token_id} is outside the vocabulary (size {self.vocab_size})")
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         ids = [int(i) for i in ids]
-        self._check_ids(ids)
+        self.check_ids(ids)
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def stream(self, skip_special_tokens: bool = False) -> StreamDecoder:
@@ -147,7 +160,7 @@ class StreamDecoder:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def push(self, token_id: int) -> str:
-        self.tokenizer._check_ids([int(token_id)])
+        self.tokenizer.check_ids([int(token_id)])
         self.ids.append(int(token_id))
         done = self._decode(self.ids[self.prefix : self.read])
         text = self._decode(self.ids[self.prefix :])

@@ -7,6 +7,9 @@ import pytest
 
 # Tests never reach the Hugging Face Hub; huggingface_hub reads this once, at import.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The command line keeps compiled programs on disk; tests that call it in this process compile as the library does.
+# (tests/test_cli.py checks the disk cache in processes of its own.)
+os.environ.setdefault("JAXLLM_COMPILE_CACHE", "0")
 
 from jaxllm import hub  # noqa: E402
 

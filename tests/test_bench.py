@@ -60,7 +60,7 @@ def test_roofline_fraction_is_the_median_of_side_by_side_pairs(figures):
 def test_compile_figures_count_real_compiles(figures):
     compile_ = figures["compile"]
     assert compile_["programs_compiled"]["prefill"] == 1
-    assert compile_["programs_compiled"]["decode_loop"] == 1
+    assert compile_["programs_compiled"]["decode"] == 1
 
 
 def test_lengths_in_compiled_buckets_compile_nothing(figures):

@@ -74,3 +74,25 @@ def test_every_command_has_help(command):
 def test_module_entry_point_runs():
     done = subprocess.run([sys.executable, "-m", "jaxllm", "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "generate" in done.stdout and "parity" in done.stdout
+
+
+def test_generate_reuses_compiled_programs_from_the_disk_cache(smollm2_dir, tmp_path):
+    """A second process loads the programs the first one compiled (JAX's persistent cache in the jaxllm cache
+    folder) and prints the same text; JAXLLM_COMPILE_CACHE=0 keeps the folder untouched."""
+    import os
+
+    command = [sys.executable, "-m", "jaxllm", "generate", "The capital of France is", "--model", str(smollm2_dir),
+               "-n", "4"]
+    env = {**os.environ, "JAXLLM_CACHE": str(tmp_path / "cache"), "JAXLLM_COMPILE_CACHE": "1"}
+    first = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert first.returncode == 0, first.stderr
+    programs = sorted(p.name for p in (tmp_path / "cache" / "xla").iterdir())
+    assert len(programs) >= 2  # at least the prefill and the decode step
+    second = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert second.returncode == 0 and second.stdout == first.stdout
+    assert sorted(p.name for p in (tmp_path / "cache" / "xla").iterdir()) == programs  # nothing compiled anew
+
+    off = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                         env={**env, "JAXLLM_CACHE": str(tmp_path / "off"), "JAXLLM_COMPILE_CACHE": "0"})
+    assert off.returncode == 0 and off.stdout == first.stdout
+    assert not (tmp_path / "off" / "xla").exists()

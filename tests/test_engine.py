@@ -14,7 +14,7 @@ import pytest
 
 from jaxllm import parity
 from jaxllm.loader import load
-from jaxllm.model import _forward_jit, forward
+from jaxllm.model import compile_counts, forward
 
 SMALL = dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5)
@@ -149,10 +149,10 @@ def test_tied_checkpoint_with_stored_lm_head_loads(tmp_path_factory):
 
 def test_forward_compiles_once_per_shape(tmp_path_factory):
     params = load(make_checkpoint(tmp_path_factory, "compile"))
-    before = _forward_jit._cache_size()
+    before = compile_counts()["forward"]
     for seed in range(3):
         forward(params, ids_for(T=10, seed=seed), np.arange(10)[None] + seed)
-    assert _forward_jit._cache_size() - before == 1
+    assert compile_counts()["forward"] - before == 1
 
 
 @pytest.mark.slow
