@@ -184,6 +184,7 @@ DECODE_COMPILER_OPTIONS = {
     "xla_cpu_enable_concurrency_optimized_scheduler": True,
 }
 _prefill_program = program(_prefill, "prefill")
+_running = jax.jit(running)
 decode_step = program(_decode_step, "decode_step", donate_argnames="state", compiler_options=DECODE_COMPILER_OPTIONS)
 decode_step.__doc__ = """One more token per row: (params, state, settings) -> state. Jitted; the state's buffers are donated."""
 decode = program(_decode, "decode", donate_argnames="state", compiler_options=DECODE_COMPILER_OPTIONS)
@@ -243,12 +244,12 @@ def _stream(params: Params, state: DecodeState, settings: GenerationSettings,
     reported, done = 0, np.zeros(state.done.shape, bool)  # done: rows that had stopped before the token reported
     while True:
         if int(state.step) > reported:  # prefill and each step make at most one token per row
-            tokens = np.asarray(state.tokens[:, reported])
+            tokens = np.asarray(state.tokens)[:, reported]
             for row in np.flatnonzero(~done):
                 callback(int(row), int(tokens[row]))
             reported += 1
         done = np.asarray(state.done)
-        if not bool(running(state, settings)):
+        if not bool(_running(state, settings)):
             return state
         state = decode_step(params, state, settings)
 

@@ -121,8 +121,10 @@ def build_params(checkpoint: Checkpoint, dtype=jnp.float32) -> Params:
     def fields(table: list[Entry]) -> dict[str, Any]:
         parts: dict[str, list] = {}
         for e in table:  # stacked tensors arrive in table order, i.e. in the order of their rows
-            parts.setdefault(e.field, []).append(jnp.asarray(checkpoint.read(e.hf_name)).astype(dtype))
-        return {f: p[0] if len(p) == 1 else jnp.concatenate(p, axis=0) for f, p in parts.items()}
+            parts.setdefault(e.field, []).append(np.asarray(checkpoint.read(e.hf_name)))
+        # Stacked and converted on the host: no XLA program to compile (or look up) per tensor shape.
+        return {f: jnp.asarray(p[0] if len(p) == 1 else np.concatenate(p, axis=0), dtype=dtype)
+                for f, p in parts.items()}
 
     top = fields(model_table(config))
     layers = tuple(Layer(**fields(table)) for table in tables)

@@ -20,14 +20,16 @@ from jaxllm.errors import TokenizerError
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "config.json")
 
 
-def read_tokenizer_files(directory: str | os.PathLike) -> dict[str, dict]:
-    """The tokenizer files present in a checkpoint directory, parsed."""
+def read_tokenizer_files(directory: str | os.PathLike) -> dict[str, dict | str]:
+    """The tokenizer files present in a checkpoint directory, parsed; tokenizer.json as its text, which the
+    tokenizers library parses itself (parsing it here as well doubles the time of loading a tokenizer)."""
     files = {}
     for name in TOKENIZER_FILES:
         path = Path(directory) / name
         if path.is_file():
             try:
-                files[name] = json.loads(path.read_text(encoding="utf-8"))
+                text = path.read_text(encoding="utf-8")
+                files[name] = text if name == "tokenizer.json" else json.loads(text)
             except (json.JSONDecodeError, UnicodeDecodeError) as error:
                 raise TokenizerError(f"{path}: not valid JSON ({error})") from error
     return files
@@ -72,12 +74,14 @@ class Tokenizer:
         return cls.from_files(read_tokenizer_files(path), path)
 
     @classmethod
-    def from_files(cls, files: dict[str, dict], source: str | os.PathLike) -> Tokenizer:
-        """Build from parsed tokenizer files (names as in TOKENIZER_FILES); `source` names them in errors."""
+    def from_files(cls, files: dict[str, dict | str], source: str | os.PathLike) -> Tokenizer:
+        """Build from parsed tokenizer files (names as in TOKENIZER_FILES; tokenizer.json may also be its JSON
+        text); `source` names them in errors."""
         if "tokenizer.json" not in files:
             raise TokenizerError(f"{source}: no tokenizer.json (the checkpoint carries no tokenizer)")
+        content = files["tokenizer.json"]
         try:
-            backend = Backend.from_str(json.dumps(files["tokenizer.json"]))
+            backend = Backend.from_str(content if isinstance(content, str) else json.dumps(content))
         except Exception as error:  # tokenizers raises a bare Exception on malformed files
             raise TokenizerError(f"{source}: tokenizer.json cannot be read ({error})") from error
         tokenizer_config = files.get("tokenizer_config.json", {})
