@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_generate(args) -> int:
     import jax
 
-    from jaxllm.generate import Sampling, generate
+    from jaxllm.generate import UNKNOWN_TOKEN, Sampling, generate
     from jaxllm.loader import load_model
 
     model = load_model(args.model)
@@ -73,7 +73,7 @@ def cmd_generate(args) -> int:
     if args.chat:  # the rendered template carries its own special tokens: encode it without adding BOS again
         chat = model.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
         prompt = model.tokenizer.encode(chat, add_special_tokens=False)
-    stream = model.tokenizer.stream(skip_special_tokens=True)
+    stream = model.tokenizer.stream(skip_special_tokens=True, unknown=UNKNOWN_TOKEN)
     sys.stdout.write(args.prompt if not args.chat else "")
     sys.stdout.flush()
 

@@ -7,6 +7,10 @@ Each of those is undone here, so the result loads exactly like a checkpoint conv
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import glob
+import hashlib
 import json
 import math
 import os
@@ -23,6 +27,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 from tqdm.auto import tqdm
 
 from jaxllm.errors import CheckpointError, ConfigError, TokenizerError
+from jaxllm.tokenizer import named_errors
 
 # GGUF tensor name (without .weight/.bias) -> HF parameter name. The one table of the mapping.
 HF_NAMES = {
@@ -121,6 +126,10 @@ def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
         raise CheckpointError(f"{path}: not a readable GGUF file ({type(error).__name__}: {error})") from error
     config = hf_config(reader, path)
     by_name = {hf_name(t.name, path): t for t in reader.tensors}
+    if len(by_name) != len(reader.tensors):
+        names = [t.name for t in reader.tensors]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        raise CheckpointError(f"{path}: tensor name(s) stored more than once: {', '.join(repeated)}")
     # GGUF lists dimensions innermost first: [in, out] there is [out, in] here.
     shapes = {name: tuple(int(n) for n in reversed(t.shape)) for name, t in by_name.items()}
     return GGUFCheckpoint(path, config, shapes, reader, by_name)
@@ -129,29 +138,42 @@ def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
 _REQUIRED = object()
 
 
-def _meta(reader: gguf.GGUFReader, key: str, path: Path, default=_REQUIRED):
+def _meta(reader: gguf.GGUFReader, key: str, path: Path, default=_REQUIRED, kind: type | tuple = object):
+    """A metadata value of the expected Python type (int, float, str, bool, list), or `default` when absent."""
     field_ = reader.fields.get(key)
-    if field_ is not None:
-        return field_.contents()
-    if default is _REQUIRED:
-        raise ConfigError(f"{path}: GGUF metadata has no {key!r}")
-    return default
+    if field_ is None:
+        if default is _REQUIRED:
+            raise ConfigError(f"{path}: GGUF metadata has no {key!r}")
+        return default
+    try:
+        value = field_.contents()
+    except Exception as error:  # the reader's own parsing of a damaged field
+        raise ConfigError(f"{path}: GGUF metadata {key!r} cannot be read ({type(error).__name__}: {error})") from error
+    expected = kind if isinstance(kind, tuple) else (kind,)
+    accepted = expected + ((int,) if float in expected else ())  # a whole number is a valid float
+    if not isinstance(value, accepted) or (isinstance(value, bool) and bool not in expected):
+        raise ConfigError(f"{path}: GGUF metadata {key!r} must be {' or '.join(k.__name__ for k in expected)}, "
+                          f"found {type(value).__name__} {value!r:.80}")
+    return value
 
 
 def hf_config(reader: gguf.GGUFReader, path: Path) -> dict:
     """The HF LlamaConfig (config.json) that this GGUF's llama.* metadata describes."""
-    arch = _meta(reader, "general.architecture", path)
+    arch = _meta(reader, "general.architecture", path, kind=str)
     if arch != "llama":
         raise ConfigError(f"{path}: GGUF architecture is {arch!r}; jaxllm reads only 'llama'")
     if "rope_freqs.weight" in (t.name for t in reader.tensors):
         raise ConfigError(f"{path}: has rope_freqs (Llama-3.1 RoPE scaling), which GGUF metadata cannot restore")
 
-    def meta(key, default=_REQUIRED):
-        return _meta(reader, key, path, default)
+    def meta(key, default=_REQUIRED, kind=int):
+        return _meta(reader, key, path, default, kind)
 
     tensor_names = {t.name for t in reader.tensors}
     hidden, heads = meta("llama.embedding_length"), meta("llama.attention.head_count")
     tokens = reader.fields.get("tokenizer.ggml.tokens")
+    # llama's RoPE spans the whole head unless key_length or dimension_count says otherwise; LLMConfig refuses
+    # zero or negative head counts by name, so no default is computed from them here.
+    default_head_dim = hidden // heads if hidden > 0 and heads > 0 else None
     config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -161,11 +183,10 @@ def hf_config(reader: gguf.GGUFReader, path: Path) -> dict:
         "num_hidden_layers": meta("llama.block_count"),
         "num_attention_heads": heads,
         "num_key_value_heads": meta("llama.attention.head_count_kv", heads),
-        # key_length is head_dim when set; else llama's RoPE spans the whole head.
-        "head_dim": meta("llama.attention.key_length", meta("llama.rope.dimension_count", hidden // heads)),
-        "rms_norm_eps": meta("llama.attention.layer_norm_rms_epsilon"),
+        "head_dim": meta("llama.attention.key_length", meta("llama.rope.dimension_count", default_head_dim)),
+        "rms_norm_eps": meta("llama.attention.layer_norm_rms_epsilon", kind=float),
         "max_position_embeddings": meta("llama.context_length"),
-        "rope_theta": meta("llama.rope.freq_base", 10000.0),
+        "rope_theta": meta("llama.rope.freq_base", 10000.0, kind=float),
         "tie_word_embeddings": "output.weight" not in tensor_names,
         "hidden_act": "silu",
         "attention_bias": "blk.0.attn_q.bias" in tensor_names,
@@ -177,9 +198,9 @@ def hf_config(reader: gguf.GGUFReader, path: Path) -> dict:
                              ("pad_token_id", "padding_token_id")]:
         if (value := meta(f"tokenizer.ggml.{gguf_key}", None)) is not None:
             config[hf_key] = value
-    scaling = meta("llama.rope.scaling.type", "none")
+    scaling = meta("llama.rope.scaling.type", "none", kind=str)
     if scaling != "none":
-        config["rope_scaling"] = {"rope_type": scaling, "factor": meta("llama.rope.scaling.factor")}
+        config["rope_scaling"] = {"rope_type": scaling, "factor": meta("llama.rope.scaling.factor", kind=float)}
         if (original := meta("llama.rope.scaling.original_context_length", None)) is not None:
             config["rope_scaling"]["original_max_position_embeddings"] = original
     return config
@@ -199,11 +220,13 @@ def hf_name(gguf_name: str, path: Path) -> str:
 def _hf_weight(tensor, name: str, config: dict, path: Path) -> np.ndarray:
     try:
         weight = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        weight = np.asarray(weight, dtype=np.float32).reshape(tuple(int(n) for n in reversed(tensor.shape)))
     except NotImplementedError as error:
         raise CheckpointError(
             f"{path}: tensor {tensor.name!r} has type {tensor.tensor_type.name}, which jaxllm cannot dequantize"
         ) from error
-    weight = np.asarray(weight, dtype=np.float32).reshape(tuple(int(n) for n in reversed(tensor.shape)))
+    except (ValueError, TypeError, IndexError) as error:  # data of the wrong size for its shape and type
+        raise CheckpointError(f"{path}: tensor {tensor.name!r} cannot be read ({type(error).__name__}: {error})") from error
     if name.endswith("q_proj.weight"):
         weight = unpermute_rope(weight, config["num_attention_heads"])
     elif name.endswith("k_proj.weight"):
@@ -222,20 +245,27 @@ def unpermute_rope(weight: np.ndarray, n_heads: int) -> np.ndarray:
 def tokenizer_files(reader: gguf.GGUFReader, path: Path, config: dict) -> dict[str, dict]:
     """The three tokenizer-side JSON files of an HF checkpoint, rebuilt from tokenizer.ggml.* metadata
     (none when the file carries no tokenizer)."""
+    with named_errors(f"{path}: malformed tokenizer metadata"):  # of the wrong shape, or refused by tokenizers
+        return _tokenizer_files(reader, path, config)
+
+
+def _tokenizer_files(reader: gguf.GGUFReader, path: Path, config: dict) -> dict[str, dict]:
     if "tokenizer.ggml.model" not in reader.fields:
         return {}
 
-    def meta(key, default=_REQUIRED):
-        return _meta(reader, key, path, default)
+    def meta(key, default=_REQUIRED, kind=object):
+        return _meta(reader, key, path, default, kind)
 
-    model, pre = meta("tokenizer.ggml.model"), meta("tokenizer.ggml.pre", "gpt2")
+    model, pre = meta("tokenizer.ggml.model", kind=str), meta("tokenizer.ggml.pre", "gpt2", kind=str)
     if model != "gpt2":
         raise TokenizerError(f"{path}: tokenizer.ggml.model is {model!r}; jaxllm builds only byte-level BPE ('gpt2')")
     if pre not in PRE_TOKENIZERS:
         raise TokenizerError(f"{path}: tokenizer.ggml.pre is {pre!r}; known: {sorted(PRE_TOKENIZERS)}")
-    tokens = meta("tokenizer.ggml.tokens")
-    types = meta("tokenizer.ggml.token_type", [1] * len(tokens))
-    merges = [tuple(merge.split(" ", 1)) for merge in meta("tokenizer.ggml.merges")]
+    tokens = meta("tokenizer.ggml.tokens", kind=list)
+    types = meta("tokenizer.ggml.token_type", [1] * len(tokens), kind=list)
+    merges = [tuple(merge.split(" ", 1)) for merge in meta("tokenizer.ggml.merges", kind=list)]
+    if not all(isinstance(t, str) for t in tokens) or len(types) != len(tokens):
+        raise ValueError(f"tokenizer.ggml.tokens must be {len(types)} strings, one per token_type entry")
 
     # The original tokenizer.json has no unk token and no byte fallback: bytes missing from the vocabulary drop.
     tokenizer = Tokenizer(models.BPE({token: i for i, token in enumerate(tokens)}, merges))
@@ -248,11 +278,14 @@ def tokenizer_files(reader: gguf.GGUFReader, path: Path, config: dict) -> dict[s
                           for t, token_type in zip(tokens, types) if token_type == USER_DEFINED])
 
     def token(key):
-        token_id = meta(f"tokenizer.ggml.{key}", None)
+        token_id = meta(f"tokenizer.ggml.{key}", None, kind=int)
+        if token_id is not None and not 0 <= token_id < len(tokens):
+            raise IndexError(f"tokenizer.ggml.{key} {token_id} is not one of the {len(tokens)} tokens")
         return None if token_id is None else tokens[token_id]
 
     bos, eos = token("bos_token_id"), token("eos_token_id")
-    add_bos, add_eos = meta("tokenizer.ggml.add_bos_token", False), meta("tokenizer.ggml.add_eos_token", False)
+    add_bos = meta("tokenizer.ggml.add_bos_token", False, kind=bool)
+    add_eos = meta("tokenizer.ggml.add_eos_token", False, kind=bool)
     # BOS/EOS are added by the tokenizer's post-processor, as in HF's own tokenizer.json files.
     single = [bos] * add_bos + ["$A"] + [eos] * add_eos
     specials = {t: meta(f"tokenizer.ggml.{key}") for t, key in [(bos, "bos_token_id"), (eos, "eos_token_id")] if t}
@@ -271,7 +304,7 @@ def tokenizer_files(reader: gguf.GGUFReader, path: Path, config: dict) -> dict[s
         "clean_up_tokenization_spaces": False,
         "model_max_length": config["max_position_embeddings"],
     }
-    if (template := meta("tokenizer.chat_template", None)) is not None:
+    if (template := meta("tokenizer.chat_template", None, kind=str)) is not None:
         tokenizer_config["chat_template"] = template
     generation_config = {key: config[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id") if key in config}
     return {
@@ -302,30 +335,142 @@ def write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], tensors: I
         raise CheckpointError(f"{path}: tensor {missing[0]!r} was never written")
 
 
+# Written into every folder convert_gguf makes: where it came from, and each file's size, mtime and sha256. It marks
+# the folder as a conversion that --overwrite may replace, and lets the default model's cache check itself.
+MARKER = ".jaxllm-conversion.json"
+
+
+def sha256(path: Path) -> str:
+    """The file's SHA-256, hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def conversion_problem(folder: Path) -> str | None:
+    """None when `folder` is a complete conversion whose files are as convert_gguf wrote them; else what is wrong.
+    Sizes are compared always; a file whose mtime changed is also checksummed."""
+    try:
+        record = json.loads((folder / MARKER).read_text(encoding="utf-8"))
+        files = record["files"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"no readable {MARKER} ({error})"
+    for name, expected in files.items():
+        path = folder / name
+        try:
+            stat = path.stat()
+        except OSError:
+            return f"{name} is missing"
+        if stat.st_size != expected["size"]:
+            return f"{name} has {stat.st_size} bytes, {expected['size']} were written"
+        if stat.st_mtime_ns != expected["mtime_ns"] and sha256(path) != expected["sha256"]:
+            return f"{name} has changed since it was written (sha256 differs)"
+    return None
+
+
+def _check_target(source: Path, out: Path, overwrite: bool) -> None:
+    """Refuse any out_dir whose replacement could lose a user's files."""
+    source, target, cwd = source.resolve(), out.resolve(), Path.cwd().resolve()
+    if target == source or target in source.parents:
+        raise CheckpointError(f"{out}: refusing to write the conversion over the folder that holds its source {source}")
+    if target == cwd or target in cwd.parents:
+        raise CheckpointError(f"{out}: refusing to write the conversion over the current folder or a folder above it")
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir() or out.is_symlink():
+        raise CheckpointError(f"{out} exists and is not a folder; refusing to replace it")
+    entries = {p.name for p in out.iterdir()}
+    if not entries:
+        return
+    if not overwrite:
+        raise CheckpointError(f"{out} already exists and is not empty; remove it, or pass --overwrite "
+                              f"(overwrite=True) to replace an earlier conversion")
+    try:
+        written = set(json.loads((out / MARKER).read_text(encoding="utf-8"))["files"]) | {MARKER}
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{out} is not a folder jaxllm converted (it has no readable {MARKER}); --overwrite "
+                              f"replaces only an earlier conversion, so nothing was changed") from None
+    if entries - written:
+        raise CheckpointError(f"{out} holds files jaxllm did not write ({', '.join(sorted(entries - written))}); "
+                              f"refusing to replace it")
+
+
+@contextlib.contextmanager
+def temporary_folder(beside: Path, suffix: str) -> Iterator[Path]:
+    """A new folder `.{name}.XXXXXXXX{suffix}` beside `beside`, removed on exit unless renamed away meanwhile.
+
+    Its owner holds a lock on a sibling `.lock` file for as long as it runs, so folders of this kind left behind by
+    a killed run (their lock free, or gone) are recognised and removed here, before a new one is made."""
+    parent, prefix = beside.parent, f".{beside.name}."
+    parent.mkdir(parents=True, exist_ok=True)
+    for stale in parent.glob(f"{glob.escape(prefix)}*{suffix}"):
+        lock_path = stale.with_name(stale.name[: -len(suffix)] + ".lock")
+        with contextlib.suppress(OSError), locked(lock_path, wait=False, create=False) as owned:
+            if owned:
+                shutil.rmtree(stale, ignore_errors=True)
+                lock_path.unlink(missing_ok=True)
+        if not lock_path.exists():
+            shutil.rmtree(stale, ignore_errors=True)
+    fd, lock_name = tempfile.mkstemp(prefix=prefix, suffix=".lock", dir=parent)
+    os.close(fd)
+    lock_path = Path(lock_name)
+    folder = lock_path.with_name(lock_path.name[: -len(".lock")] + suffix)
+    with locked(lock_path, wait=True, create=False):
+        try:
+            folder.mkdir()
+            umask = os.umask(0o022)
+            os.umask(umask)
+            folder.chmod(0o777 & ~umask)
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)  # a no-op once it has been renamed into place
+            lock_path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def locked(path: Path, wait: bool = True, create: bool = True) -> Iterator[bool]:
+    """An exclusive flock on `path` for the duration; yields False when `wait` is off and another holds it."""
+    try:
+        file = open(path, "a" if create else "r+")
+    except FileNotFoundError:
+        yield False
+        return
+    with file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+
+
 def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = False,
                  progress: bool = True) -> Path:
     """Convert a llama GGUF to an HF-format directory, all or nothing: files are written to a temporary
-    directory beside out_dir that is renamed into place only when complete."""
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise CheckpointError(f"{out} already exists and is not empty; remove it or pass overwrite=True")
-    checkpoint = read_gguf(gguf_path)
+    directory beside out_dir that is renamed into place only when complete. `overwrite` replaces an earlier
+    conversion only (recognised by its MARKER file), never another folder, the source's folder or one above it."""
+    source, out = Path(gguf_path), Path(out_dir)
+    _check_target(source, out, overwrite)
+    checkpoint = read_gguf(source)
     files = {"config.json": checkpoint.config, **checkpoint.tokenizer_files()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
-        umask = os.umask(0o022)
-        os.umask(umask)
-        partial.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should be an ordinary directory
+    with temporary_folder(out, ".partial") as partial:
         for name, content in files.items():
             (partial / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        tensors = tqdm(checkpoint.tensors(), total=len(checkpoint.shapes), desc=f"Converting {Path(gguf_path).name}",
+        tensors = tqdm(checkpoint.tensors(), total=len(checkpoint.shapes), desc=f"Converting {source.name}",
                        unit="tensor", disable=not progress)
         write_safetensors(partial / "model.safetensors", checkpoint.shapes, tensors)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.rename(partial, out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+        record = {"source": str(source.resolve()), "files": {}}
+        for path in sorted(partial.iterdir()):
+            stat = path.stat()
+            record["files"][path.name] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256(path)}
+        (partial / MARKER).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        _check_target(source, out, overwrite)  # again: the folder may have changed while converting
+        if out.exists():  # an empty folder, or an earlier conversion: moved aside, then removed once replaced
+            with temporary_folder(out, ".old") as old:
+                os.rename(out, old / "previous")
+                os.rename(partial, out)
+        else:
+            os.rename(partial, out)
     return out

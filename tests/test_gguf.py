@@ -187,8 +187,9 @@ def test_refuses_to_overwrite_a_non_empty_directory(tmp_path):
     with pytest.raises(CheckpointError, match="already exists and is not empty"):
         convert_gguf(path, out, progress=False)
     assert (out / "keep.txt").read_text() == "mine"
-    convert_gguf(path, out, overwrite=True, progress=False)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    with pytest.raises(CheckpointError, match="not a folder jaxllm converted"):  # overwrite replaces conversions only
+        convert_gguf(path, out, overwrite=True, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
 
 
 def test_non_llama_architecture_is_refused_by_name(tmp_path):

@@ -1,0 +1,248 @@
+"""Property-based: generated configs, safetensors headers and GGUF metadata either load with exactly the values the
+file holds, or raise a JaxLLMError. No other exception type, no hang (each case runs under a time limit), no crash.
+10,500 cases in all, derandomized (a fixed seed), so CI runs the same cases every time."""
+
+import contextlib
+import itertools
+import json
+import math
+import shutil
+import signal
+import struct
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from test_hardening import BASE, small_gguf
+
+from jaxllm import parity
+from jaxllm.config import ROPE_TYPES, LLMConfig
+from jaxllm.errors import JaxLLMError
+from jaxllm.loader import build_params, load_model, open_checkpoint
+from jaxllm.model import rope_inv_freq
+
+CASE_SECONDS = 20
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float = CASE_SECONDS):
+    """A hang becomes a failure of that case instead of a stuck CI run."""
+    def expire(signum, frame):
+        raise TimeoutError(f"a generated case ran for more than {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def fuzz(examples: int):
+    return settings(max_examples=examples, derandomize=True, database=None, deadline=None,
+                    suppress_health_check=list(HealthCheck))
+
+
+def loads_or_names_its_error(load):
+    """load() under the time limit: its result, or None when it raised a JaxLLMError (anything else fails)."""
+    with time_limit():
+        try:
+            loaded = load()
+        except JaxLLMError as error:
+            event(f"refused: {type(error).__name__}")
+            return None
+    event("loaded")
+    return loaded
+
+
+# ---- configs ------------------------------------------------------------------------------------------------
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats() | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=4)
+SIZES = st.integers(-2, 96) | st.sampled_from([0, 1, 2, 4, 8, 32, 64, 2**40]) | JSON
+NUMBERS = (st.floats() | st.integers(-3, 10**6) | st.sampled_from([0, 0.0, -1.0, 1e-5, 0.5, 2.0, 8.0, 1e300]) | JSON)
+ROPE = st.one_of(
+    JSON,
+    st.fixed_dictionaries(
+        {"rope_type": st.sampled_from([*ROPE_TYPES, "longrope", 3, None])},
+        optional={name: NUMBERS for name in ("factor", "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow",
+                                             "rope_theta", "attention_factor", "mscale", "mscale_all_dim",
+                                             "original_max_position_embeddings", "truncate", "partial_rotary_factor")}))
+FIELDS = {
+    **{name: SIZES for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings")},
+    "rms_norm_eps": NUMBERS, "rope_theta": NUMBERS, "rope_parameters": ROPE, "rope_scaling": ROPE,
+    **{name: st.booleans() | JSON for name in ("tie_word_embeddings", "attention_bias", "mlp_bias")},
+    "eos_token_id": st.integers(-2, 100) | st.lists(st.integers(-1, 100), max_size=3) | JSON,
+    "model_type": st.sampled_from(["llama", "llama", "mistral", ""]) | JSON,
+    "hidden_act": st.sampled_from(["silu", "silu", "gelu"]) | JSON,
+    "pretraining_tp": st.sampled_from([1, 1, 2, None]) | JSON,
+}
+CONFIGS = st.builds(  # a valid config with some fields replaced by generated values and some dropped
+    lambda changes, dropped: {k: v for k, v in {**BASE, "head_dim": 8, **changes}.items() if k not in dropped},
+    st.lists(st.sampled_from(sorted(FIELDS)), max_size=3, unique=True).flatmap(
+        lambda names: st.fixed_dictionaries({name: FIELDS[name] for name in names})),
+    st.sets(st.sampled_from(sorted(FIELDS)), max_size=1))
+
+
+def positive_finite(x) -> bool:
+    return math.isfinite(x) and x > 0
+
+
+@fuzz(6000)
+@given(CONFIGS)
+def test_generated_configs_load_as_written_or_raise_a_config_error(data):
+    config = loads_or_names_its_error(lambda: LLMConfig.from_dict(json.loads(json.dumps(data))))
+    if config is None:
+        return
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        assert getattr(config, name) == data[name] and not isinstance(data[name], bool)
+    assert config.num_key_value_heads == (data.get("num_key_value_heads") or data["num_attention_heads"])
+    assert config.num_attention_heads % config.num_key_value_heads == 0 and config.head_dim % 2 == 0
+    for name in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
+        assert getattr(config, name) is (data.get(name) or False)  # a JSON boolean, read as written
+    assert positive_finite(config.rms_norm_eps) and positive_finite(config.rope.theta)
+    rope = config.rope
+    for value in (rope.factor, rope.low_freq_factor, rope.high_freq_factor, rope.beta_fast, rope.beta_slow):
+        assert positive_finite(value)
+    # No late failure: the RoPE frequencies this config asks for are finite, beyond max positions too (for a
+    # head_dim whose tensors could exist: a larger one fails the checkpoint's shape check before any forward).
+    if config.head_dim <= 4096:
+        positions = np.array([[0, 1, config.max_position_embeddings + 3]])
+        with time_limit():
+            inv_freq, scale = rope_inv_freq(config, positions)
+        assert np.isfinite(np.asarray(inv_freq)).all() and math.isfinite(scale)
+
+
+# ---- safetensors headers ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory):
+    """A new path per generated case, in one folder; a case's files go when the next case begins (they are
+    memory-mapped while loaded, so none is rewritten in place)."""
+    folder, numbers, made = tmp_path_factory.mktemp("cases"), itertools.count(), []
+
+    def new(suffix: str = "") -> Path:
+        while made:
+            old = made.pop()
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+        made.append(folder / f"case{next(numbers)}{suffix}")
+        return made[-1]
+
+    return new
+
+
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory):
+    """A valid safetensors checkpoint's config and file bytes, split into header and data."""
+    folder = parity.random_checkpoint(BASE, tmp_path_factory.mktemp("fuzz"), scale=0.3)
+    blob = (folder / "model.safetensors").read_bytes()
+    (length,) = struct.unpack("<Q", blob[:8])
+    return (folder / "config.json").read_text(), json.loads(blob[8:8 + length]), blob[8 + length:]
+
+
+ENTRY_EDITS = st.fixed_dictionaries({}, optional={
+    "dtype": st.sampled_from(["F32", "F16", "BF16", "F64", "I32", "U8", "BOOL", "F8_E4M3", "X"]) | JSON,
+    "shape": st.lists(st.integers(-2, 70), max_size=3) | JSON,
+    "data_offsets": st.lists(st.integers(-4, 70_000), min_size=2, max_size=2) | JSON,
+})
+# An edit replaces fields of one entry, deletes it (None), or swaps its data with the next tensor of its shape
+# ("swap": the file stays valid, and the loader must read the bytes the header now points at).
+HEADER_EDITS = st.dictionaries(st.integers(0, 40), ENTRY_EDITS | st.none() | st.just("swap") | st.just("swap"),
+                               max_size=2)
+
+
+@fuzz(2500)
+@given(edits=HEADER_EDITS, cut=st.sampled_from([None] * 4) | st.integers(0, 80_000),
+       extra=st.just({}) | st.dictionaries(st.text(max_size=12), JSON, max_size=2),
+       length_delta=st.sampled_from([0] * 8 + [-1, 1, 2**40]))
+def test_generated_safetensors_headers_load_as_stored_or_raise_a_checkpoint_error(stored, scratch, edits, cut, extra,
+                                                                                   length_delta):
+    config, header, data = stored
+    header = json.loads(json.dumps(header))
+    names = sorted(k for k in header if k != "__metadata__")
+    for index, edit in edits.items():
+        name = names[index % len(names)]
+        if name not in header:
+            continue
+        if edit is None:
+            del header[name]
+        elif edit == "swap":
+            same = [n for n in names if n != name and n in header and header[n]["shape"] == header[name]["shape"]]
+            if same:
+                header[name]["data_offsets"], header[same[0]]["data_offsets"] = (header[same[0]]["data_offsets"],
+                                                                                  header[name]["data_offsets"])
+        else:
+            header[name].update(edit)
+    header.update(extra)
+    raw = json.dumps(header).encode()
+    blob = struct.pack("<Q", max(len(raw) + length_delta, 0)) + raw + data
+    blob = blob if cut is None else blob[:cut]
+    folder = scratch()
+    folder.mkdir()
+    (folder / "config.json").write_text(config)
+    (folder / "model.safetensors").write_bytes(blob)
+
+    def load():
+        checkpoint = open_checkpoint(folder)
+        return checkpoint, build_params(checkpoint)
+
+    loaded = loads_or_names_its_error(load)
+    if loaded is None:
+        return
+    checkpoint, params = loaded
+    start = 8 + len(raw)
+    for name, (shape, dtype) in checkpoint.tensors.items():  # every tensor is the bytes its header points at
+        begin, end = header[name]["data_offsets"]
+        expected = np.frombuffer(blob[start + begin:start + end], {"F32": "<f4", "F16": "<f2", "F64": "<f8"}.get(dtype, "u1"))
+        if dtype in ("F32", "F16", "F64"):
+            np.testing.assert_array_equal(np.asarray(checkpoint.read(name)), expected.reshape(shape))
+    assert params.embed_tokens.shape == (BASE["vocab_size"], BASE["hidden_size"])
+
+
+# ---- GGUF metadata ------------------------------------------------------------------------------------------
+
+T = gguf.GGUFValueType
+GGUF_VALUES = st.one_of(
+    st.tuples(st.integers(0, 2**32 - 1) | st.sampled_from([0, 1, 2, 8, 16, 32]), st.just(T.UINT32)),
+    st.tuples(st.integers(-2**31, 2**31 - 1), st.just(T.INT32)),
+    st.tuples(st.floats(width=32), st.just(T.FLOAT32)),
+    st.tuples(st.text(max_size=6), st.just(T.STRING)),
+    st.tuples(st.booleans(), st.just(T.BOOL)),
+    st.tuples(st.lists(st.integers(0, 100), min_size=1, max_size=3), st.just(T.ARRAY), st.just(T.UINT32)),
+)
+GGUF_KEYS = ["general.architecture", "llama.block_count", "llama.context_length", "llama.embedding_length",
+             "llama.feed_forward_length", "llama.vocab_size", "llama.attention.head_count",
+             "llama.attention.head_count_kv", "llama.attention.key_length", "llama.rope.dimension_count",
+             "llama.attention.layer_norm_rms_epsilon", "llama.rope.freq_base", "llama.rope.scaling.type",
+             "llama.rope.scaling.factor", "tokenizer.ggml.model", "tokenizer.ggml.eos_token_id"]
+TOKENIZER = {"tokenizer.ggml.model": ("gpt2", T.STRING), "tokenizer.ggml.tokens": ([chr(97 + i) for i in range(26)] + ["ab"], T.ARRAY, T.STRING),
+             "tokenizer.ggml.merges": (["a b"], T.ARRAY, T.STRING)}
+
+
+@fuzz(2000)
+@given(metadata=st.just({}) | st.dictionaries(st.sampled_from(GGUF_KEYS), GGUF_VALUES | st.none(), max_size=2),
+       with_tokenizer=st.booleans())
+def test_generated_gguf_metadata_loads_as_written_or_raises_a_named_error(scratch, metadata, with_tokenizer):
+    path = small_gguf(scratch(".gguf"), {**(TOKENIZER if with_tokenizer else {}), **metadata})
+
+    def load():
+        return load_model(path) if with_tokenizer else build_params(open_checkpoint(path))
+
+    loaded = loads_or_names_its_error(load)
+    if loaded is None:
+        return
+    config = (loaded.params if with_tokenizer else loaded).config
+    fields = gguf.GGUFReader(path).fields
+    assert config.hidden_size == fields["llama.embedding_length"].contents()
+    assert config.num_attention_heads == fields["llama.attention.head_count"].contents()
+    assert config.num_hidden_layers == fields["llama.block_count"].contents()
+    assert config.rms_norm_eps == pytest.approx(fields["llama.attention.layer_norm_rms_epsilon"].contents())
+    assert positive_finite(config.rope.theta)
