@@ -104,7 +104,7 @@ class Context:
     config: LLMConfig
     cos: Array  # [B, T, H]
     sin: Array  # [B, T, H]
-    visible: Array  # [B or 1, T, T]: query t sees this call's key t'
+    visible: Array  # [B, T, T]: query t sees this call's key t'
     cached_visible: Array | None  # [B, 1, S]: every query sees cache slot s; None without a cache or with an empty one
     index: Array | None  # [] int32: the cache slot of this call's first token
     tap: Tap

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from jaxllm import parity
+from jaxllm.generate import generate
 from jaxllm.loader import load
 from jaxllm.model import compile_counts, forward
 
@@ -165,3 +166,27 @@ def test_tinyllama_full_size_random_weights_match_transformers(tmp_path_factory)
     print(f"tinyllama-1.1b: max_abs_diff={result.max_abs_diff:.3g} max|logit|={np.abs(result.reference).max():.2f}")
     assert np.abs(result.reference).max() > 1.0, "reference logits too small to make the comparison meaningful"
     assert result.max_abs_diff <= parity.TOLERANCE and result.argmax_agreement == 1.0
+
+
+def test_prefill_decode_step_and_decode_compose_to_generate(tmp_path_factory):
+    """The public generation API: the cache knows its positions (mask and write index), a decode_step writes one
+    slot, and prefill + decode_step + decode make exactly generate's tokens, for a left-padded batch."""
+    import jaxllm
+    from jaxllm.errors import InputError
+
+    params = load(make_checkpoint(tmp_path_factory, "api"))
+    prompts = [[5, 6, 7, 8, 9], [10, 11]]
+    settings = jaxllm.GenerationSettings(max_new_tokens=9, length=32)
+    ids, mask = jaxllm.left_pad(prompts, 16, pad_id=0)
+    state = jaxllm.prefill(params, ids, mask, jax.random.key(0), settings)
+    assert int(state.step) == 1 and int(state.cache.index) == 16
+    np.testing.assert_array_equal(np.asarray(state.cache.mask)[:, :16], mask.astype(bool))
+    assert not np.asarray(state.cache.mask)[:, 16:].any()
+    state = jaxllm.decode_step(params, state, settings)
+    assert int(state.step) == 2 and int(state.cache.index) == 17 and np.asarray(state.cache.mask)[:, 16].all()
+    state = jaxllm.decode(params, state, settings)
+    assert int(state.step) == 9
+    expected = [r.tokens for r in generate(params, prompts, 9, eos_ids=[])]
+    assert np.asarray(state.tokens)[:, :9].tolist() == expected
+    with pytest.raises(InputError, match=r"max_new_tokens \(17\) must be between 1 and length - prompt slots"):
+        jaxllm.prefill(params, ids, mask, jax.random.key(0), settings.replace(max_new_tokens=17))
