@@ -13,6 +13,7 @@ from jaxllm.errors import ConfigError
 SUPPORTED_MODEL_TYPES = ("llama",)
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 MAX_SIZE = 2**31 - 1  # the largest size, count or position a config may give
+FLOAT32_TINY, FLOAT32_MAX = 1.1754943508222875e-38, 3.4028234663852886e38  # float32's smallest normal and largest
 # Transformers silently defaults these to Llama-7B sizes; a checkpoint without them is broken, not 7B.
 REQUIRED_SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
@@ -157,9 +158,13 @@ class _Fields:
         return value
 
     def positive_number(self, name: str, default: Any = _REQUIRED, above: float = 0) -> float:
-        kind = "a finite positive number" if above == 0 else f"a finite number greater than {above:g}"
+        """A number the float32 arithmetic it feeds can hold: finite, above `above`, and within float32's normal
+        range (a RoPE factor of 5e-324 would make every frequency infinite)."""
+        kind = (f"a positive number from {FLOAT32_TINY:.4g} to {FLOAT32_MAX:.4g}" if above == 0
+                else f"a number greater than {above:g} and at most {FLOAT32_MAX:.4g}")
         value = self._get(name, default, kind)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= above:
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                or value <= above or not FLOAT32_TINY <= value <= FLOAT32_MAX):
             raise self._refuse(name, kind, value)
         return float(value)
 
