@@ -182,7 +182,6 @@ class _Fields:
         return tuple(values)
 
 
-
 def _rope_config(fields: _Fields, max_pos: int) -> RopeConfig:
     """Both formats: v5 `rope_parameters`, and v4 top-level `rope_theta` plus `rope_scaling` (`type` = `rope_type`)."""
     data = fields.data
@@ -191,8 +190,8 @@ def _rope_config(fields: _Fields, max_pos: int) -> RopeConfig:
     if not isinstance(params, dict):
         raise fields.fail(f"field '{key}' must be an object, found {json.dumps(params, default=repr)}")
     params = {k: v for k, v in params.items() if v is not None}
-    rope_type = params.pop("rope_type", None) or params.pop("type", "default")
-    params.pop("type", None)
+    legacy_type = params.pop("type", None)  # v4's name for rope_type
+    rope_type = params.pop("rope_type", legacy_type if legacy_type is not None else "default")
     if not isinstance(rope_type, str) or rope_type not in ROPE_TYPES:
         raise fields.fail(f"rope type {rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
     rope = _Fields(params, fields.source, f"{key}.")

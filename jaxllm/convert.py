@@ -349,12 +349,20 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _recorded_files(folder: Path) -> dict[str, dict]:
+    """name -> {size, mtime_ns, sha256} of the files a conversion wrote, from its MARKER; an OSError, ValueError,
+    KeyError or TypeError when the folder has no readable one."""
+    files = json.loads((folder / MARKER).read_text(encoding="utf-8"))["files"]
+    if not isinstance(files, dict):
+        raise TypeError(f"{MARKER}: 'files' is not an object")
+    return files
+
+
 def conversion_problem(folder: Path) -> str | None:
     """None when `folder` is a complete conversion whose files are as convert_gguf wrote them; else what is wrong.
     Sizes are compared always; a file whose mtime changed is also checksummed."""
     try:
-        record = json.loads((folder / MARKER).read_text(encoding="utf-8"))
-        files = record["files"]
+        files = _recorded_files(folder)
     except (OSError, ValueError, KeyError, TypeError) as error:
         return f"no readable {MARKER} ({error})"
     for name, expected in files.items():
@@ -388,7 +396,7 @@ def _check_target(source: Path, out: Path, overwrite: bool) -> None:
         raise CheckpointError(f"{out} already exists and is not empty; remove it, or pass --overwrite "
                               f"(overwrite=True) to replace an earlier conversion")
     try:
-        written = set(json.loads((out / MARKER).read_text(encoding="utf-8"))["files"]) | {MARKER}
+        written = set(_recorded_files(out)) | {MARKER}
     except (OSError, ValueError, KeyError, TypeError):
         raise CheckpointError(f"{out} is not a folder jaxllm converted (it has no readable {MARKER}); --overwrite "
                               f"replaces only an earlier conversion, so nothing was changed") from None

@@ -165,7 +165,7 @@ def _prefill(params: Params, ids: Array, mask: Array, key: Array, settings: Gene
 
 def _decode_step(params: Params, state: DecodeState, settings: GenerationSettings) -> DecodeState:
     """One more token per row (jitted as `decode_step`; the state's buffers are donated)."""
-    B, P = state.prompt.shape
+    P = state.prompt.shape[1]
     if state.cache is None:  # the reference path: the prompt and every new token through the full forward
         ids = jnp.concatenate([state.prompt, state.tokens], axis=1)  # [B, S]
         made = jnp.arange(state.tokens.shape[1]) < state.step

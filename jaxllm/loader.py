@@ -195,16 +195,16 @@ def _pickle_refusal(path: Path) -> CheckpointError:
 
 def _open_safetensors(directory: Path) -> Checkpoint:
     config = LLMConfig.from_json(directory / "config.json")
-    handles, tensors, stored_in = {}, {}, {}
+    handles, tensors, stored_in = {}, {}, {}  # handles: file -> flax handle; stored_in: name -> files
     for f in safetensors_files(directory):
         with _named_errors(f):
-            h = safe_open(f, framework="flax")
+            h = handles[f] = safe_open(f, framework="flax")
             for name in h.keys():
                 sl = h.get_slice(name)
                 if sl.get_dtype() not in FLOAT_DTYPES:
                     raise CheckpointError(f"{f}: tensor {name} has dtype {sl.get_dtype()}; expected one of {FLOAT_DTYPES}")
                 stored_in.setdefault(name, []).append(f)
-                handles[name], tensors[name] = h, (tuple(sl.get_shape()), sl.get_dtype())
+                tensors[name] = (tuple(sl.get_shape()), sl.get_dtype())
     repeated = {name: files for name, files in stored_in.items() if len(files) > 1}
     if repeated:
         raise CheckpointError(f"{directory}: tensor(s) stored in more than one file: " +
@@ -216,7 +216,7 @@ def _open_safetensors(directory: Path) -> Checkpoint:
         file = stored_in[name][0]
         with _named_errors(file):
             if tensors[name][1] == "BF16":  # numpy has no bfloat16
-                return handles[name].get_tensor(name)
+                return handles[file].get_tensor(name)
             if file not in numpy_handles:  # reads twice as fast as the flax handle
                 numpy_handles[file] = safe_open(file, framework="numpy")
             return numpy_handles[file].get_tensor(name)

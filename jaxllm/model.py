@@ -215,7 +215,7 @@ def attention(q: Array, k: Array, v: Array, visible: Array,
         # A finite minimum (not -inf) keeps fully masked rows, e.g. left padding, free of NaN, as in HF.
         return jnp.where(seen[:, None, :, None, :], s, jnp.finfo(jnp.float32).min)
 
-    probs = jax.nn.softmax(jnp.concatenate([scores(kk, a, spec) for kk, _, a, spec in parts], axis=-1), axis=-1)
+    probs = jax.nn.softmax(jnp.concatenate([scores(kk, a, h_axis) for kk, _, a, h_axis in parts], axis=-1), axis=-1)
     probs = probs.astype(v.dtype).reshape(B, K, T * G, -1)  # fp32 softmax, as HF
     out, start = 0, 0
     for _, vv, _, _ in parts:
@@ -354,6 +354,7 @@ def program(fn: Callable, name: str | None = None, **jit_kwargs) -> Callable:
     """jax.jit(fn, **jit_kwargs), counted: every trace of the program adds one to compile_counts()[name].
     (A trace precedes every compile in this process; the persistent compilation cache may then load the result.)"""
     name = name or fn.__name__
+    _TRACES[name] += 0  # listed from the start, at 0 until its first trace
 
     @functools.wraps(fn)
     def traced(*args, **kwargs):

@@ -190,3 +190,13 @@ def test_prefill_decode_step_and_decode_compose_to_generate(tmp_path_factory):
     assert np.asarray(state.tokens)[:, :9].tolist() == expected
     with pytest.raises(InputError, match=r"max_new_tokens \(17\) must be between 1 and length - prompt slots"):
         jaxllm.prefill(params, ids, mask, jax.random.key(0), settings.replace(max_new_tokens=17))
+
+
+def test_compile_counts_list_every_program_before_its_first_trace():
+    import subprocess
+    import sys
+
+    code = "import jaxllm; print(sorted(jaxllm.compile_counts().items()))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
+    assert out.strip() == str(sorted({"forward": 0, "forward_with_intermediates": 0, "prefill": 0, "decode_step": 0,
+                                      "decode": 0}.items()))

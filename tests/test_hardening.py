@@ -472,3 +472,8 @@ def test_tokens_the_tokenizer_lacks_are_shown_not_fatal(smollm2, tmp_path):
     result = generate(Model(params, smollm2.tokenizer), "Hello", 3, eos_ids=[])
     assert all(t >= smollm2.tokenizer.vocab_size for t in result.tokens)
     assert result.text == "\ufffd" * 3
+
+
+def test_an_empty_rope_type_is_refused_not_read_as_default():
+    with pytest.raises(ConfigError, match="rope type '' is not supported"):
+        LLMConfig.from_dict({**BASE, "rope_parameters": {"rope_type": "", "factor": 2.0}})
