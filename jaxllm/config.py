@@ -1,4 +1,8 @@
-"""LLMConfig: the static, hashable description of a LLaMA-family model, read from an HF `config.json`."""
+"""LLMConfig: the static, hashable description of a decoder-only model, read from an HF `config.json`.
+
+A model family is a set of values here, not a class: each field says what it switches in the one forward
+(model.py), and FAMILIES holds what HF's config class of each model_type fills in for fields a config leaves out.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +14,42 @@ from typing import Any
 
 from jaxllm.errors import ConfigError
 
-SUPPORTED_MODEL_TYPES = ("llama",)
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+# model_type -> HF's config-class defaults for the fields a config.json may leave out (Transformers 5's
+# configuration_<family>.py; `null` in a config is a value, e.g. Mistral's "sliding_window": null turns it off).
+FAMILIES: dict[str, dict[str, Any]] = {
+    "llama": dict(max_position_embeddings=2048),
+    "mistral": dict(max_position_embeddings=131072, sliding_window=4096),
+    "ministral": dict(max_position_embeddings=131072, sliding_window=4096),
+    "qwen2": dict(max_position_embeddings=32768, sliding_window=4096, use_sliding_window=False, max_window_layers=28),
+    "qwen3": dict(max_position_embeddings=32768, sliding_window=4096, use_sliding_window=False, max_window_layers=28,
+                  head_dim=128),
+    "phi3": dict(max_position_embeddings=4096, rms_norm_eps=1e-5, sliding_window=None),
+    "gemma2": dict(max_position_embeddings=8192, head_dim=256, tie_word_embeddings=True, sliding_window=4096,
+                   hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=256, final_logit_softcapping=30.0,
+                   attn_logit_softcapping=50.0),
+    "gemma3_text": dict(max_position_embeddings=131072, head_dim=256, tie_word_embeddings=True, sliding_window=4096,
+                        hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=256, rope_theta=1_000_000.0,
+                        rope_local_base_freq=10_000.0, sliding_window_pattern=6),
+    "smollm3": dict(max_position_embeddings=32768, tie_word_embeddings=True, rope_theta=2_000_000.0,
+                    use_sliding_window=False, sliding_window=None, no_rope_layer_interval=4),
+}
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
+GEMMA = ("gemma2", "gemma3_text")  # (1 + weight) norms, sqrt(D)-scaled embeddings, four norms per block
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
+BIAS_FLAGS = ("llama", "qwen3", "gemma2", "gemma3_text", "smollm3")  # families whose q/k/v/o bias follows attention_bias
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")  # the MLP gate's: SwiGLU, Gemma's GeGLU (tanh), exact GeGLU
+LAYER_TYPES = ("full_attention", "sliding_attention")
 MAX_SIZE = 2**31 - 1  # the largest size, count or position a config may give
 FLOAT32_TINY, FLOAT32_MAX = 1.1754943508222875e-38, 3.4028234663852886e38  # float32's smallest normal and largest
 # Transformers silently defaults these to Llama-7B sizes; a checkpoint without them is broken, not 7B.
 REQUIRED_SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+# Fields of things jaxllm does not run; present with a value other than null/0/false, they are refused by name.
+UNSUPPORTED_FIELDS = {
+    "num_experts": "mixture of experts", "num_local_experts": "mixture of experts",
+    "n_routed_experts": "mixture of experts", "moe_intermediate_size": "mixture of experts",
+    "vision_config": "a multimodal model", "audio_config": "a multimodal model", "text_config": "a multimodal model",
+    "use_bidirectional_attention": "bidirectional attention",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,20 +59,26 @@ class RopeConfig:
     rope_type: str = "default"
     theta: float = 10000.0
     factor: float = 1.0  # linear, dynamic, llama3, yarn
-    original_max_position_embeddings: int | None = None  # llama3, yarn
+    original_max_position_embeddings: int | None = None  # llama3, yarn, longrope
     low_freq_factor: float = 1.0  # llama3
     high_freq_factor: float = 4.0  # llama3
     beta_fast: float = 32.0  # yarn
     beta_slow: float = 1.0  # yarn
-    attention_factor: float | None = None  # yarn: scales cos/sin; derived from factor/mscale when None
+    attention_factor: float | None = None  # yarn, longrope: scales cos/sin; derived from the factor when None
     mscale: float | None = None  # yarn
     mscale_all_dim: float | None = None  # yarn
     truncate: bool = True  # yarn
+    # longrope (Phi-3): per-frequency divisors [rotary_dim / 2], short while every position of a call is below
+    # original_max_position_embeddings, long from there on; `factor` None means max_position / original.
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
 class LLMConfig:
-    """Shapes and hyper-parameters of a decoder-only LLaMA model. Frozen and hashable: safe as a jit static argument."""
+    """Shapes and hyper-parameters of a decoder-only model. Frozen and hashable: safe as a jit static argument.
+
+    The defaults are Llama's; every other field names the family behaviour it switches on."""
 
     vocab_size: int  # V
     hidden_size: int  # D
@@ -46,19 +86,53 @@ class LLMConfig:
     num_hidden_layers: int  # L
     num_attention_heads: int  # N
     num_key_value_heads: int  # K
-    head_dim: int  # H
+    head_dim: int  # H (Qwen3 and Gemma state it; it need not be D / N)
     rms_norm_eps: float = 1e-6
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False  # bias on q, k, v and o_proj
+    qkv_bias: bool = False  # bias on q, k and v alone (Qwen2 always has it)
     mlp_bias: bool = False
     eos_token_ids: tuple[int, ...] = ()  # generation stops at any of these
     rope: RopeConfig = RopeConfig()
+    model_type: str = "llama"
+    hidden_act: str = "silu"  # the MLP gate's activation: "silu" (SwiGLU) or Gemma's "gelu_pytorch_tanh" (GeGLU)
+    rotary_dim: int | None = None  # the leading dims of each head that RoPE rotates (Phi's partial_rotary_factor); None: all H
+    # Attention layers of two kinds: a "sliding_attention" layer's query sees only the last `sliding_window` keys
+    # (itself included; Mistral, Qwen2's upper layers, Gemma's local layers), a "full_attention" one every earlier key.
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] = ()  # one per layer; () means every layer is full_attention
+    local_rope: RopeConfig | None = None  # Gemma 3: the sliding layers' own RoPE (rope_local_base_freq); None: `rope`
+    no_rope_layers: tuple[int, ...] = ()  # SmolLM3: 1 where a layer applies RoPE, 0 where it does not; (): all do
+    qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over each head of q and k (q_norm, k_norm) before RoPE
+    # Gemma: norms scale by (1 + weight), in fp32 before the cast back; embeddings are multiplied by sqrt(D) in the
+    # model dtype; the attention output and the MLP output are normed too (post_attention_layernorm,
+    # post_feedforward_layernorm) and pre_feedforward_layernorm is the MLP's input norm.
+    gemma_norms: bool = False
+    embed_scale: float = 1.0
+    query_pre_attn_scalar: float | None = None  # Gemma: scores are scaled by this ** -0.5 instead of head_dim ** -0.5
+    attn_logit_softcapping: float | None = None  # Gemma 2: scores become cap * tanh(scores / cap) before the mask
+    final_logit_softcapping: float | None = None  # Gemma 2 and 3: logits become cap * tanh(logits / cap)
 
     @property
     def num_groups(self) -> int:
         """G = N // K: query heads that share one key/value head."""
         return self.num_attention_heads // self.num_key_value_heads
+
+    @property
+    def query_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    def layer_type(self, i: int) -> str:
+        return self.layer_types[i] if self.layer_types else "full_attention"
+
+    def layer_rope(self, i: int) -> RopeConfig | None:
+        """The RoPE layer i applies: None for SmolLM3's no-RoPE layers, Gemma 3's local RoPE on its sliding layers."""
+        if self.no_rope_layers and not self.no_rope_layers[i]:
+            return None
+        if self.local_rope is not None and self.layer_type(i) == "sliding_attention":
+            return self.local_rope
+        return self.rope
 
     @classmethod
     def from_json(cls, path: str | Path) -> "LLMConfig":
@@ -77,20 +151,27 @@ class LLMConfig:
     def from_dict(cls, data: dict[str, Any], source: str = "<config dict>") -> "LLMConfig":
         """Validate an HF config dict (v4 `rope_theta`/`rope_scaling` or v5 `rope_parameters`). Every value is
         checked for its JSON type and range; a value that is present but invalid is an error, never a default."""
-        fields = _Fields(data, source)
         model_type = data.get("model_type")
         if model_type is None:
-            raise fields.fail(f"required field 'model_type' is missing (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise fields.fail(
-                f"model_type {model_type!r} is not supported; jaxllm runs {', '.join(SUPPORTED_MODEL_TYPES)} models "
-                "(Mistral, Qwen, Gemma and other families differ in attention or norms and are refused)"
-            )
+            raise ConfigError(f"{source}: required field 'model_type' is missing (supported: "
+                              f"{', '.join(SUPPORTED_MODEL_TYPES)})")
+        if model_type == "gemma3":
+            raise ConfigError(f"{source}: model_type 'gemma3' is Gemma 3's multimodal model; jaxllm runs its text "
+                              "model (model_type 'gemma3_text', the config of Gemma-3-1B or the 'text_config' part)")
+        if not isinstance(model_type, str) or model_type not in FAMILIES:
+            raise ConfigError(f"{source}: model_type {model_type!r} is not supported; jaxllm runs "
+                              f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+        for name, what in UNSUPPORTED_FIELDS.items():
+            if data.get(name) not in (None, 0, False, {}):
+                raise ConfigError(f"{source}: field '{name}' = {json.dumps(data[name], default=repr)[:80]} describes "
+                                  f"{what}, which jaxllm does not run")
+        fields = _Fields({**FAMILIES[model_type], **data}, source)  # fields the config leaves out: HF's defaults
+        data = fields.data
         for name in REQUIRED_SHAPE_FIELDS:
             if data.get(name) is None:
                 raise fields.fail(f"required field '{name}' is missing")
         shape = {name: fields.positive_int(name) for name in REQUIRED_SHAPE_FIELDS}
-        heads = shape["num_attention_heads"]
+        heads, layers = shape["num_attention_heads"], shape["num_hidden_layers"]
         kv_heads = fields.positive_int("num_key_value_heads", heads)
         if heads % kv_heads:
             raise fields.fail(f"num_attention_heads ({heads}) must be divisible by num_key_value_heads ({kv_heads})")
@@ -102,15 +183,22 @@ class LLMConfig:
             head_dim = shape["hidden_size"] // heads
         if head_dim % 2:
             raise fields.fail(f"head_dim must be even for rotary embeddings, found {head_dim}")
-        act = data.get("hidden_act", "silu")
-        if act != "silu":
-            raise fields.fail(f"hidden_act {act!r} is not supported; LLaMA's SwiGLU MLP uses 'silu'")
-        if data.get("pretraining_tp", 1) not in (1, None) or isinstance(data.get("pretraining_tp"), bool):
-            raise fields.fail("pretraining_tp != 1 is not supported (it changes the MLP's numerics)")
+        gemma = model_type in GEMMA
+        act_field = "hidden_activation" if gemma else "hidden_act"  # Gemma's modules read hidden_activation alone
+        act = data.get(act_field, "silu")
+        if act not in ACTIVATIONS:
+            raise fields.fail(f"{act_field} {act!r} is not supported (supported: {', '.join(ACTIVATIONS)})")
+        # pretraining_tp (SmolLM3-3B has 2) is ignored, as by Transformers 5: it split matmuls, not their result.
         max_pos = fields.positive_int("max_position_embeddings", 2048)
-        rope = _rope_config(fields, max_pos)
-        if rope.rope_type == "dynamic" and head_dim <= 2:  # its base grows as a power of head_dim / (head_dim - 2)
-            raise fields.fail(f"dynamic RoPE needs head_dim > 2, found {head_dim}")
+        rope, local_rope, rotary_dim = _rope_configs(fields, model_type, max_pos, head_dim)
+        if any(r is not None and r.rope_type == "dynamic" for r in (rope, local_rope)) and rotary_dim <= 2:
+            raise fields.fail(f"dynamic RoPE needs head_dim > 2, found {rotary_dim}")  # its base grows as a power of H / (H - 2)
+        sliding_window, layer_types, no_rope_layers = _layer_kinds(fields, model_type, layers)
+        # Gemma 2 caps scores and logits; Gemma 3's attention ignores attn_logit_softcapping; others ignore both.
+        capped = {"gemma2": ("attn_logit_softcapping", "final_logit_softcapping"),
+                  "gemma3_text": ("final_logit_softcapping",)}.get(model_type, ())
+        softcaps = {name: fields.positive_number(name) if name in capped and data.get(name) is not None else None
+                    for name in ("attn_logit_softcapping", "final_logit_softcapping")}
         return cls(
             **shape,
             num_key_value_heads=kv_heads,
@@ -118,11 +206,78 @@ class LLMConfig:
             rms_norm_eps=fields.positive_number("rms_norm_eps", 1e-6),
             max_position_embeddings=max_pos,
             tie_word_embeddings=fields.boolean("tie_word_embeddings", False),
-            attention_bias=fields.boolean("attention_bias", False),
-            mlp_bias=fields.boolean("mlp_bias", False),
+            # Only some families' modules read these flags; the others fix their biases (Qwen2: q, k, v only).
+            attention_bias=model_type in BIAS_FLAGS and fields.boolean("attention_bias", False),
+            qkv_bias=model_type == "qwen2",
+            mlp_bias=model_type in ("llama", "smollm3") and fields.boolean("mlp_bias", False),
             eos_token_ids=fields.token_ids("eos_token_id"),
             rope=rope,
+            model_type=model_type,
+            hidden_act=act,
+            rotary_dim=None if rotary_dim == head_dim else rotary_dim,
+            sliding_window=sliding_window,
+            layer_types=layer_types,
+            local_rope=local_rope,
+            no_rope_layers=no_rope_layers,
+            qk_norm=model_type in ("qwen3", "gemma3_text"),
+            gemma_norms=gemma,
+            embed_scale=math.sqrt(shape["hidden_size"]) if gemma else 1.0,
+            query_pre_attn_scalar=fields.positive_number("query_pre_attn_scalar") if gemma else None,
+            **softcaps,
         )
+
+
+def _layer_kinds(fields: "_Fields", model_type: str, layers: int) -> tuple[int | None, tuple[str, ...], tuple[int, ...]]:
+    """(sliding_window, layer_types, no_rope_layers) as each family's HF config class derives them."""
+    data = fields.data
+    window = fields.positive_int("sliding_window", None) if data.get("sliding_window") is not None else None
+    if model_type in ("qwen2", "qwen3") and not fields.boolean("use_sliding_window", False):
+        window = None  # Qwen keeps sliding_window in its config but applies it only with use_sliding_window
+    no_rope = ()
+    if model_type == "smollm3":
+        interval = fields.positive_int("no_rope_layer_interval", 4)
+        no_rope = tuple(_per_layer(fields, "no_rope_layers", layers, (0, 1), "0 or 1")
+                        or [int((i + 1) % interval != 0) for i in range(layers)])
+        if not fields.boolean("use_sliding_window", False):
+            window = None
+    if model_type in ("mistral", "phi3"):  # one window for every layer (Mistral's config ignores layer_types)
+        types = ["sliding_attention" if window is not None else "full_attention"] * layers
+    else:
+        types = _per_layer(fields, "layer_types", layers, LAYER_TYPES, "an attention type")
+        if types is None:
+            if model_type in ("qwen2", "qwen3"):
+                first = fields.positive_int("max_window_layers", 28) if window is not None else layers
+                types = ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
+            elif model_type == "gemma2":
+                types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(layers)]
+            elif model_type == "gemma3_text":
+                pattern = fields.positive_int("sliding_window_pattern", 6)
+                types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
+            elif model_type == "smollm3":
+                types = ["sliding_attention" if window is not None and not no_rope[i] else "full_attention"
+                         for i in range(layers)]
+            else:  # ministral
+                types = ["sliding_attention" if window is not None else "full_attention"] * layers
+    if "sliding_attention" in types and window is None:
+        raise fields.fail("field 'layer_types' names sliding_attention layers but 'sliding_window' is null"
+                          + (" or use_sliding_window is false" if model_type in ("qwen2", "qwen3", "smollm3") else ""))
+    if "sliding_attention" not in types:
+        window = None
+    return window, tuple(types) if "sliding_attention" in types else (), no_rope if 0 in no_rope else ()
+
+
+def _per_layer(fields: "_Fields", name: str, layers: int, allowed: tuple, kind: str) -> list | None:
+    """A per-layer list field: None when absent, else exactly `layers` values from `allowed`."""
+    value = fields.data.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) != layers:
+        raise fields._refuse(name, f"a list of {layers} values (one per layer)", value)
+    bad = next((v for v in value if isinstance(v, bool) or v not in allowed), None)
+    if bad is not None:
+        raise fields.fail(f"field '{name}' holds {json.dumps(bad)}; each entry must be {kind}: "
+                          f"{', '.join(map(json.dumps, allowed))}")
+    return value
 
 
 _REQUIRED = object()
@@ -174,6 +329,13 @@ class _Fields:
             raise self._refuse(name, "true or false (a JSON boolean)", value)
         return value
 
+    def factors(self, name: str, count: int) -> tuple[float, ...]:
+        """A list of `count` positive numbers (longrope's per-frequency factors)."""
+        value = self.data.get(name)
+        if not isinstance(value, list) or len(value) != count:
+            raise self._refuse(name, f"a list of {count} numbers (rotary dims / 2)", value)
+        return tuple(_Fields({name: v}, self.source, self.prefix).positive_number(name) for v in value)
+
     def token_ids(self, name: str) -> tuple[int, ...]:
         value = self.data.get(name)
         values = [] if value is None else value if isinstance(value, list) else [value]
@@ -182,31 +344,63 @@ class _Fields:
         return tuple(values)
 
 
-def _rope_config(fields: _Fields, max_pos: int) -> RopeConfig:
-    """Both formats: v5 `rope_parameters`, and v4 top-level `rope_theta` plus `rope_scaling` (`type` = `rope_type`)."""
+def _rope_configs(fields: _Fields, model_type: str, max_pos: int, head_dim: int) -> tuple[RopeConfig, RopeConfig | None, int]:
+    """(RoPE of the full layers, of Gemma 3's sliding layers or None, the rotary dims per head), from either format:
+    v5 `rope_parameters` (flat, or nested by layer type) and v4 top-level `rope_theta` plus `rope_scaling`."""
     data = fields.data
     key = "rope_parameters" if data.get("rope_parameters") is not None else "rope_scaling"
     params = data.get(key) or {}
     if not isinstance(params, dict):
         raise fields.fail(f"field '{key}' must be an object, found {json.dumps(params, default=repr)}")
+    nested = model_type == "gemma3_text" and set(params) & set(LAYER_TYPES)
+    full = params.get("full_attention") or {} if nested else params
+    if not isinstance(full, dict):
+        raise fields.fail(f"field '{key}.full_attention' must be an object, found {json.dumps(full, default=repr)}")
+    in_rope = full.get("partial_rotary_factor") is not None
+    partial = _Fields(full if in_rope else data, fields.source, f"{key}." if in_rope else "").positive_number(
+        "partial_rotary_factor", 1.0)
+    rotary_dim = int(head_dim * partial)
+    if partial != 1 and model_type != "phi3":  # only Phi-3's RoPE honours it in Transformers
+        raise fields.fail(f"partial_rotary_factor {partial!r} is not supported for {model_type} models: they rotate "
+                          "the whole head")
+    if partial > 1 or rotary_dim % 2 or rotary_dim == 0:
+        raise fields.fail(f"partial_rotary_factor {partial!r} gives {rotary_dim} rotary dims of head_dim {head_dim}; "
+                          "it must give an even number from 2 to head_dim")
+    rope = _rope_config(fields, full, key + ".full_attention" * bool(nested), max_pos, model_type, rotary_dim)
+    local = None
+    if model_type == "gemma3_text":  # the sliding layers rotate with their own base, unscaled
+        local_params = (params.get("sliding_attention") or {}) if nested else {}
+        local = _rope_config(fields, {"rope_theta": data.get("rope_local_base_freq"), **local_params},
+                             f"{key}.sliding_attention" if nested else "rope_local_base_freq", max_pos, model_type,
+                             rotary_dim)
+    return rope, local, rotary_dim
+
+
+def _rope_config(fields: _Fields, params: dict, key: str, max_pos: int, model_type: str, rotary_dim: int) -> RopeConfig:
+    """One RoPE from its parameter object (`key` names it in errors); theta falls back to the top-level rope_theta."""
+    data = fields.data
+    if not isinstance(params, dict):
+        raise fields.fail(f"field '{key}' must be an object, found {json.dumps(params, default=repr)}")
     params = {k: v for k, v in params.items() if v is not None}
+    params.pop("partial_rotary_factor", None)  # read by _rope_configs
     legacy_type = params.pop("type", None)  # v4's name for rope_type
     rope_type = params.pop("rope_type", legacy_type if legacy_type is not None else "default")
-    if not isinstance(rope_type, str) or rope_type not in ROPE_TYPES:
-        raise fields.fail(f"rope type {rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+    if model_type == "phi3" and rope_type in ("su", "yarn"):  # Phi3Config's names for longrope in older configs
+        rope_type = "longrope"
+    allowed = ("default", "longrope") if model_type == "phi3" else ROPE_TYPES[:-1]  # as HF's config classes check
+    if not isinstance(rope_type, str) or rope_type not in allowed:
+        raise fields.fail(f"rope type {rope_type!r} is not supported for {model_type} (supported: {', '.join(allowed)})")
     rope = _Fields(params, fields.source, f"{key}.")
     # v5 keeps theta inside rope_parameters, v4 at the top level. A base of 1 or less has no wavelengths to scale.
     theta = (rope.positive_number("rope_theta", above=1) if "rope_theta" in params
              else fields.positive_number("rope_theta", 10000.0, above=1))
     params.pop("rope_theta", None)
-    partial = params.pop("partial_rotary_factor", data.get("partial_rotary_factor"))
-    if partial not in (1, 1.0, None) or isinstance(partial, bool):
-        raise fields.fail(f"partial_rotary_factor {partial!r} is not supported: LLaMA models rotate the whole head")
     unknown = sorted(set(params) - {f.name for f in dataclasses.fields(RopeConfig)})
     if unknown:
         raise fields.fail(f"unknown rope parameter(s) {unknown} for rope type {rope_type!r}")
     needs = {"linear": ["factor"], "dynamic": ["factor"], "yarn": ["factor"],
-             "llama3": ["factor", "low_freq_factor", "high_freq_factor"]}.get(rope_type, [])
+             "llama3": ["factor", "low_freq_factor", "high_freq_factor"],
+             "longrope": ["short_factor", "long_factor"]}.get(rope_type, [])
     for name in needs:
         if name not in params:
             raise fields.fail(f"rope type {rope_type!r} needs '{name}' (in '{key}')")
@@ -217,10 +411,18 @@ def _rope_config(fields: _Fields, max_pos: int) -> RopeConfig:
             values[name] = rope.positive_number(name)
     if "truncate" in params:
         values["truncate"] = rope.boolean("truncate")
-    if rope_type in ("llama3", "yarn"):  # HF falls back to max_position_embeddings for both
+    for name in ("short_factor", "long_factor"):
+        if name in params:
+            values[name] = rope.factors(name, rotary_dim // 2)
+    if rope_type in ("llama3", "yarn", "longrope"):  # HF falls back to max_position_embeddings
+        # Phi-3 keeps the pretraining length at the top level, and HF lets that one win.
+        top_first = model_type == "phi3" and "original_max_position_embeddings" in data
         values["original_max_position_embeddings"] = (
-            rope.positive_int("original_max_position_embeddings") if "original_max_position_embeddings" in params
+            rope.positive_int("original_max_position_embeddings")
+            if "original_max_position_embeddings" in params and not top_first
             else fields.positive_int("original_max_position_embeddings", max_pos))
+    if rope_type == "longrope" and "factor" not in values:  # HF: the ratio of the two lengths
+        values["factor"] = max_pos / values["original_max_position_embeddings"]
     result = RopeConfig(rope_type=rope_type, theta=theta, **values)
     if rope_type == "llama3" and result.high_freq_factor <= result.low_freq_factor:
         raise fields.fail(f"rope parameters: high_freq_factor ({result.high_freq_factor}) must be larger than "

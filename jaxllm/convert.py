@@ -1,8 +1,10 @@
 """Native GGUF import: a llama.cpp GGUF file to an HF-format directory (config, float32 safetensors, tokenizer).
 
-GGUF stores the same LLaMA weights as an HF checkpoint, but under llama.cpp's names, transposed shape notation,
-quantized, with Q/K rows permuted for llama.cpp's interleaved RoPE, and with the tokenizer as metadata.
-Each of those is undone here, so the result loads exactly like a checkpoint converted from Transformers.
+GGUF stores the same weights as an HF checkpoint, but under llama.cpp's names, transposed shape notation,
+quantized, with llama's Q/K rows permuted for llama.cpp's interleaved RoPE, Gemma's norm weights stored as 1 + w,
+and with the tokenizer as metadata. Each of those is undone here, as Transformers' own GGUF loader undoes it
+(transformers/modeling_gguf_pytorch_utils.py), so the result loads exactly like a checkpoint converted from
+Transformers. Architectures: llama (and Mistral, written as llama), qwen2, qwen3, phi3, gemma2, gemma3 (text).
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ import os
 import shutil
 import struct
 import tempfile
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import gguf
@@ -29,7 +31,8 @@ from tqdm.auto import tqdm
 from jaxllm.errors import CheckpointError, ConfigError, TokenizerError
 from jaxllm.tokenizer import named_errors
 
-# GGUF tensor name (without .weight/.bias) -> HF parameter name. The one table of the mapping.
+# GGUF tensor name (without .weight/.bias) -> HF parameter name: the one table, shared by every family (each
+# family adds or renames a few entries in its Family.names below).
 HF_NAMES = {
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",
@@ -43,6 +46,21 @@ HF_NAMES = {
     "blk.{i}.ffn_gate": "model.layers.{i}.mlp.gate_proj",
     "blk.{i}.ffn_up": "model.layers.{i}.mlp.up_proj",
     "blk.{i}.ffn_down": "model.layers.{i}.mlp.down_proj",
+}
+
+# What other families add to HF_NAMES or name differently (gguf-py's tensor_mapping.py, which Transformers reads).
+QK_NORM_NAMES = {
+    "blk.{i}.attn_q_norm": "model.layers.{i}.self_attn.q_norm",
+    "blk.{i}.attn_k_norm": "model.layers.{i}.self_attn.k_norm",
+}
+GEMMA_NORM_NAMES = {  # four norms a layer; llama.cpp's ffn_norm is the one before the MLP
+    "blk.{i}.post_attention_norm": "model.layers.{i}.post_attention_layernorm",
+    "blk.{i}.ffn_norm": "model.layers.{i}.pre_feedforward_layernorm",
+    "blk.{i}.post_ffw_norm": "model.layers.{i}.post_feedforward_layernorm",
+}
+PHI3_NAMES = {  # fused as in HF: qkv_proj [(N+2K)*H, D] is Q, K, V stacked; gate_up_proj [2F, D] is gate, up
+    "blk.{i}.attn_qkv": "model.layers.{i}.self_attn.qkv_proj",
+    "blk.{i}.ffn_up": "model.layers.{i}.mlp.gate_up_proj",
 }
 
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type).
@@ -89,19 +107,108 @@ PRE_TOKENIZERS = {
 }
 
 
+def _silu(meta, config: dict) -> dict:
+    return {"hidden_act": "silu"}
+
+
+def _mistral(meta, config: dict) -> dict:
+    # GGUF has no window for llama files; Transformers keeps MistralConfig's default (llama.cpp attends to all).
+    return {"hidden_act": "silu", "sliding_window": 4096}
+
+
+def _phi3(meta, config: dict) -> dict:
+    # llama.cpp turns Phi-3's sliding window off, and Transformers' loader does not read it: full attention.
+    return {"hidden_act": "silu", "sliding_window": None}
+
+
+def _gemma(meta, config: dict, every: int, layers_27b: int) -> dict:
+    """Gemma 2 and 3: every `every`-th layer attends globally, the others within sliding_window (llama.cpp's
+    set_swa_pattern, Transformers' layer_types). Queries are scaled by 1/sqrt(head_dim), or by 1/sqrt(D/N) in the
+    27B model (llama.cpp's f_attention_scale, which picks the 27B by its layer count); Transformers' loader reads
+    neither and keeps its config class's default of 256, the same value except in the 27B."""
+    layers, heads = config["num_hidden_layers"], config["num_attention_heads"]
+    wide = layers == layers_27b and heads > 0
+    return {
+        "hidden_activation": "gelu_pytorch_tanh",
+        "sliding_window": meta("attention.sliding_window", 4096),
+        "layer_types": ["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(layers)],
+        "query_pre_attn_scalar": config["hidden_size"] // heads if wide else config["head_dim"],
+    }
+
+
+def _gemma2(meta, config: dict) -> dict:
+    return _gemma(meta, config, every=2, layers_27b=46) | {  # softcaps: llama.cpp's and Gemma2Config's defaults
+        "attn_logit_softcapping": meta("attn_logit_softcapping", 50.0, kind=float),
+        "final_logit_softcapping": meta("final_logit_softcapping", 30.0, kind=float),
+    }
+
+
+def _gemma3(meta, config: dict) -> dict:
+    return _gemma(meta, config, every=6, layers_27b=62) | {
+        "attn_logit_softcapping": None,
+        "final_logit_softcapping": meta("final_logit_softcapping", None, kind=float),
+        "rope_local_base_freq": 10000.0,  # llama.cpp's fixed base for sliding layers; Gemma3TextConfig's default
+    }
+
+
+@dataclass(frozen=True)
+class Family:
+    """How Transformers reads one GGUF architecture: its model, tensor names, the transforms that undo llama.cpp's
+    changes to the weights, and the config fields its class would otherwise take as defaults."""
+
+    model_type: str  # HF model_type
+    architecture: str  # HF model class
+    fields: Callable[[Callable, dict], dict]  # (metadata reader, common config) -> this family's own fields
+    names: dict = field(default_factory=dict)  # entries that add to or replace HF_NAMES
+    head_dim_keys: tuple[str, ...] = ("attention.key_length",)  # metadata that states head_dim, first found wins
+    permuted_qk: bool = False  # convert_hf_to_gguf permutes Q/K rows for llama only
+    norm_offset: float = 0.0  # Gemma's RMSNorm scales by 1 + w: llama.cpp stores 1 + w, Transformers subtracts 1
+
+    @property
+    def hf_names(self) -> dict:
+        return HF_NAMES | self.names
+
+
+# GGUF general.architecture -> family. llama's RoPE spans the whole head, so its rope dimension count is head_dim.
+FAMILIES = {
+    "llama": Family("llama", "LlamaForCausalLM", _silu, permuted_qk=True,
+                    head_dim_keys=("attention.key_length", "rope.dimension_count")),
+    "qwen2": Family("qwen2", "Qwen2ForCausalLM", _silu),
+    "qwen3": Family("qwen3", "Qwen3ForCausalLM", _silu, names=QK_NORM_NAMES),
+    "phi3": Family("phi3", "Phi3ForCausalLM", _phi3, names=PHI3_NAMES),
+    "gemma2": Family("gemma2", "Gemma2ForCausalLM", _gemma2, names=GEMMA_NORM_NAMES, norm_offset=1.0),
+    "gemma3": Family("gemma3_text", "Gemma3ForCausalLM", _gemma3, names=GEMMA_NORM_NAMES | QK_NORM_NAMES,
+                     norm_offset=1.0),
+}
+# llama.cpp writes Mistral as llama. Transformers reads a llama file as Mistral only when general.name is "mistral"
+# (it tests membership in the field's list of values), with llama's metadata keys, names and Q/K permutation.
+MISTRAL = replace(FAMILIES["llama"], model_type="mistral", architecture="MistralForCausalLM", fields=_mistral)
+
+
+def gguf_family(reader: gguf.GGUFReader, path: Path) -> tuple[str, Family]:
+    """The file's architecture (its metadata keys' prefix) and the family Transformers reads it as."""
+    arch = _meta(reader, "general.architecture", path, kind=str)
+    if arch not in FAMILIES:
+        raise ConfigError(f"{path}: GGUF architecture is {arch!r}; jaxllm reads {', '.join(map(repr, FAMILIES))}")
+    if arch == "llama" and _meta(reader, "general.name", path, None, kind=str) == "mistral":
+        return arch, MISTRAL
+    return arch, FAMILIES[arch]
+
+
 @dataclass(frozen=True)
 class GGUFCheckpoint:
     """A GGUF file read as an HF checkpoint; tensors are dequantized only when read."""
 
     path: Path
     config: dict  # HF config.json
+    family: Family
     shapes: dict[str, tuple[int, ...]]  # HF name -> HF shape [out, in], in file order
     reader: gguf.GGUFReader = field(repr=False)
     by_name: dict = field(repr=False)  # HF name -> the reader's tensor
 
     def read(self, name: str) -> np.ndarray:
         """One tensor by HF name: float32, in HF orientation."""
-        return _hf_weight(self.by_name[name], name, self.config, self.path)
+        return _hf_weight(self.by_name[name], name, self.family, self.config, self.path)
 
     def stored_type(self, name: str) -> str:
         """The GGUF type a tensor is stored in (Q4_1, Q8_0, F32, ...)."""
@@ -118,21 +225,22 @@ class GGUFCheckpoint:
 
 
 def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
-    """Read a llama GGUF's metadata and tensor list; raise ConfigError/CheckpointError on anything else."""
+    """Read a GGUF's metadata and tensor list; raise ConfigError/CheckpointError on anything jaxllm cannot read."""
     path = Path(path)
     try:
         reader = gguf.GGUFReader(path)
     except Exception as error:  # the reader raises bare ValueError/struct.error/IndexError on bad bytes
         raise CheckpointError(f"{path}: not a readable GGUF file ({type(error).__name__}: {error})") from error
     config = hf_config(reader, path)
-    by_name = {hf_name(t.name, path): t for t in reader.tensors}
+    _, family = gguf_family(reader, path)
+    by_name = {hf_name(t.name, family, path): t for t in reader.tensors}
     if len(by_name) != len(reader.tensors):
         names = [t.name for t in reader.tensors]
         repeated = sorted({n for n in names if names.count(n) > 1})
         raise CheckpointError(f"{path}: tensor name(s) stored more than once: {', '.join(repeated)}")
     # GGUF lists dimensions innermost first: [in, out] there is [out, in] here.
     shapes = {name: tuple(int(n) for n in reversed(t.shape)) for name, t in by_name.items()}
-    return GGUFCheckpoint(path, config, shapes, reader, by_name)
+    return GGUFCheckpoint(path, config, family, shapes, reader, by_name)
 
 
 _REQUIRED = object()
@@ -158,66 +266,69 @@ def _meta(reader: gguf.GGUFReader, key: str, path: Path, default=_REQUIRED, kind
 
 
 def hf_config(reader: gguf.GGUFReader, path: Path) -> dict:
-    """The HF LlamaConfig (config.json) that this GGUF's llama.* metadata describes."""
-    arch = _meta(reader, "general.architecture", path, kind=str)
-    if arch != "llama":
-        raise ConfigError(f"{path}: GGUF architecture is {arch!r}; jaxllm reads only 'llama'")
-    if "rope_freqs.weight" in (t.name for t in reader.tensors):
-        raise ConfigError(f"{path}: has rope_freqs (Llama-3.1 RoPE scaling), which GGUF metadata cannot restore")
+    """The HF config.json this GGUF's metadata describes: what Transformers' GGUF loader reads
+    (integrations/ggml.py GGUF_CONFIG_MAPPING), plus the fields it leaves at its config class's defaults."""
+    arch, family = gguf_family(reader, path)
+    tensor_names = {t.name for t in reader.tensors}
+    for name, what in [("rope_freqs.weight", "Llama-3.1 RoPE scaling"), ("rope_factors_long.weight", "Phi-3 LongRoPE")]:
+        if name in tensor_names:  # Transformers' loader drops these tensors, and with them the scaling
+            raise ConfigError(f"{path}: has {name.split('.')[0]} ({what}), which jaxllm does not restore")
 
     def meta(key, default=_REQUIRED, kind=int):
-        return _meta(reader, key, path, default, kind)
+        return _meta(reader, f"{arch}.{key}", path, default, kind)
 
-    tensor_names = {t.name for t in reader.tensors}
-    hidden, heads = meta("llama.embedding_length"), meta("llama.attention.head_count")
+    hidden, heads = meta("embedding_length"), meta("attention.head_count")
     tokens = reader.fields.get("tokenizer.ggml.tokens")
-    # llama's RoPE spans the whole head unless key_length or dimension_count says otherwise; LLMConfig refuses
-    # zero or negative head counts by name, so no default is computed from them here.
-    default_head_dim = hidden // heads if hidden > 0 and heads > 0 else None
+    # LLMConfig refuses zero or negative head counts by name, so no default is computed from them here.
+    head_dim = next((meta(key) for key in family.head_dim_keys if f"{arch}.{key}" in reader.fields),
+                    hidden // heads if hidden > 0 and heads > 0 else None)
     config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": meta("llama.vocab_size", len(tokens.data) if tokens else None),
+        "architectures": [family.architecture],
+        "model_type": family.model_type,
+        "vocab_size": meta("vocab_size", len(tokens.data) if tokens else None),
         "hidden_size": hidden,
-        "intermediate_size": meta("llama.feed_forward_length"),
-        "num_hidden_layers": meta("llama.block_count"),
+        "intermediate_size": meta("feed_forward_length"),
+        "num_hidden_layers": meta("block_count"),
         "num_attention_heads": heads,
-        "num_key_value_heads": meta("llama.attention.head_count_kv", heads),
-        "head_dim": meta("llama.attention.key_length", meta("llama.rope.dimension_count", default_head_dim)),
-        "rms_norm_eps": meta("llama.attention.layer_norm_rms_epsilon", kind=float),
-        "max_position_embeddings": meta("llama.context_length"),
-        "rope_theta": meta("llama.rope.freq_base", 10000.0, kind=float),
+        "num_key_value_heads": meta("attention.head_count_kv", heads),
+        "head_dim": head_dim,
+        "rms_norm_eps": meta("attention.layer_norm_rms_epsilon", kind=float),
+        "max_position_embeddings": meta("context_length"),
+        "rope_theta": meta("rope.freq_base", 10000.0, kind=float),
         "tie_word_embeddings": "output.weight" not in tensor_names,
-        "hidden_act": "silu",
-        "attention_bias": "blk.0.attn_q.bias" in tensor_names,
+        "attention_bias": not tensor_names.isdisjoint({"blk.0.attn_q.bias", "blk.0.attn_qkv.bias"}),
         "mlp_bias": False,
     }
     if config["vocab_size"] is None:
-        raise ConfigError(f"{path}: GGUF metadata has neither 'llama.vocab_size' nor 'tokenizer.ggml.tokens'")
+        raise ConfigError(f"{path}: GGUF metadata has neither '{arch}.vocab_size' nor 'tokenizer.ggml.tokens'")
+    rope_dims = meta("rope.dimension_count", None)
+    if rope_dims is not None and head_dim and rope_dims != head_dim:  # Phi-4-mini rotates 3/4 of each head
+        config["partial_rotary_factor"] = rope_dims / head_dim
     for hf_key, gguf_key in [("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
                              ("pad_token_id", "padding_token_id")]:
-        if (value := meta(f"tokenizer.ggml.{gguf_key}", None)) is not None:
+        if (value := _meta(reader, f"tokenizer.ggml.{gguf_key}", path, None, int)) is not None:
             config[hf_key] = value
-    scaling = meta("llama.rope.scaling.type", "none", kind=str)
+    scaling = meta("rope.scaling.type", "none", kind=str)
     if scaling != "none":
-        config["rope_scaling"] = {"rope_type": scaling, "factor": meta("llama.rope.scaling.factor", kind=float)}
-        if (original := meta("llama.rope.scaling.original_context_length", None)) is not None:
+        config["rope_scaling"] = {"rope_type": scaling, "factor": meta("rope.scaling.factor", kind=float)}
+        if (original := meta("rope.scaling.original_context_length", None)) is not None:
             config["rope_scaling"]["original_max_position_embeddings"] = original
-    return config
+    return config | family.fields(meta, config)
 
 
-def hf_name(gguf_name: str, path: Path) -> str:
+def hf_name(gguf_name: str, family: Family, path: Path) -> str:
     """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight'."""
     stem, _, suffix = gguf_name.rpartition(".")
     parts = stem.split(".")
     layer = parts[1] if parts[0] == "blk" and len(parts) == 3 and parts[1].isdigit() else None
     key = f"blk.{{i}}.{parts[2]}" if layer is not None else stem
-    if key not in HF_NAMES or suffix not in ("weight", "bias"):
-        raise CheckpointError(f"{path}: tensor {gguf_name!r} has no HF llama counterpart")
-    return f"{HF_NAMES[key].format(i=layer)}.{suffix}"
+    names = family.hf_names
+    if key not in names or suffix not in ("weight", "bias"):
+        raise CheckpointError(f"{path}: tensor {gguf_name!r} has no HF {family.model_type} counterpart")
+    return f"{names[key].format(i=layer)}.{suffix}"
 
 
-def _hf_weight(tensor, name: str, config: dict, path: Path) -> np.ndarray:
+def _hf_weight(tensor, name: str, family: Family, config: dict, path: Path) -> np.ndarray:
     try:
         weight = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
         weight = np.asarray(weight, dtype=np.float32).reshape(tuple(int(n) for n in reversed(tensor.shape)))
@@ -227,10 +338,12 @@ def _hf_weight(tensor, name: str, config: dict, path: Path) -> np.ndarray:
         ) from error
     except (ValueError, TypeError, IndexError) as error:  # data of the wrong size for its shape and type
         raise CheckpointError(f"{path}: tensor {tensor.name!r} cannot be read ({type(error).__name__}: {error})") from error
-    if name.endswith("q_proj.weight"):
+    if family.permuted_qk and name.endswith("q_proj.weight"):
         weight = unpermute_rope(weight, config["num_attention_heads"])
-    elif name.endswith("k_proj.weight"):
+    elif family.permuted_qk and name.endswith("k_proj.weight"):
         weight = unpermute_rope(weight, config["num_key_value_heads"])
+    elif family.norm_offset and name.endswith("norm.weight"):
+        weight = weight - np.float32(family.norm_offset)  # float32, as Transformers' `weights - 1`
     return weight
 
 
@@ -456,7 +569,7 @@ def locked(path: Path, wait: bool = True, create: bool = True) -> Iterator[bool]
 
 def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = False,
                  progress: bool = True) -> Path:
-    """Convert a llama GGUF to an HF-format directory, all or nothing: files are written to a temporary
+    """Convert a GGUF to an HF-format directory, all or nothing: files are written to a temporary
     directory beside out_dir that is renamed into place only when complete. `overwrite` replaces an earlier
     conversion only (recognised by its MARKER file), never another folder, the source's folder or one above it."""
     source, out = Path(gguf_path), Path(out_dir)

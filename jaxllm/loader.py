@@ -59,9 +59,12 @@ def layer_table(c: LLMConfig, i: int) -> list[Entry]:
     """HF names of layer i and where they go. Matrices stay [out, in] as nn.Linear stores them."""
     D, F, N, K, H = c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
     p = f"model.layers.{i}."
-    qkv = [(p + "self_attn.q_proj", N * H, "N·H"), (p + "self_attn.k_proj", K * H, "K·H"),
-           (p + "self_attn.v_proj", K * H, "K·H")]
-    gate_up = [(p + "mlp.gate_proj", F, "F"), (p + "mlp.up_proj", F, "F")]
+    if c.model_type == "phi3":  # Phi-3 stores q/k/v and gate/up already stacked, in our row order
+        qkv, gate_up = [(p + "self_attn.qkv_proj", (N + 2 * K) * H, "(N + 2K)·H")], [(p + "mlp.gate_up_proj", 2 * F, "2F")]
+    else:
+        qkv = [(p + "self_attn.q_proj", N * H, "N·H"), (p + "self_attn.k_proj", K * H, "K·H"),
+               (p + "self_attn.v_proj", K * H, "K·H")]
+        gate_up = [(p + "mlp.gate_proj", F, "F"), (p + "mlp.up_proj", F, "F")]
     rows = [
         Entry(p + "input_layernorm.weight", "input_layernorm", (D,), "D"),
         *_stacked("qkv_proj", qkv, ".weight", (D,), ", D"),
@@ -70,8 +73,16 @@ def layer_table(c: LLMConfig, i: int) -> list[Entry]:
         *_stacked("gate_up_proj", gate_up, ".weight", (D,), ", D"),
         Entry(p + "mlp.down_proj.weight", "down_proj", (D, F), "D, F"),
     ]
+    if c.qk_norm:
+        rows += [Entry(p + "self_attn.q_norm.weight", "q_norm", (H,), "H"),
+                 Entry(p + "self_attn.k_norm.weight", "k_norm", (H,), "H")]
+    if c.gemma_norms:
+        rows += [Entry(p + "pre_feedforward_layernorm.weight", "pre_feedforward_layernorm", (D,), "D"),
+                 Entry(p + "post_feedforward_layernorm.weight", "post_feedforward_layernorm", (D,), "D")]
+    if c.attention_bias or c.qkv_bias:
+        rows += _stacked("qkv_bias", qkv, ".bias")
     if c.attention_bias:
-        rows += [*_stacked("qkv_bias", qkv, ".bias"), Entry(p + "self_attn.o_proj.bias", "o_bias", (D,), "D")]
+        rows.append(Entry(p + "self_attn.o_proj.bias", "o_bias", (D,), "D"))
     if c.mlp_bias:
         rows += [*_stacked("gate_up_bias", gate_up, ".bias"), Entry(p + "mlp.down_proj.bias", "down_bias", (D,), "D")]
     return rows

@@ -1,4 +1,6 @@
-"""The LLaMA forward pass as pure functions over a parameter pytree.
+"""The forward pass of LLaMA and the families that differ from it in a few switches (config.py), as pure
+functions over a parameter pytree. Each switch is an `if` on a config field or on a parameter that only some
+families have, next to the line of Transformers it mirrors.
 
 Shape letters (../shared/STYLE.md): B batch, T query positions, S key positions, D hidden, N query heads,
 K key/value heads, G = N // K, H head_dim, F intermediate, V vocab, L layers.
@@ -39,10 +41,16 @@ class Layer:
     post_attention_layernorm: Array  # [D]
     gate_up_proj: Array  # [2F, D]: rows of HF's gate_proj [F, D], then up_proj [F, D]
     down_proj: Array  # [D, F]
-    qkv_bias: Array | None = None  # [(N + 2K)·H]   (attention_bias)
-    o_bias: Array | None = None  # [D]
+    qkv_bias: Array | None = None  # [(N + 2K)·H]   (attention_bias, qkv_bias)
+    o_bias: Array | None = None  # [D]   (attention_bias)
     gate_up_bias: Array | None = None  # [2F]   (mlp_bias)
     down_bias: Array | None = None  # [D]
+    q_norm: Array | None = None  # [H]   (qk_norm)
+    k_norm: Array | None = None  # [H]
+    # Gemma's sandwich: post_attention_layernorm norms the attention output, pre_feedforward_layernorm is the MLP's
+    # input norm (Llama's post_attention_layernorm role) and post_feedforward_layernorm norms the MLP output.
+    pre_feedforward_layernorm: Array | None = None  # [D]
+    post_feedforward_layernorm: Array | None = None  # [D]
 
 
 @flax.struct.dataclass
@@ -102,10 +110,10 @@ class Context:
     written, and the tap that records intermediates."""
 
     config: LLMConfig
-    cos: Array  # [B, T, H]
-    sin: Array  # [B, T, H]
+    cos: Array | None  # [B, T, R] for R = rotary_dim; None in a layer without RoPE
+    sin: Array | None  # [B, T, R]
     visible: Array  # [B, T, T]: query t sees this call's key t'
-    cached_visible: Array | None  # [B, 1, S]: every query sees cache slot s; None without a cache or with an empty one
+    cached_visible: Array | None  # [B, 1 or T, S]: query t sees cache slot s; None without a cache or with an empty one
     index: Array | None  # [] int32: the cache slot of this call's first token
     tap: Tap
 
@@ -114,11 +122,19 @@ def _no_tap(name: str, value: Array) -> None:
     pass
 
 
-def rms_norm(x: Array, weight: Array, eps: float) -> Array:
-    """HF LlamaRMSNorm: statistics in fp32, cast back to the input dtype *before* the weight multiply."""
+def rms_norm(x: Array, weight: Array, eps: float, plus_one: bool = False) -> Array:
+    """HF LlamaRMSNorm: statistics in fp32, cast back to the input dtype *before* the weight multiply. With
+    `plus_one`, Gemma's: scaled by (1 + weight) in fp32, then cast."""
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    if plus_one:
+        return (x32 * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
     return weight * x32.astype(x.dtype)
+
+
+def norm(x: Array, weight: Array, config: LLMConfig) -> Array:
+    """The model's RMSNorm, over the last axis of x (D, or H for q_norm and k_norm)."""
+    return rms_norm(x, weight, config.rms_norm_eps, config.gemma_norms)
 
 
 def yarn_attention_factor(rope: RopeConfig) -> float:
@@ -134,9 +150,10 @@ def yarn_attention_factor(rope: RopeConfig) -> float:
     return mscale(rope.factor)
 
 
-def rope_inv_freq(config: LLMConfig, positions: Array) -> tuple[Array, float]:
-    """Inverse frequencies [H/2] (fp32) and the cos/sin scale, per HF's `ROPE_INIT_FUNCTIONS`."""
-    rope, dim = config.rope, config.head_dim
+def rope_inv_freq(config: LLMConfig, positions: Array, rope: RopeConfig | None = None) -> tuple[Array, float]:
+    """Inverse frequencies [R/2] (fp32) and the cos/sin scale, per HF's `ROPE_INIT_FUNCTIONS`; `rope` defaults to
+    config.rope, R is config.rotary_dim (the head_dim unless Phi's partial_rotary_factor says less)."""
+    rope, dim = rope or config.rope, config.rotary_dim or config.head_dim
     # Same fp32 arithmetic as HF: base ** (arange(0, dim, 2) / dim), so angles round the same way.
     exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
     inv_freq = (1.0 / np.float32(rope.theta) ** exponents).astype(np.float32)
@@ -164,6 +181,15 @@ def rope_inv_freq(config: LLMConfig, positions: Array) -> tuple[Array, float]:
         pos_freqs = np.float32(rope.theta) ** exponents
         inv = (1 / (rope.factor * pos_freqs)) * (1 - extrapolation) + (1 / pos_freqs) * extrapolation
         return jnp.asarray(inv.astype(np.float32)), yarn_attention_factor(rope)
+    if rope.rope_type == "longrope":
+        # Phi-3: every frequency divided by its own factor; the long set once a position of the call reaches the
+        # pretraining length (HF's longrope_frequency_update), and cos/sin scaled for the longer context.
+        old_len = rope.original_max_position_embeddings
+        long = jnp.max(positions) + 1 > old_len
+        factors = jnp.where(long, np.asarray(rope.long_factor, np.float32), np.asarray(rope.short_factor, np.float32))
+        scale = rope.attention_factor or (
+            1.0 if rope.factor <= 1 else math.sqrt(1 + math.log(rope.factor) / math.log(old_len)))
+        return 1.0 / (factors * np.float32(rope.theta) ** exponents), scale
     if rope.rope_type == "dynamic":
         # NTK-aware: the base grows once the longest position in the batch passes max_position_embeddings.
         max_pos = config.max_position_embeddings
@@ -173,28 +199,32 @@ def rope_inv_freq(config: LLMConfig, positions: Array) -> tuple[Array, float]:
     return jnp.asarray(inv_freq), 1.0
 
 
-def rope_tables(config: LLMConfig, positions: Array) -> tuple[Array, Array]:
-    """cos, sin [B, T, H] for the given (possibly non-contiguous) positions [B, T]; angles in fp32."""
-    inv_freq, scale = rope_inv_freq(config, positions)
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
-    angles = jnp.concatenate([angles, angles], axis=-1)  # [B, T, H]: HF's rotate-half layout repeats the halves
+def rope_tables(config: LLMConfig, positions: Array, rope: RopeConfig | None = None) -> tuple[Array, Array]:
+    """cos, sin [B, T, R] for the given (possibly non-contiguous) positions [B, T]; angles in fp32."""
+    inv_freq, scale = rope_inv_freq(config, positions, rope)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, R/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)  # [B, T, R]: HF's rotate-half layout repeats the halves
     return jnp.cos(angles) * scale, jnp.sin(angles) * scale
 
 
 def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
-    """x [B, T, heads, H] rotated in HF's rotate-half layout: pairs are (i, i + H/2), not (2i, 2i+1)."""
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    """x [B, T, heads, H] rotated in HF's rotate-half layout: pairs are (i, i + R/2), not (2i, 2i+1). With R < H
+    (partial rotary) the last H - R dims pass through unrotated."""
+    R = cos.shape[-1]
+    x, rest = x[..., :R], x[..., R:]
+    rotated = jnp.concatenate([-x[..., R // 2:], x[..., :R // 2]], axis=-1)
     cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
-    return x * cos + rotated * sin
+    out = x * cos + rotated * sin
+    return out if rest.shape[-1] == 0 else jnp.concatenate([out, rest], axis=-1)
 
 
-def attention(q: Array, k: Array, v: Array, visible: Array,
-              cached: tuple[Array, Array, Array] | None = None) -> Array:
+def attention(q: Array, k: Array, v: Array, visible: Array, cached: tuple[Array, Array, Array] | None = None,
+              scale: float | None = None, softcap: float | None = None) -> Array:
     """Grouped-query attention. q [B, T, N, H], k/v [B, K, T, H] (this call's keys), visible [B, T, T] -> [B, T, N, H].
 
-    `cached` = (keys [B, K, H, S], values [B, K, S, H], visible [B, 1, S]) adds the keys of earlier calls; one
+    `cached` = (keys [B, K, H, S], values [B, K, S, H], visible [B, 1 or T, S]) adds the keys of earlier calls; one
     softmax runs over both sets. Reading the cache as it was before this call's write lets XLA update it in place.
+    Scores are q·k times `scale` (default H ** -0.5), then soft-capped to softcap * tanh(scores / softcap) if given.
 
     Query head n reads key/value head n // G (HF's repeat_kv order). The G query heads that share a key/value head
     are folded into the query rows, so each key/value head is one [T·G, H] x [H, S] matmul and K/V are never
@@ -211,7 +241,9 @@ def attention(q: Array, k: Array, v: Array, visible: Array,
 
     def scores(keys: Array, seen: Array, h_axis: int) -> Array:  # [B, K, T, G, S] in fp32
         s = _batched_dot(q, keys, 3, h_axis)  # BKRH,BKSH->BKRS or BKRH,BKHS->BKRS
-        s = s.astype(jnp.float32).reshape(B, K, T, G, -1) * H**-0.5
+        s = s.astype(jnp.float32).reshape(B, K, T, G, -1) * (H**-0.5 if scale is None else scale)
+        if softcap is not None:
+            s = jnp.tanh(s / softcap) * softcap
         # A finite minimum (not -inf) keeps fully masked rows, e.g. left padding, free of NaN, as in HF.
         return jnp.where(seen[:, None, :, None, :], s, jnp.finfo(jnp.float32).min)
 
@@ -256,13 +288,15 @@ def attention_block(layer: Layer, x: Array, kv: LayerCache | None, ctx: Context)
     chex.assert_shape(q, (B, T, N, H))
     chex.assert_shape([k, v], (B, T, K, H))
     ctx.tap("q_proj", q), ctx.tap("k_proj", k), ctx.tap("v_proj", v)
-    q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+    if layer.q_norm is not None:  # Qwen3, Gemma 3: each head normed over H
+        q, k = norm(q, layer.q_norm, config), norm(k, layer.k_norm, config)
+        ctx.tap("q_norm", q), ctx.tap("k_norm", k)
+    if ctx.cos is not None:  # SmolLM3's no-RoPE layers skip it
+        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
     ctx.tap("q_rope", q), ctx.tap("k_rope", k)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
-    if ctx.cached_visible is None:
-        out = attention(q, k, v, ctx.visible)
-    else:
-        out = attention(q, k, v, ctx.visible, (kv[0], kv[1], ctx.cached_visible))
+    cached = None if ctx.cached_visible is None else (kv[0], kv[1], ctx.cached_visible)
+    out = attention(q, k, v, ctx.visible, cached, config.query_scale, config.attn_logit_softcapping)
     if kv is not None:
         kv = (jax.lax.dynamic_update_slice(kv[0], k.transpose(0, 1, 3, 2).astype(kv[0].dtype), (0, 0, 0, ctx.index)),
               jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, 0, ctx.index, 0)))
@@ -274,28 +308,42 @@ def attention_block(layer: Layer, x: Array, kv: LayerCache | None, ctx: Context)
     return out, kv
 
 
-def mlp(layer: Layer, x: Array, tap: Tap) -> Array:
-    """SwiGLU: down(silu(gate(x)) * up(x)). x [B, T, D] -> [B, T, D]."""
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+               "gelu": functools.partial(jax.nn.gelu, approximate=False)}
+
+
+def mlp(layer: Layer, x: Array, config: LLMConfig, tap: Tap) -> Array:
+    """Gated MLP: down(act(gate(x)) * up(x)), SwiGLU with silu, GeGLU with Gemma's gelu. x [B, T, D] -> [B, T, D]."""
     gate, up = jnp.split(_bias(_linear(x, layer.gate_up_proj), layer.gate_up_bias), 2, axis=-1)  # [B, T, F] each
     tap("gate_proj", gate), tap("up_proj", up)
-    out = _bias(_linear(jax.nn.silu(gate) * up, layer.down_proj), layer.down_bias)  # [B, T, D]
+    out = _bias(_linear(ACTIVATIONS[config.hidden_act](gate) * up, layer.down_proj), layer.down_bias)  # [B, T, D]
     chex.assert_equal_shape([x, out])
     tap("mlp", out)
     return out
 
 
 def decoder_block(layer: Layer, x: Array, kv: LayerCache | None, ctx: Context) -> tuple[Array, LayerCache | None]:
-    """Pre-norm residual block: h = x + attn(norm(x)), out = h + mlp(norm(h)). x [B, T, D] -> [B, T, D]."""
-    eps = ctx.config.rms_norm_eps
-    normed = rms_norm(x, layer.input_layernorm, eps)
+    """Pre-norm residual block: h = x + attn(norm(x)), out = h + mlp(norm(h)). x [B, T, D] -> [B, T, D].
+    Gemma norms both sublayers' outputs too: h = x + norm(attn(norm(x))), out = h + norm(mlp(norm(h)))."""
+    config = ctx.config
+    normed = norm(x, layer.input_layernorm, config)
     chex.assert_equal_shape([x, normed])
     ctx.tap("input_layernorm", normed)
     attn, kv = attention_block(layer, normed, kv, ctx)
+    mlp_norm = layer.post_attention_layernorm  # Llama's name for the MLP's input norm
+    if layer.pre_feedforward_layernorm is not None:  # Gemma's, where post_attention_layernorm norms the attention
+        attn, mlp_norm = norm(attn, layer.post_attention_layernorm, config), layer.pre_feedforward_layernorm
+        ctx.tap("post_attention_layernorm", attn)
     h = x + attn
     ctx.tap("attn_residual", h)
-    normed = rms_norm(h, layer.post_attention_layernorm, eps)
-    ctx.tap("post_attention_layernorm", normed)
-    out = h + mlp(layer, normed, ctx.tap)
+    normed = norm(h, mlp_norm, config)
+    ctx.tap("pre_feedforward_layernorm" if layer.pre_feedforward_layernorm is not None else "post_attention_layernorm",
+            normed)
+    update = mlp(layer, normed, config, ctx.tap)
+    if layer.post_feedforward_layernorm is not None:
+        update = norm(update, layer.post_feedforward_layernorm, config)
+        ctx.tap("post_feedforward_layernorm", update)
+    out = h + update
     chex.assert_equal_shape([x, out])
     ctx.tap("block", out)
     return out, kv
@@ -315,34 +363,59 @@ def run(params: Params, ids: Array, positions: Array, mask: Array | None = None,
     D, V = config.hidden_size, config.vocab_size
     # mode="fill" turns an out-of-range id into NaN logits rather than silently clamping it to a real token.
     x = jnp.take(params.embed_tokens, ids, axis=0, mode="fill", fill_value=jnp.nan)
+    if config.embed_scale != 1.0:  # Gemma: times sqrt(D), rounded to the model dtype first as HF's embed_scale is
+        x = x * jnp.asarray(config.embed_scale, x.dtype)
     chex.assert_shape(x, (B, T, D))
     tap("embed", x)
-    cos, sin = rope_tables(config, positions)
-    chex.assert_shape([cos, sin], (B, T, config.head_dim))
     real = jnp.ones((B, T), bool) if mask is None else mask.astype(bool)  # [B, T]
-    visible = jnp.tril(jnp.ones((T, T), bool))[None] & real[:, None, :]  # [B, T, T]: causal, padding hidden
-    ctx = Context(config, cos, sin, visible,
-                  cached_visible=None if cache is None or cache.empty else cache.mask[:, None, :],
-                  index=None if cache is None else cache.index, tap=tap)
+    index = None if cache is None else cache.index
+    masks = {kind: attention_masks(config, kind, real, None if cache is None or cache.empty else cache, index)
+             for kind in {config.layer_type(i) for i in range(config.num_hidden_layers)}}
+    tables = {rope: rope_tables(config, positions, rope)  # one pair per RoPE the layers use (Gemma 3 has two)
+              for rope in {config.layer_rope(i) for i in range(config.num_hidden_layers)} if rope is not None}
+    chex.assert_shape([t for pair in tables.values() for t in pair], (B, T, config.rotary_dim or config.head_dim))
     new_k, new_v = [], []
     for i, layer in enumerate(params.layers):
         kv = None if cache is None else (cache.k[i], cache.v[i])
-        layer_ctx = dataclasses.replace(ctx, tap=lambda name, value, i=i: tap(f"layers.{i}.{name}", value))
+        cos, sin = tables.get(config.layer_rope(i), (None, None))
+        layer_ctx = Context(config, cos, sin, *masks[config.layer_type(i)], index=index,
+                            tap=lambda name, value, i=i: tap(f"layers.{i}.{name}", value))
         x, kv = decoder_block(layer, x, kv, layer_ctx)
         if kv is not None:
             new_k.append(kv[0]), new_v.append(kv[1])
     if last_only:
         x, T = x[:, -1:], 1
-    x = rms_norm(x, params.norm, config.rms_norm_eps)
+    x = norm(x, params.norm, config)
     tap("norm", x)
     lm_head = params.embed_tokens if params.lm_head is None else params.lm_head  # [V, D]
     logits = _linear(x, lm_head)
+    if config.final_logit_softcapping is not None:  # Gemma 2
+        tap("lm_head", logits)
+        logits = jnp.tanh(logits / config.final_logit_softcapping) * config.final_logit_softcapping
     chex.assert_shape(logits, (B, T, V))
     tap("logits", logits)
     if cache is not None:
         cache = KVCache(k=tuple(new_k), v=tuple(new_v), index=cache.index + ids.shape[1],
                         mask=jax.lax.dynamic_update_slice(cache.mask, real, (0, cache.index)))
     return logits, cache
+
+
+def attention_masks(config: LLMConfig, kind: str, real: Array, cache: KVCache | None,
+                    index: Array | None) -> tuple[Array, Array | None]:
+    """Who sees whom in a layer of this kind: (visible [B, T, T] over this call's keys, [B, 1 or T, S] over the
+    cache's slots, or None without a non-empty cache). Causal and padding-free; a sliding_attention layer's query
+    also sees only keys whose slot is within the last `sliding_window` slots up to its own (HF's
+    `kv_idx > q_idx - sliding_window`). Slots, not positions: in a row the real tokens sit in consecutive slots."""
+    B, T = real.shape
+    visible = jnp.tril(jnp.ones((T, T), bool))  # [T, T]
+    cached = None if cache is None else cache.mask[:, None, :]  # [B, 1, S]
+    if kind == "sliding_attention":
+        W = config.sliding_window
+        visible = visible & ~jnp.tril(jnp.ones((T, T), bool), -W)  # t' > t - W
+        if cached is not None:
+            query_slots = index + jnp.arange(T)  # [T]
+            cached = cached & (jnp.arange(cache.length)[None, :] > query_slots[:, None] - W)[None]  # [B, T, S]
+    return visible[None] & real[:, None, :], cached
 
 
 # ---- jitted entry points ---------------------------------------------------------------------------------------

@@ -1,4 +1,6 @@
-"""Parity harness: the same checkpoint through Transformers' LlamaForCausalLM (fp32, eager) and through jaxllm.
+"""Parity harness: the same checkpoint through Transformers' own model class for it (LlamaForCausalLM,
+Qwen3ForCausalLM, Gemma2ForCausalLM, ...: AutoModelForCausalLM picks it from model_type; fp32, eager) and through
+jaxllm.
 
 Needs the `test` extra (torch, transformers). Every comparison covers every position and vocabulary entry.
 """
@@ -7,12 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
+from jaxllm.config import LLMConfig
 from jaxllm.model import Params, forward
 
 # One tolerance for fp32 parity on random checkpoints, one for the real model whose logits reach ~32.
@@ -40,7 +44,7 @@ def torch_and_transformers():
 
 
 def reference_model(path: str | Path, dtype: str = "float32", attention: str = "eager"):
-    """Transformers' LlamaForCausalLM, in eval mode, from a local HF directory (safetensors only: Transformers never
+    """Transformers' model class for the checkpoint's model_type, in eval mode, from a local HF directory (safetensors only: Transformers never
     unpickles a weights file for us) or a .gguf file (Transformers' own GGUF loader). `attention` is its
     attn_implementation: "eager" for parity, "sdpa" (its fastest CPU path) for the benchmark."""
     torch, transformers = torch_and_transformers()
@@ -53,7 +57,7 @@ def reference_model(path: str | Path, dtype: str = "float32", attention: str = "
 
         safetensors_files(path)  # a CheckpointError for a folder whose weights are only pickles
         kwargs["use_safetensors"] = True
-    return transformers.LlamaForCausalLM.from_pretrained(str(path), **kwargs).eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(str(path), **kwargs).eval()
 
 
 def reference_logits(model, ids, positions, attention_mask=None) -> np.ndarray:
@@ -103,7 +107,8 @@ def compare(params: Params, reference, ids, positions=None, attention_mask=None)
 
 def random_checkpoint(config: dict[str, Any] | str | Path, out_dir: str | Path, seed: int = 0,
                       dtype: str = "float32", max_shard_size: str | None = None, scale: float | None = None) -> Path:
-    """Have Transformers build a seeded random LlamaForCausalLM from a config (dict or config.json) and save it.
+    """Have Transformers build a seeded random model of the config's model_type (llama when it has none) from a
+    config (dict or config.json) and save it.
 
     With `scale`, every weight is redrawn from N(0, scale²) and every norm weight from 1 + N(0, 0.1²), so that
     biases and norms are not left at their zero/one initial values and each tensor moves the logits.
@@ -111,9 +116,10 @@ def random_checkpoint(config: dict[str, Any] | str | Path, out_dir: str | Path, 
     torch, transformers = torch_and_transformers()
     if not isinstance(config, dict):
         config = json.loads(Path(config).read_text())
-    hf_config = transformers.LlamaConfig(**config)
+    config = dict(config)
+    hf_config = transformers.AutoConfig.for_model(config.pop("model_type", "llama"), **config)
     torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(hf_config).float().eval()
+    model = transformers.AutoModelForCausalLM.from_config(hf_config, attn_implementation="eager").float().eval()
     if scale is not None:
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
@@ -200,50 +206,93 @@ def summary(report: dict[str, Any]) -> str:
 
 # ---- the diff ladder: every intermediate of both engines, in forward order ------------------------------------
 
-# Per layer, in forward order; names are jaxllm's taps (model.py), captured on the Transformers side by hooks.
-LAYER_RUNGS = ("input_layernorm", "q_proj", "k_proj", "v_proj", "q_rope", "k_rope", "attn", "o_proj", "attn_residual",
-               "post_attention_layernorm", "gate_proj", "up_proj", "mlp", "block")
 # A rung diverges when max|diff| exceeds this fraction of the reference's largest magnitude there: fp32 rounding
 # accumulated over 30 layers stays near 1e-6 of it, a real bug moves it by percent.
 LADDER_RELATIVE_TOLERANCE = 1e-4
 
 
-def rung_names(num_layers: int) -> list[str]:
-    return ["embed", *(f"layers.{i}.{r}" for i in range(num_layers) for r in LAYER_RUNGS), "norm", "logits"]
+def layer_rungs(config: LLMConfig) -> list[str]:
+    """One layer's rungs in forward order: jaxllm's tap names (model.py), captured on the Transformers side by hooks
+    on the modules of the same names. The family's own components appear where its forward runs them."""
+    attention = ["input_layernorm", "q_proj", "k_proj", "v_proj", *(["q_norm", "k_norm"] if config.qk_norm else []),
+                 "q_rope", "k_rope", "attn", "o_proj"]
+    if config.gemma_norms:
+        return [*attention, "post_attention_layernorm", "attn_residual", "pre_feedforward_layernorm", "gate_proj",
+                "up_proj", "mlp", "post_feedforward_layernorm", "block"]
+    return [*attention, "attn_residual", "post_attention_layernorm", "gate_proj", "up_proj", "mlp", "block"]
+
+
+def rung_names(config: LLMConfig) -> list[str]:
+    """Every rung of the ladder, in forward order; `lm_head` (the logits before soft-capping) only for Gemma 2."""
+    per_layer = layer_rungs(config)
+    return ["embed", *(f"layers.{i}.{r}" for i in range(config.num_hidden_layers) for r in per_layer), "norm",
+            *(["lm_head"] if config.final_logit_softcapping is not None else []), "logits"]
 
 
 def reference_intermediates(model, ids, positions) -> dict[str, np.ndarray]:
     """Transformers' intermediates under jaxllm's names and layouts ([B, T, heads, H] for per-head tensors),
-    captured with forward hooks; RoPE, which is no module, is applied with Transformers' own apply_rotary_pos_emb."""
+    captured with forward hooks. Fused modules (Phi-3's qkv_proj, gate_up_proj) are split as the model splits them.
+    RoPE, which is no module, is applied with the model's own apply_rotary_pos_emb to the tables its rotary_emb made
+    (Gemma 3 makes one pair per layer type)."""
     torch, _ = torch_and_transformers()
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-    H = model.config.head_dim if getattr(model.config, "head_dim", None) else model.config.hidden_size // model.config.num_attention_heads
+    config = model.config
+    rotate = sys.modules[type(model.model.layers[0].self_attn).__module__].apply_rotary_pos_emb
+    H = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    N, K = config.num_attention_heads, config.num_key_value_heads
     acts: dict[str, Any] = {}
+    tables: dict[str | None, tuple] = {}
 
-    def save(name, heads=False, use_input=False):
+    def save(name, heads=False, use_input=False, split=None, transpose=False):
         def hook(module, args, output):
             value = args[0] if use_input else output
             value = value[0] if isinstance(value, tuple) else value
-            acts[name] = value.reshape(*value.shape[:2], -1, H) if heads else value
+            value = value.transpose(1, 2) if transpose else value
+            if split is not None:  # a fused module: (names, sizes along the last axis)
+                for part_name, part in zip(split[0], value.split(split[1], dim=-1)):
+                    acts[part_name] = part.reshape(*part.shape[:2], -1, H) if heads else part
+            else:
+                acts[name] = value.reshape(*value.shape[:2], -1, H) if heads and value.dim() == 3 else value
         return hook
+
+    def save_rope(module, args, kwargs, cos_sin):
+        layer_type = args[2] if len(args) > 2 else kwargs.get("layer_type")
+        tables[layer_type] = cos_sin
 
     inner = model.model
     hooks = [inner.embed_tokens.register_forward_hook(save("embed")), inner.norm.register_forward_hook(save("norm")),
-             inner.rotary_emb.register_forward_hook(lambda module, args, cos_sin: acts.__setitem__("rope", cos_sin))]
+             inner.rotary_emb.register_forward_hook(save_rope, with_kwargs=True)]
+    if getattr(config, "final_logit_softcapping", None) is not None:
+        hooks.append(model.lm_head.register_forward_hook(save("lm_head")))
     for i, layer in enumerate(inner.layers):
         p, attn, mlp = f"layers.{i}.", layer.self_attn, layer.mlp
+        if hasattr(attn, "qkv_proj"):
+            names = (p + "q_proj", p + "k_proj", p + "v_proj")
+            hooks.append(attn.qkv_proj.register_forward_hook(save(None, True, split=(names, [N * H, K * H, K * H]))))
+        else:
+            hooks += [getattr(attn, n).register_forward_hook(save(p + n, heads=True)) for n in ("q_proj", "k_proj", "v_proj")]
+        if hasattr(mlp, "gate_up_proj"):
+            half = mlp.gate_up_proj.out_features // 2
+            hooks.append(mlp.gate_up_proj.register_forward_hook(save(None, split=((p + "gate_proj", p + "up_proj"), [half, half]))))
+        else:
+            hooks += [getattr(mlp, n).register_forward_hook(save(p + n)) for n in ("gate_proj", "up_proj")]
+        for n in ("q_norm", "k_norm") if hasattr(attn, "q_norm") else ():
+            # Qwen3 norms [B, T, heads, H]; Gemma 3 norms after moving the heads forward, [B, heads, T, H].
+            hooks.append(getattr(attn, n).register_forward_hook(
+                save(p + n, transpose=config.model_type == "gemma3_text")))
+        # The MLP's input norm: Gemma's pre_feedforward_layernorm, Llama's post_attention_layernorm.
+        mlp_norm = getattr(layer, "pre_feedforward_layernorm", None)
+        if mlp_norm is not None:
+            hooks += [layer.post_attention_layernorm.register_forward_hook(save(p + "post_attention_layernorm")),
+                      mlp_norm.register_forward_hook(save(p + "pre_feedforward_layernorm")),
+                      layer.post_feedforward_layernorm.register_forward_hook(save(p + "post_feedforward_layernorm"))]
+        else:
+            mlp_norm = layer.post_attention_layernorm
+            hooks.append(mlp_norm.register_forward_hook(save(p + "post_attention_layernorm")))
         hooks += [
             layer.input_layernorm.register_forward_hook(save(p + "input_layernorm")),
-            attn.q_proj.register_forward_hook(save(p + "q_proj", heads=True)),
-            attn.k_proj.register_forward_hook(save(p + "k_proj", heads=True)),
-            attn.v_proj.register_forward_hook(save(p + "v_proj", heads=True)),
             attn.o_proj.register_forward_hook(save(p + "attn", heads=True, use_input=True)),
             attn.o_proj.register_forward_hook(save(p + "o_proj")),
-            layer.post_attention_layernorm.register_forward_hook(save(p + "attn_residual", use_input=True)),
-            layer.post_attention_layernorm.register_forward_hook(save(p + "post_attention_layernorm")),
-            mlp.gate_proj.register_forward_hook(save(p + "gate_proj")),
-            mlp.up_proj.register_forward_hook(save(p + "up_proj")),
+            mlp_norm.register_forward_hook(save(p + "attn_residual", use_input=True)),
             mlp.register_forward_hook(save(p + "mlp")),
             layer.register_forward_hook(save(p + "block")),
         ]
@@ -252,11 +301,14 @@ def reference_intermediates(model, ids, positions) -> dict[str, np.ndarray]:
     finally:
         for h in hooks:
             h.remove()
-    cos, sin = acts.pop("rope")
-    for i in range(len(inner.layers)):
-        q, k = (acts[f"layers.{i}.{n}"].transpose(1, 2) for n in ("q_proj", "k_proj"))  # HF rotates [B, heads, T, H]
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        acts[f"layers.{i}.q_rope"], acts[f"layers.{i}.k_rope"] = q.transpose(1, 2), k.transpose(1, 2)
+    for i, layer in enumerate(inner.layers):
+        p = f"layers.{i}."
+        q, k = (acts.get(p + n + "_norm", acts[p + n + "_proj"]).transpose(1, 2) for n in ("q", "k"))  # [B, heads, T, H]
+        if getattr(layer.self_attn, "use_rope", True):  # SmolLM3's no-RoPE layers leave q and k as they are
+            layer_types = getattr(config, "layer_types", None)
+            cos, sin = tables[layer_types[i] if None not in tables else None]
+            q, k = rotate(q, k, cos, sin)
+        acts[p + "q_rope"], acts[p + "k_rope"] = q.transpose(1, 2), k.transpose(1, 2)
     return {name: value.detach().double().numpy() for name, value in acts.items()}
 
 
@@ -281,7 +333,7 @@ def ladder(model, ids, positions=None, reference=None, tolerance: float = LADDER
     with jax.default_matmul_precision("highest"):
         _, ours = forward_with_intermediates(model, ids, positions)
     rungs = []
-    for name in rung_names(model.config.num_hidden_layers):
+    for name in rung_names(model.config):
         a, b = np.asarray(ours[name], np.float64), ref[name]
         if a.shape != b.shape:
             raise ValueError(f"ladder rung {name}: jaxllm shape {a.shape} vs Transformers {b.shape}")

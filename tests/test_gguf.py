@@ -16,6 +16,8 @@ from jaxllm import hub
 from jaxllm.convert import HF_NAMES, convert_gguf, read_gguf
 from jaxllm.errors import CheckpointError, ConfigError, ModelNotFoundError
 
+from gguf_util import TYPES, N, K, tensor_shapes, write_gguf
+
 Q = gguf.GGMLQuantizationType
 
 
@@ -82,79 +84,6 @@ def test_read_gguf_yields_tensors_lazily_in_hf_layout(smollm2_gguf):
 
 # --- a small synthetic GGUF covering every tensor type ------------------------------------------------------------
 
-D, F, V, N, K = 256, 512, 512, 4, 2  # K-quants need rows that are a multiple of 256
-TYPES = {  # every type the importer promises, each on a tensor whose layout matters
-    "token_embd": Q.Q8_0,
-    "output": Q.Q6_K,
-    "blk.0.attn_q": Q.Q4_K,
-    "blk.0.attn_k": Q.Q4_0,
-    "blk.0.attn_v": Q.Q4_1,
-    "blk.0.attn_output": Q.F16,
-    "blk.0.ffn_gate": Q.BF16,
-    "blk.0.ffn_up": Q.Q8_0,
-    "blk.0.ffn_down": Q.Q6_K,
-    "blk.1.attn_q": Q.Q6_K,
-    "blk.1.attn_k": Q.Q4_K,
-}
-
-
-def kquant_bytes(rng, rows, cols, qtype):
-    """Random K-quant blocks with sane float16 scales (random bytes there could be inf or NaN)."""
-    block_bytes, block = gguf.GGML_QUANT_SIZES[qtype][1], gguf.GGML_QUANT_SIZES[qtype][0]
-    data = rng.integers(0, 256, size=(rows, cols // block, block_bytes), dtype=np.uint8)
-    scales = rng.uniform(0.001, 0.01, size=(rows, cols // block, 2)).astype(np.float16).view(np.uint8)
-    if qtype == Q.Q4_K:
-        data[..., 0:4] = scales.reshape(rows, cols // block, 4)  # d, dmin
-    else:  # Q6_K ends with d
-        data[..., 208:210] = scales[..., :2]
-    return data.reshape(rows, -1)
-
-
-def encode(rng, shape, qtype):
-    values = rng.standard_normal(shape).astype(np.float32) * 0.05
-    if qtype == Q.F32:
-        return values
-    if qtype == Q.F16:
-        return values.astype(np.float16)
-    if qtype in (Q.Q4_K, Q.Q6_K):
-        return kquant_bytes(rng, *shape, qtype)
-    return gguf.quants.quantize(values, qtype)
-
-
-def tensor_shapes(layers=2):
-    shapes = {"token_embd": (V, D), "output": (V, D), "output_norm": (D,)}
-    for i in range(layers):
-        shapes |= {f"blk.{i}.attn_norm": (D,), f"blk.{i}.ffn_norm": (D,), f"blk.{i}.attn_q": (N * 64, D),
-                   f"blk.{i}.attn_k": (K * 64, D), f"blk.{i}.attn_v": (K * 64, D), f"blk.{i}.attn_output": (D, N * 64),
-                   f"blk.{i}.ffn_gate": (F, D), f"blk.{i}.ffn_up": (F, D), f"blk.{i}.ffn_down": (D, F)}
-    return shapes
-
-
-def write_gguf(path, arch="llama", types=TYPES, odd_tensor=None):
-    """A 2-layer llama GGUF with random weights; odd_tensor=(name, array) is appended as-is."""
-    rng = np.random.default_rng(0)
-    writer = gguf.GGUFWriter(path, arch)
-    for key, value in [("block_count", 2), ("context_length", 128), ("embedding_length", D),
-                       ("feed_forward_length", F), ("vocab_size", V)]:
-        writer.add_uint32(f"{arch}.{key}", value)
-    writer.add_uint32(f"{arch}.attention.head_count", N)
-    writer.add_uint32(f"{arch}.attention.head_count_kv", K)
-    writer.add_uint32(f"{arch}.rope.dimension_count", 64)
-    writer.add_float32(f"{arch}.rope.freq_base", 50000.0)
-    writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)
-    for name, shape in tensor_shapes().items():
-        qtype = types.get(name, Q.F32)
-        data = encode(rng, shape, qtype)
-        writer.add_tensor(f"{name}.weight", data, raw_dtype=qtype if qtype not in (Q.F32, Q.F16) else None)
-    if odd_tensor is not None:
-        writer.add_tensor(*odd_tensor)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
-
-
 def test_every_tensor_type_matches_transformers_gguf_loader(tmp_path):
     path = write_gguf(tmp_path / "tiny.gguf")
     assert {t.tensor_type for t in gguf.GGUFReader(path).tensors} == set(TYPES.values()) | {Q.F32}
@@ -192,9 +121,9 @@ def test_refuses_to_overwrite_a_non_empty_directory(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
 
 
-def test_non_llama_architecture_is_refused_by_name(tmp_path):
-    path = write_gguf(tmp_path / "qwen.gguf", arch="qwen2")
-    with pytest.raises(ConfigError, match="architecture is 'qwen2'"):
+def test_unsupported_architecture_is_refused_by_name(tmp_path):
+    path = write_gguf(tmp_path / "falcon.gguf", arch="falcon")
+    with pytest.raises(ConfigError, match="architecture is 'falcon'; jaxllm reads 'llama', 'qwen2', 'qwen3'"):
         read_gguf(path)
 
 

@@ -1,0 +1,213 @@
+"""Model families through the one forward, each against Transformers' own model class for it.
+
+Checkpoints are made by Transformers itself (AutoConfig.for_model -> AutoModelForCausalLM, seeded, every weight
+redrawn so biases and norms carry signal) and saved. Windows are smaller than the sequences, so sliding layers
+really drop keys; head counts are odd where the family allows.
+"""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxllm import parity
+from jaxllm.config import LLMConfig
+from jaxllm.generate import generate, positions_from_mask
+from jaxllm.loader import load
+
+CONFIGS = Path(__file__).parent.parent / "configs"
+BASE = dict(vocab_size=96, hidden_size=48, intermediate_size=64, num_hidden_layers=3, num_attention_heads=6,
+            num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=2, eos_token_id=1)
+LONGROPE = dict(type="longrope", short_factor=[1.0, 1.2, 1.5, 2.0, 2.5, 3.0], long_factor=[2.0, 3.0, 5.0, 9.0, 12.0, 20.0])
+FAMILIES = {  # name -> config changes; the first variant of each family is the one generation runs on
+    "mistral": dict(model_type="mistral", sliding_window=5),
+    "mistral-mqa-odd": dict(model_type="mistral", sliding_window=3, hidden_size=56, num_attention_heads=7,
+                            num_key_value_heads=1, num_hidden_layers=2),
+    "ministral": dict(model_type="ministral", sliding_window=5, head_dim=8,
+                      layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+    "qwen2": dict(model_type="qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=1),
+    "qwen2-odd": dict(model_type="qwen2", num_attention_heads=3, num_key_value_heads=3, tie_word_embeddings=True),
+    "qwen3": dict(model_type="qwen3", head_dim=12),
+    "qwen3-sliding": dict(model_type="qwen3", head_dim=10, num_attention_heads=5, num_key_value_heads=1,
+                          use_sliding_window=True, sliding_window=6, max_window_layers=2, attention_bias=True),
+    # Positions run past original_max_position_embeddings: the long factors are in use; 12 of 16 dims rotate.
+    "phi3": dict(model_type="phi3", hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                 partial_rotary_factor=0.75, original_max_position_embeddings=8, rope_scaling=LONGROPE),
+    "phi3-window": dict(model_type="phi3", sliding_window=4, rope_scaling=None, partial_rotary_factor=0.5),
+    "gemma2": dict(model_type="gemma2", head_dim=16, sliding_window=4, query_pre_attn_scalar=24),
+    "gemma2-mqa": dict(model_type="gemma2", head_dim=8, num_attention_heads=3, num_key_value_heads=1,
+                       sliding_window=6, num_hidden_layers=4, attn_logit_softcapping=5.0, final_logit_softcapping=3.0),
+    "gemma3": dict(model_type="gemma3_text", head_dim=16, sliding_window=4, query_pre_attn_scalar=24,
+                   sliding_window_pattern=2, rope_local_base_freq=100.0, num_hidden_layers=4),
+    "gemma3-scaled": dict(model_type="gemma3_text", head_dim=8, sliding_window=5, sliding_window_pattern=3,
+                          num_hidden_layers=3, rope_scaling=dict(rope_type="linear", factor=4.0),
+                          attn_logit_softcapping=4.0, final_logit_softcapping=10.0),
+    "smollm3": dict(model_type="smollm3", no_rope_layer_interval=2),
+    "smollm3-window": dict(model_type="smollm3", no_rope_layers=[1, 0, 0], use_sliding_window=True,
+                           sliding_window=4, tie_word_embeddings=False),
+}
+GENERATE = sorted({name.split("-")[0] for name in FAMILIES})
+# Logits reach 1.5-4 with this scale. fp32 rounding differs between the engines by ~2e-6 of the logits' size, and
+# Transformers' own fp32 run differs from its float64 run by as much (measured: with logits of 15, both reach 5e-5).
+SCALE = 0.08
+TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    made = {}
+
+    def get(name: str) -> Path:
+        if name not in made:
+            made[name] = parity.random_checkpoint({**BASE, **FAMILIES[name]}, tmp_path_factory.mktemp(name),
+                                                  seed=len(name), scale=SCALE)
+        return made[name]
+    return get
+
+
+def ids_for(batch: int, T: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(3, BASE["vocab_size"], (batch, T))
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_logits_match_transformers(checkpoints, name):
+    """Every position of a 2 x 13 batch, and of a left-padded one, within 1e-5 of Transformers fp32 eager; and as
+    close to Transformers' float64 run as Transformers' own fp32 run is."""
+    path = checkpoints(name)
+    params, reference = load(path), parity.reference_model(path)
+    config = params.config
+    assert config.model_type == FAMILIES[name]["model_type"]
+    if config.sliding_window is not None:
+        assert config.sliding_window < 13
+    ids = ids_for(2, 13)
+    result = parity.compare(params, reference, ids)
+    mask = np.ones_like(ids)
+    mask[1, :6] = 0  # row 1 left-padded
+    padded = parity.compare(params, reference, ids, np.asarray(positions_from_mask(mask)), mask)
+    fp64 = parity.reference_logits(parity.reference_model(path, "float64"), ids, np.tile(np.arange(13), (2, 1)))
+    noise, ours = (parity.compare_logits(fp64, x).max_abs_diff for x in (result.reference, result.ours))
+    print(f"{name}: max_abs_diff={result.max_abs_diff:.3g} (padded {padded.max_abs_diff:.3g}), vs float64 "
+          f"{ours:.3g} (Transformers fp32 vs float64 {noise:.3g}), logits reach {np.abs(result.reference).max():.1f}")
+    assert np.abs(result.reference).max() > 1.5, "reference logits too small to make the comparison meaningful"
+    assert result.max_abs_diff <= TOLERANCE and padded.max_abs_diff <= TOLERANCE
+    assert ours <= 2 * noise + 1e-6
+    assert result.argmax_agreement == 1.0 and padded.argmax_agreement == 1.0
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_ladder_finds_no_divergent_rung(checkpoints, name):
+    result = parity.ladder(checkpoints(name), ids_for(1, 13))
+    names = [r["name"] for r in result["rungs"]]
+    config = load(checkpoints(name)).config
+    assert names == parity.rung_names(config)
+    assert ("layers.0.q_norm" in names) == config.qk_norm
+    assert ("layers.0.post_feedforward_layernorm" in names) == config.gemma_norms
+    assert result["first_divergent"] is None, parity.format_ladder(result)
+
+
+@pytest.mark.parametrize("family", GENERATE)
+def test_cached_greedy_decode_equals_transformers_generate(checkpoints, family):
+    """A 14-token prompt (longer than every window) and 28 new tokens: jaxllm's cached decode, its no-cache
+    reference path and Transformers' generate(do_sample=False) make the same tokens."""
+    path = checkpoints(family)
+    params, reference = load(path), parity.reference_model(path)
+    prompt = ids_for(1, 14, seed=1)[0].tolist()
+    ours = generate(params, prompt, 28, eos_ids=()).tokens
+    theirs = parity.reference_greedy(reference, prompt, 28, ())
+    print(f"{family}: {ours}")
+    assert ours == theirs
+    assert generate(params, prompt, 28, eos_ids=(), use_cache=False).tokens == ours
+    if params.config.sliding_window is not None:
+        assert len(set(ours)) > 2, "a constant continuation would not exercise the window"
+
+
+@pytest.mark.parametrize("family", GENERATE)
+def test_left_padded_batch_equals_each_prompt_alone(checkpoints, family):
+    # Not for longrope: its factors switch on the batch's longest position (in Transformers too), so a short prompt
+    # rotates differently beside a long one.
+    params = load(checkpoints("phi3-window" if family == "phi3" else family))
+    prompts = [ids_for(1, 14, seed=2)[0].tolist(), ids_for(1, 3, seed=3)[0].tolist(), ids_for(1, 9, seed=4)[0].tolist()]
+    batch = generate(params, prompts, 24, eos_ids=())
+    for prompt, result in zip(prompts, batch):
+        assert result.tokens == generate(params, prompt, 24, eos_ids=()).tokens
+
+
+# ---- injected bugs: the ladder names the component -------------------------------------------------------
+
+
+def first_divergent(params, config_changes, path):
+    wrong = params.replace(config=dataclasses.replace(params.config, **config_changes))
+    return parity.ladder(wrong, ids_for(1, 13), reference=parity.reference_model(path))["first_divergent"]
+
+
+@pytest.mark.parametrize("changes, rung", [
+    (dict(gemma_norms=False), "layers.0.input_layernorm"),  # weight * x instead of (1 + weight) * x
+    (dict(sliding_window=12), "layers.0.attn"),  # layer 0 is a sliding layer: a wider window sees too much
+    (dict(attn_logit_softcapping=None), "layers.0.attn"),
+    (dict(final_logit_softcapping=None), "logits"),  # everything before the cap still agrees
+    (dict(query_pre_attn_scalar=None), "layers.0.attn"),
+    (dict(embed_scale=1.0), "embed"),
+])
+def test_gemma_bugs_are_caught_at_their_rung(checkpoints, changes, rung):
+    path = checkpoints("gemma2-mqa")
+    assert first_divergent(load(path), changes, path) == rung
+
+
+@pytest.mark.parametrize("name, changes, rung", [
+    ("qwen3", dict(rms_norm_eps=1e-2), "layers.0.input_layernorm"),
+    ("mistral", dict(sliding_window=None, layer_types=()), "layers.0.attn"),
+    ("gemma3", dict(local_rope=None), "layers.0.q_rope"),  # the sliding layers' own RoPE base
+    ("smollm3", dict(no_rope_layers=()), "layers.1.q_rope"),  # layer 1 has no RoPE
+    ("phi3-window", dict(rotary_dim=None), "layers.0.q_rope"),  # partial rotary
+])
+def test_family_bugs_are_caught_at_their_rung(checkpoints, name, changes, rung):
+    path = checkpoints(name)
+    assert first_divergent(load(path), changes, path) == rung
+
+
+# ---- real configurations ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("file, expected", [
+    ("qwen2.5-0.5b.json", dict(model_type="qwen2", qkv_bias=True, attention_bias=False, sliding_window=None,
+                               tie_word_embeddings=True)),
+    ("qwen3-0.6b.json", dict(model_type="qwen3", head_dim=128, qk_norm=True, tie_word_embeddings=True)),
+    ("phi-3.5-mini.json", dict(model_type="phi3", sliding_window=262144, rotary_dim=None)),
+    ("gemma-2-2b.json", dict(model_type="gemma2", gemma_norms=True, hidden_act="gelu_pytorch_tanh",
+                             query_pre_attn_scalar=256, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                             sliding_window=4096, embed_scale=48.0)),
+    ("gemma-3-1b.json", dict(model_type="gemma3_text", qk_norm=True, gemma_norms=True, sliding_window=512,
+                             attn_logit_softcapping=None, final_logit_softcapping=None)),
+    ("mistral-7b-v0.3.json", dict(model_type="mistral", sliding_window=None, head_dim=128)),
+    ("smollm3-3b.json", dict(model_type="smollm3", sliding_window=None, tie_word_embeddings=True)),
+])
+def test_real_configs_load_with_their_family_fields(file, expected):
+    config = LLMConfig.from_json(CONFIGS / file)
+    for name, value in expected.items():
+        assert getattr(config, name) == value, name
+    data = json.loads((CONFIGS / file).read_text())
+    assert config.vocab_size == data["vocab_size"] and config.num_hidden_layers == data["num_hidden_layers"]
+    if file.startswith("gemma-3"):
+        assert config.layer_types == tuple(("sliding_attention",) * 5 + ("full_attention",)) * 4 + (
+            "sliding_attention",) * 2
+        assert (config.rope.theta, config.local_rope.theta) == (1_000_000.0, 10_000.0)
+    if file.startswith("gemma-2"):
+        assert config.layer_types[:2] == ("sliding_attention", "full_attention")
+    if file.startswith("phi"):
+        assert config.rope.rope_type == "longrope" and len(config.rope.long_factor) == 48
+        assert config.rope.original_max_position_embeddings == 4096
+    if file.startswith("smollm3"):
+        assert config.no_rope_layers[:4] == (1, 1, 1, 0) and config.rope.theta == 5_000_000.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("file", ["qwen3-0.6b.json", "gemma-3-1b.json"])
+def test_full_size_random_weights_match_transformers(tmp_path, file):
+    """The real configuration at full size, with Transformers' own random initialisation, 24 positions."""
+    path = parity.random_checkpoint(CONFIGS / file, tmp_path, seed=0)
+    params = load(path)
+    result = parity.compare(params, parity.reference_model(path), ids_for(1, 24) * 997 % params.config.vocab_size)
+    print(f"{file}: max_abs_diff={result.max_abs_diff:.3g}, logits reach {np.abs(result.reference).max():.2f}")
+    assert result.max_abs_diff <= TOLERANCE and result.argmax_agreement == 1.0

@@ -1,0 +1,217 @@
+"""GGUF import of every family jaxllm reads: a random Transformers model written as llama.cpp writes it comes back
+with the tensors and config of Transformers' own GGUF loader, and of the model it was written from."""
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import transformers
+from tokenizers import Tokenizer
+from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+from gguf_util import Q, bpe_tokenizer_metadata, write_gguf_file
+from jaxllm.convert import read_gguf
+
+V, D, F, N, K = 272, 96, 64, 3, 1  # odd query heads sharing one KV head; rows of 96 and 64 are Q8_0 blocks
+EPS = 2.0 ** -20  # exact in float32, so it survives GGUF's float32 metadata
+COMMON = dict(vocab_size=V, hidden_size=D, intermediate_size=F, num_attention_heads=N, num_key_value_heads=K,
+              rms_norm_eps=EPS, max_position_embeddings=256, bos_token_id=259, eos_token_id=260, pad_token_id=261)
+
+
+def rope_theta(config):  # Gemma 3 keeps one RoPE per layer type; GGUF's freq_base is the global layers'
+    return config.rope_parameters.get("full_attention", config.rope_parameters)["rope_theta"]
+
+
+@dataclass(frozen=True)
+class Family:
+    config: Callable  # -> a small Transformers config
+    arch: str  # GGUF general.architecture
+    metadata: Callable = lambda config: {}  # config -> the <arch>.* keys only this family's converter writes
+    pre: str = "gpt2"  # tokenizer.ggml.pre
+
+
+FAMILIES = {  # the keys each of llama.cpp's convert_hf_to_gguf model classes writes beyond the common ones
+    "llama": Family(lambda: transformers.LlamaConfig(**COMMON, num_hidden_layers=2, rope_theta=50000.0), "llama",
+                    lambda c: {"vocab_size": V, "rope.dimension_count": c.head_dim}),
+    # Transformers reads a llama file as Mistral only when general.name is exactly "mistral".
+    "mistral": Family(lambda: transformers.MistralConfig(**COMMON, num_hidden_layers=2, head_dim=32), "llama",
+                      lambda c: {"vocab_size": V, "rope.dimension_count": c.head_dim}),
+    "qwen2": Family(lambda: transformers.Qwen2Config(**COMMON, num_hidden_layers=2, tie_word_embeddings=True,
+                                                     rope_theta=1e6), "qwen2", pre="qwen2"),
+    "qwen3": Family(lambda: transformers.Qwen3Config(**COMMON, num_hidden_layers=2, head_dim=128), "qwen3",
+                    lambda c: {"attention.key_length": c.head_dim, "attention.value_length": c.head_dim}, "qwen2"),
+    "phi3": Family(lambda: transformers.Phi3Config(**COMMON, num_hidden_layers=2), "phi3",
+                   lambda c: {"rope.dimension_count": D // N,
+                              "rope.scaling.original_context_length": c.original_max_position_embeddings}),
+    "gemma2": Family(lambda: transformers.Gemma2Config(**COMMON, num_hidden_layers=2, head_dim=256, sliding_window=64),
+                     "gemma2",
+                     lambda c: {"attention.key_length": c.head_dim, "attention.value_length": c.head_dim,
+                                "attn_logit_softcapping": c.attn_logit_softcapping,
+                                "final_logit_softcapping": c.final_logit_softcapping,
+                                "attention.sliding_window": c.sliding_window}),
+    "gemma3": Family(lambda: transformers.Gemma3TextConfig(**COMMON, num_hidden_layers=6, head_dim=256,
+                                                           sliding_window=64), "gemma3",
+                     lambda c: {"attention.key_length": c.head_dim, "attention.value_length": c.head_dim,
+                                "attention.sliding_window": c.sliding_window}),
+}
+
+
+def random_model(config):
+    """A seeded random model with random norm weights and biases, not the 1s and 0s they start as. Norm weights
+    are multiples of 1/128 below 1/2 in size, so Gemma's stored 1 + w is exact in float32 and w comes back as it was."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+    with torch.no_grad():
+        for name, tensor in model.named_parameters():
+            if name.endswith("norm.weight"):
+                tensor.copy_(torch.randint(-64, 64, tensor.shape) / 128 + (0 if "gemma" in config.model_type else 1))
+            elif name.endswith(".bias"):
+                tensor.copy_(torch.randn(tensor.shape) * 0.1)
+    return model
+
+
+def llama_cpp_permute(weight, heads):
+    """convert_hf_to_gguf's LlamaModel.permute: each head's rows from HF's halves to interleaved RoPE pairs."""
+    rows = weight.shape[0]  # [N*H, D]
+    return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def gguf_tensors(model, family, qtype=Q.F32):
+    """The model's state dict under llama.cpp's names (gguf-py's own map) and encodings; matrices in `qtype`."""
+    config = model.config
+    arch = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == family.arch)
+    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    tensors = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        weight = tensor.numpy()
+        if family.arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            weight = llama_cpp_permute(weight, N if "q_proj" in name else K)
+        if "gemma" in family.arch and name.endswith("norm.weight"):
+            weight = weight + np.float32(1)  # Gemma's RMSNorm scales by 1 + w; llama.cpp stores 1 + w
+        stem, suffix = name.rsplit(".", 1)
+        key = f"{names.get_name(stem)}.{suffix}"
+        tensors[key] = weight if weight.ndim == 1 or qtype == Q.F32 else (gguf.quants.quantize(weight, qtype), qtype)
+    return tensors
+
+
+def write_family(path, family, model, qtype=Q.F32):
+    config, arch = model.config, family.arch
+    metadata = {"general.name": "mistral"} if config.model_type == "mistral" else {}
+    metadata |= {f"{arch}.{key}": value for key, value in {
+        "block_count": config.num_hidden_layers, "context_length": config.max_position_embeddings,
+        "embedding_length": D, "feed_forward_length": F, "attention.head_count": N, "attention.head_count_kv": K,
+        "attention.layer_norm_rms_epsilon": EPS, "rope.freq_base": float(rope_theta(config)),
+        **family.metadata(config)}.items()}
+    metadata |= bpe_tokenizer_metadata(V, family.pre)
+    return write_gguf_file(path, arch, metadata, gguf_tensors(model, family, qtype))
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def written(request, tmp_path_factory):
+    """(family name, source model, GGUF path)."""
+    family = FAMILIES[request.param]
+    model = random_model(family.config())
+    path = write_family(tmp_path_factory.mktemp(request.param) / f"{request.param}.gguf", family, model)
+    return request.param, model, path
+
+
+def transformers_tensors(path, model):
+    """Transformers' GGUF loader's tensors. It cannot map a file it reads as Mistral (gguf-py has no "mistral"
+    architecture), so a Mistral file's names are mapped through Llama's, which are the same."""
+    if model.config.model_type == "mistral":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**COMMON, num_hidden_layers=2, head_dim=32))
+    return load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
+
+
+def test_tensors_equal_transformers_gguf_loader_and_the_source_model(written):
+    _, model, path = written
+    ours = dict(read_gguf(path).tensors())
+    theirs = transformers_tensors(path, model)
+    assert ours.keys() == theirs.keys()
+    for name, weight in ours.items():
+        assert weight.dtype == np.float32 and np.array_equal(weight, theirs[name].numpy()), name
+    tied = model.config.tie_word_embeddings
+    source = {n: t.numpy() for n, t in model.state_dict().items() if not (tied and n == "lm_head.weight")}
+    assert ours.keys() == source.keys()
+    for name, weight in ours.items():
+        assert np.array_equal(weight, source[name]), name
+
+
+def test_config_agrees_with_transformers_gguf_loader(written):
+    _, _, path = written
+    ours = read_gguf(path).config
+    theirs = load_gguf_checkpoint(str(path))["config"]
+    shared = ours.keys() & theirs.keys()
+    assert {key: ours[key] for key in shared} == {key: theirs[key] for key in shared}
+    assert theirs.keys() - ours.keys() <= {"_model_name_or_path"}  # GGUF's general.name
+    # Read by the config class, the fields Transformers leaves at their defaults agree as well.
+    ours, theirs = (transformers.AutoConfig.for_model(**config).to_dict() for config in (ours, theirs))
+    for key in theirs.keys() - {"architectures", "_model_name_or_path"}:
+        assert ours[key] == theirs[key], key
+
+
+def test_config_reads_back_as_the_source_models(written):
+    name, model, path = written
+    ours = read_gguf(path).config
+    assert ours["model_type"] == model.config.model_type
+    assert ours["architectures"] == [type(model).__name__]
+    ours, source = transformers.AutoConfig.for_model(**ours).to_dict(), model.config.to_dict()
+    for key in source.keys() - {"architectures", "dtype", "transformers_version"}:
+        assert ours[key] == source[key], key
+
+
+def test_tokenizer_files_are_built(written):
+    _, model, path = written
+    files = read_gguf(path).tokenizer_files()
+    assert files.keys() == {"tokenizer.json", "tokenizer_config.json", "generation_config.json"}
+    tokenizer = Tokenizer.from_str(json.dumps(files["tokenizer.json"]))
+    assert tokenizer.encode(" the").ids == [258]  # Ġthe, the last merge
+    assert files["tokenizer_config.json"]["eos_token"] == "</s>"
+    assert files["generation_config.json"]["eos_token_id"] == model.config.eos_token_id
+
+
+def test_q8_0_weights_equal_transformers_gguf_loader(tmp_path):
+    family = FAMILIES["qwen2"]
+    model = random_model(family.config())
+    path = write_family(tmp_path / "qwen2-q8_0.gguf", family, model, Q.Q8_0)
+    checkpoint = read_gguf(path)
+    assert checkpoint.stored_type("model.layers.0.self_attn.q_proj.weight") == "Q8_0"
+    theirs = transformers_tensors(path, model)
+    source = model.state_dict()
+    for name, weight in checkpoint.tensors():
+        assert np.array_equal(weight, theirs[name].numpy()), name
+        np.testing.assert_allclose(weight, source[name].numpy(), rtol=0, atol=np.abs(weight).max() / 127)
+
+
+def metadata_only(path, arch, general_name=None, **keys):
+    """A GGUF with <arch>.* keys and no tensors: enough for a config."""
+    metadata = {f"{arch}.{key}": value for key, value in keys.items()}
+    return write_gguf_file(path, arch, metadata | ({"general.name": general_name} if general_name else {}), {})
+
+
+SHAPE = {"block_count": 2, "context_length": 64, "embedding_length": D, "feed_forward_length": F, "vocab_size": V,
+         "attention.layer_norm_rms_epsilon": EPS}
+
+
+@pytest.mark.parametrize("name, model_type", [("mistral", "mistral"), ("Mistral 7B Instruct", "llama")])
+def test_llama_file_is_mistral_only_by_the_exact_name_mistral(tmp_path, name, model_type):
+    path = metadata_only(tmp_path / "m.gguf", "llama", name, **SHAPE, **{"attention.head_count": N})
+    assert read_gguf(path).config["model_type"] == load_gguf_checkpoint(str(path))["config"]["model_type"] == model_type
+
+
+@pytest.mark.parametrize("arch, layers, hidden, heads, head_dim, scalar", [
+    ("gemma2", 46, 4608, 32, 128, 144),  # Gemma-2-27B: queries scaled by 1/sqrt(D/N), as llama.cpp does
+    ("gemma2", 42, 3584, 16, 256, 256),  # Gemma-2-9B: by 1/sqrt(head_dim)
+    ("gemma3", 62, 5376, 32, 128, 168),  # Gemma-3-27B
+])
+def test_gemma_query_scale_follows_llama_cpp(tmp_path, arch, layers, hidden, heads, head_dim, scalar):
+    path = metadata_only(tmp_path / "g.gguf", arch, **{
+        **SHAPE, "block_count": layers, "embedding_length": hidden, "attention.head_count": heads,
+        "attention.key_length": head_dim, "attention.sliding_window": 4096})
+    assert read_gguf(path).config["query_pre_attn_scalar"] == scalar
