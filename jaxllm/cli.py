@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -89,15 +90,24 @@ def cmd_generate(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    import dataclasses
-
+    from jaxllm.config import LLMConfig
     from jaxllm.loader import layer_table, open_checkpoint
 
     checkpoint = open_checkpoint(args.model)
     config = checkpoint.config
     print(f"model: {checkpoint.path}\n\nconfig:")
     for f in dataclasses.fields(config):
-        print(f"  {f.name:<26} {getattr(config, f.name)}")
+        print(f"  {f.name:<26} {_short(getattr(config, f.name))}")
+    llama = LLMConfig(**{f: getattr(config, f) for f in ("vocab_size", "hidden_size", "intermediate_size",
+                         "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim")})
+    print(f"\nfamily {config.model_type}: what differs from Llama's forward")
+    distinct = [f.name for f in dataclasses.fields(config) if f.name in FAMILY_FIELDS
+                and getattr(config, f.name) != getattr(llama, f.name)]
+    distinct += ["rope"] * (config.rope.rope_type == "longrope")  # Phi-3's; Llama's own RoPE types are not family
+    for name in distinct:
+        print(f"  {name:<26} {_family_value(config, name)}")
+    if not distinct:
+        print("  nothing: Llama's forward")
     print(f"\ntensors ({len(checkpoint.tensors)}):")
     for name, (shape, dtype) in checkpoint.tensors.items():
         print(f"  {name:<52} {str(list(shape)):<14} {dtype}")
@@ -105,6 +115,38 @@ def cmd_inspect(args) -> int:
     for e in layer_table(config, 0):
         print(f"  {e.hf_name:<44} [{e.letters}] = {str(list(e.hf_shape)):<12} -> layers[0].{e.target}")
     return 0
+
+
+# LLMConfig fields that switch a family behaviour in the forward (config.py says what each does).
+FAMILY_FIELDS = ("attention_bias", "qkv_bias", "mlp_bias", "hidden_act", "rotary_dim", "sliding_window", "layer_types",
+                 "local_rope", "no_rope_layers", "qk_norm", "gemma_norms", "embed_scale", "query_pre_attn_scalar",
+                 "attn_logit_softcapping", "final_logit_softcapping")
+
+
+def _short(value, limit: int = 6) -> str:
+    """A config value on one line: long tuples (longrope factors, per-layer lists) cut to their first entries."""
+    if isinstance(value, tuple) and len(value) > limit:
+        return f"({', '.join(map(str, value[:limit]))}, ... {len(value)} in all)"
+    if dataclasses.is_dataclass(value):  # RopeConfig: the fields that differ from its defaults
+        default = type(value)()
+        return f"{type(value).__name__}(" + ", ".join(
+            f"{f.name}={_short(getattr(value, f.name), 3)}" for f in dataclasses.fields(value)
+            if getattr(value, f.name) != getattr(default, f.name) or f.name == "theta") + ")"
+    return str(value)
+
+
+def _family_value(config, name: str) -> str:
+    """Per-layer fields as the layers they pick out."""
+    value = getattr(config, name)
+    if name == "layer_types":
+        full = [i for i, kind in enumerate(value) if kind == "full_attention"]
+        return (f"{len(value) - len(full)} sliding_attention layers (window {config.sliding_window}), "
+                f"{len(full)} full_attention: layers {_short(tuple(full), 12)}")
+    if name == "no_rope_layers":
+        return f"layers without RoPE: {_short(tuple(i for i, rope in enumerate(value) if not rope), 12)}"
+    if name == "rotary_dim":
+        return f"{value} of head_dim {config.head_dim} (partial_rotary_factor {value / config.head_dim:g})"
+    return _short(value)
 
 
 def cmd_parity(args) -> int:

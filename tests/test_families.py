@@ -205,9 +205,31 @@ def test_real_configs_load_with_their_family_fields(file, expected):
 @pytest.mark.slow
 @pytest.mark.parametrize("file", ["qwen3-0.6b.json", "gemma-3-1b.json"])
 def test_full_size_random_weights_match_transformers(tmp_path, file):
-    """The real configuration at full size, with Transformers' own random initialisation, 24 positions."""
+    """The real configuration at full size, with Transformers' own random initialisation, 24 positions. Over 26-28
+    layers of width 1024-1152, fp32 rounding adds up past 1e-5: measured, jaxllm is 1.4e-5 (Gemma-3-1B) and 7.7e-6
+    (Qwen3-0.6B) from Transformers' float64 run where Transformers' fp32 run is 5.5e-6 and 3.2e-6 from it. The
+    difference is XLA:CPU's fp32 matmul (YNNPACK), whose rounding error is ~5x that of torch's on a 1024-long dot
+    (5.2e-6 vs 0.9e-6 on [24, 1024] x [1024, 2048]); with it off, prefill is 1.5x slower."""
     path = parity.random_checkpoint(CONFIGS / file, tmp_path, seed=0)
     params = load(path)
     result = parity.compare(params, parity.reference_model(path), ids_for(1, 24) * 997 % params.config.vocab_size)
     print(f"{file}: max_abs_diff={result.max_abs_diff:.3g}, logits reach {np.abs(result.reference).max():.2f}")
-    assert result.max_abs_diff <= TOLERANCE and result.argmax_agreement == 1.0
+    assert result.max_abs_diff <= 5e-5 and result.argmax_agreement == 1.0
+
+
+def test_inspect_shows_the_family_fields(checkpoints, capsys):
+    from jaxllm.cli import main
+
+    assert main(["inspect", "--model", str(checkpoints("gemma3"))]) == 0
+    out = capsys.readouterr().out
+    family = out[out.index("family gemma3_text"):out.index("tensors (")]
+    assert "2 sliding_attention layers (window 4), 2 full_attention: layers (1, 3)" in family
+    for line in ("qk_norm                    True", "gemma_norms                True",
+                 "local_rope                 RopeConfig(theta=100.0)", "query_pre_attn_scalar      24.0"):
+        assert line in family
+    assert "model.layers.0.self_attn.q_norm.weight" in out and "-> layers[0].q_norm" in out
+    assert main(["inspect", "--model", str(checkpoints("phi3"))]) == 0
+    out = capsys.readouterr().out
+    assert "rotary_dim                 12 of head_dim 16 (partial_rotary_factor 0.75)" in out
+    assert "rope_type=longrope" in out[out.index("family phi3"):]
+    assert "model.layers.0.self_attn.qkv_proj.weight" in out and "-> layers[0].qkv_proj" in out

@@ -14,7 +14,9 @@ from tokenizers import Tokenizer
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
 from gguf_util import Q, bpe_tokenizer_metadata, write_gguf_file
+from jaxllm import parity
 from jaxllm.convert import read_gguf
+from jaxllm.loader import load
 
 V, D, F, N, K = 272, 96, 64, 3, 1  # odd query heads sharing one KV head; rows of 96 and 64 are Q8_0 blocks
 EPS = 2.0 ** -20  # exact in float32, so it survives GGUF's float32 metadata
@@ -174,6 +176,21 @@ def test_tokenizer_files_are_built(written):
     assert tokenizer.encode(" the").ids == [258]  # Ġthe, the last merge
     assert files["tokenizer_config.json"]["eos_token"] == "</s>"
     assert files["generation_config.json"]["eos_token_id"] == model.config.eos_token_id
+
+
+def test_logits_equal_the_source_model_and_transformers_gguf_model(written):
+    """jaxllm.load on the GGUF file runs the family's forward: logits at 80 positions (past Gemma's window of 64)
+    equal those of the model the file was written from and of Transformers' own GGUF load of the file."""
+    name, model, path = written
+    ids = np.random.default_rng(0).integers(0, V, (1, 80))
+    positions = np.arange(80)[None]
+    ours = parity.jax_logits(load(path), ids, positions)
+    source = parity.reference_logits(model, ids, positions)
+    scale = np.abs(source).max()
+    assert parity.compare_logits(source, ours).max_abs_diff <= 1e-5 * max(1.0, scale), name
+    if name != "mistral":  # Transformers cannot load the tensors of a file it reads as Mistral (see above)
+        theirs = parity.reference_logits(parity.reference_model(path), ids, positions)
+        assert parity.compare_logits(theirs, ours).max_abs_diff <= 1e-5 * max(1.0, scale), name
 
 
 def test_q8_0_weights_equal_transformers_gguf_loader(tmp_path):
