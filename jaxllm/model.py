@@ -354,7 +354,8 @@ def run(params: Params, ids: Array, positions: Array, mask: Array | None = None,
     """The forward pass, un-jitted: ids [B, T], positions [B, T] -> (logits [B, T, V], updated cache or None).
 
     `mask` [B, T] marks this call's real tokens (None: all). Query t sees this call's tokens t' <= t that are real
-    and, with a cache, every slot the cache marks real; this call's tokens go into slots cache.index onwards.
+    and, with a cache, every slot the cache marks real (in a sliding layer, within its window); this call's tokens
+    go into slots cache.index onwards.
     `last_only` computes logits [B, 1, V] for the last position alone: a prefill needs no more, and the LM head is
     a fifth of a 135M model's work.
     """
@@ -369,10 +370,11 @@ def run(params: Params, ids: Array, positions: Array, mask: Array | None = None,
     tap("embed", x)
     real = jnp.ones((B, T), bool) if mask is None else mask.astype(bool)  # [B, T]
     index = None if cache is None else cache.index
-    masks = {kind: attention_masks(config, kind, real, None if cache is None or cache.empty else cache, index)
-             for kind in {config.layer_type(i) for i in range(config.num_hidden_layers)}}
+    layers = range(config.num_hidden_layers)  # dict.fromkeys: each kind once, in layer order (a set's order varies)
+    masks = {kind: attention_masks(config, kind, real, None if cache is None or cache.empty else cache)
+             for kind in dict.fromkeys(config.layer_type(i) for i in layers)}
     tables = {rope: rope_tables(config, positions, rope)  # one pair per RoPE the layers use (Gemma 3 has two)
-              for rope in {config.layer_rope(i) for i in range(config.num_hidden_layers)} if rope is not None}
+              for rope in dict.fromkeys(config.layer_rope(i) for i in layers) if rope is not None}
     chex.assert_shape([t for pair in tables.values() for t in pair], (B, T, config.rotary_dim or config.head_dim))
     new_k, new_v = [], []
     for i, layer in enumerate(params.layers):
@@ -389,7 +391,7 @@ def run(params: Params, ids: Array, positions: Array, mask: Array | None = None,
     tap("norm", x)
     lm_head = params.embed_tokens if params.lm_head is None else params.lm_head  # [V, D]
     logits = _linear(x, lm_head)
-    if config.final_logit_softcapping is not None:  # Gemma 2
+    if config.final_logit_softcapping is not None:  # Gemma 2 and 3
         tap("lm_head", logits)
         logits = jnp.tanh(logits / config.final_logit_softcapping) * config.final_logit_softcapping
     chex.assert_shape(logits, (B, T, V))
@@ -400,8 +402,7 @@ def run(params: Params, ids: Array, positions: Array, mask: Array | None = None,
     return logits, cache
 
 
-def attention_masks(config: LLMConfig, kind: str, real: Array, cache: KVCache | None,
-                    index: Array | None) -> tuple[Array, Array | None]:
+def attention_masks(config: LLMConfig, kind: str, real: Array, cache: KVCache | None) -> tuple[Array, Array | None]:
     """Who sees whom in a layer of this kind: (visible [B, T, T] over this call's keys, [B, 1 or T, S] over the
     cache's slots, or None without a non-empty cache). Causal and padding-free; a sliding_attention layer's query
     also sees only keys whose slot is within the last `sliding_window` slots up to its own (HF's
@@ -413,7 +414,7 @@ def attention_masks(config: LLMConfig, kind: str, real: Array, cache: KVCache | 
         W = config.sliding_window
         visible = visible & ~jnp.tril(jnp.ones((T, T), bool), -W)  # t' > t - W
         if cached is not None:
-            query_slots = index + jnp.arange(T)  # [T]
+            query_slots = cache.index + jnp.arange(T)  # [T]
             cached = cached & (jnp.arange(cache.length)[None, :] > query_slots[:, None] - W)[None]  # [B, T, S]
     return visible[None] & real[:, None, :], cached
 

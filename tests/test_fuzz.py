@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from test_hardening import BASE, small_gguf
 
 from jaxllm import parity
-from jaxllm.config import ROPE_TYPES, LLMConfig
+from jaxllm.config import BIAS_FLAGS, LAYER_TYPES, ROPE_TYPES, SUPPORTED_MODEL_TYPES, LLMConfig
 from jaxllm.errors import JaxLLMError
 from jaxllm.loader import build_params, load_model, open_checkpoint
 from jaxllm.model import rope_inv_freq
@@ -75,23 +75,37 @@ NUMBERS = (st.floats() | st.integers(-3, 10**6) | st.sampled_from([0, 0.0, -1.0,
 ROPE = st.one_of(
     JSON,
     st.fixed_dictionaries(
-        {"rope_type": st.sampled_from([*ROPE_TYPES, "longrope", 3, None])},
-        optional={name: NUMBERS for name in ("factor", "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow",
-                                             "rope_theta", "attention_factor", "mscale", "mscale_all_dim",
-                                             "original_max_position_embeddings", "truncate", "partial_rotary_factor")}))
+        {"rope_type": st.sampled_from([*ROPE_TYPES, "su", "mrope", 3, None])},
+        optional={**{name: NUMBERS for name in ("factor", "low_freq_factor", "high_freq_factor", "beta_fast",
+                                                "beta_slow", "rope_theta", "attention_factor", "mscale",
+                                                "mscale_all_dim", "original_max_position_embeddings", "truncate",
+                                                "partial_rotary_factor")},
+                  # longrope's per-frequency factors: head_dim 8 takes 4 (2 with partial_rotary_factor 0.5)
+                  **{name: st.lists(NUMBERS, min_size=1, max_size=5) | JSON for name in ("short_factor", "long_factor")}}))
+PER_LAYER = st.lists(st.sampled_from([*LAYER_TYPES, "chunked_attention", 0, 1, True]), min_size=1, max_size=3) | JSON
 FIELDS = {
     **{name: SIZES for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                 "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings")},
     "rms_norm_eps": NUMBERS, "rope_theta": NUMBERS, "rope_parameters": ROPE, "rope_scaling": ROPE,
     **{name: st.booleans() | JSON for name in ("tie_word_embeddings", "attention_bias", "mlp_bias")},
     "eos_token_id": st.integers(-2, 100) | st.lists(st.integers(-1, 100), max_size=3) | JSON,
-    "model_type": st.sampled_from(["llama", "llama", "mistral", ""]) | JSON,
-    "hidden_act": st.sampled_from(["silu", "silu", "gelu"]) | JSON,
+    "model_type": st.sampled_from(["llama", *SUPPORTED_MODEL_TYPES, "gemma3", "qwen2_moe", ""]) | JSON,
+    "hidden_act": st.sampled_from(["silu", "silu", "gelu", "gelu_new"]) | JSON,
+    "hidden_activation": st.sampled_from(["gelu_pytorch_tanh", "silu", "relu"]) | JSON,
+    **{name: SIZES for name in ("sliding_window", "max_window_layers", "no_rope_layer_interval",
+                                "sliding_window_pattern")},
+    **{name: NUMBERS for name in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
+                                  "rope_local_base_freq", "partial_rotary_factor")},
+    "use_sliding_window": st.booleans() | JSON,
+    "layer_types": PER_LAYER, "no_rope_layers": PER_LAYER,
+    "num_experts": st.sampled_from([0, 8]) | JSON,
     "pretraining_tp": st.sampled_from([1, 1, 2, None]) | JSON,
 }
-CONFIGS = st.builds(  # a valid config with some fields replaced by generated values and some dropped
-    lambda changes, dropped: {k: v for k, v in {**BASE, "head_dim": 8, **changes}.items() if k not in dropped},
-    st.lists(st.sampled_from(sorted(FIELDS)), max_size=3, unique=True).flatmap(
+CONFIGS = st.builds(  # a valid config of some family with some fields replaced by generated values and some dropped
+    lambda family, changes, dropped: {k: v for k, v in {**BASE, "head_dim": 8, "model_type": family, **changes}.items()
+                                      if k not in dropped},
+    st.sampled_from(SUPPORTED_MODEL_TYPES),
+    st.lists(st.sampled_from(sorted(FIELDS)), max_size=4, unique=True).flatmap(
         lambda names: st.fixed_dictionaries({name: FIELDS[name] for name in names})),
     st.sets(st.sampled_from(sorted(FIELDS)), max_size=1))
 
@@ -110,8 +124,17 @@ def test_generated_configs_load_as_written_or_raise_a_config_error(data):
         assert getattr(config, name) == data[name] and not isinstance(data[name], bool)
     assert config.num_key_value_heads == (data.get("num_key_value_heads") or data["num_attention_heads"])
     assert config.num_attention_heads % config.num_key_value_heads == 0 and config.head_dim % 2 == 0
-    for name in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
-        assert getattr(config, name) is (data.get(name) or False)  # a JSON boolean, read as written
+    assert config.model_type == data["model_type"]
+    event(f"loaded as {config.model_type}")
+    family_reads = {"attention_bias": config.model_type in BIAS_FLAGS, "mlp_bias": config.model_type in ("llama", "smollm3")}
+    for name in ("attention_bias", "mlp_bias"):  # a JSON boolean, read as written by the families whose modules read it
+        assert getattr(config, name) is (family_reads[name] and (data.get(name) or False))
+    if data.get("tie_word_embeddings") is not None:
+        assert config.tie_word_embeddings is data["tie_word_embeddings"]
+    kinds = config.layer_types or ("full_attention",) * config.num_hidden_layers
+    assert len(kinds) == config.num_hidden_layers and set(kinds) <= set(LAYER_TYPES)
+    assert ("sliding_attention" in kinds) == (config.sliding_window is not None)
+    assert not config.no_rope_layers or len(config.no_rope_layers) == config.num_hidden_layers
     assert positive_finite(config.rms_norm_eps) and positive_finite(config.rope.theta)
     rope = config.rope
     for value in (rope.factor, rope.low_freq_factor, rope.high_freq_factor, rope.beta_fast, rope.beta_slow):
@@ -120,9 +143,10 @@ def test_generated_configs_load_as_written_or_raise_a_config_error(data):
     # head_dim whose tensors could exist: a larger one fails the checkpoint's shape check before any forward).
     if config.head_dim <= 4096:
         positions = np.array([[0, 1, config.max_position_embeddings + 3]])
-        with time_limit():
-            inv_freq, scale = rope_inv_freq(config, positions)
-        assert np.isfinite(np.asarray(inv_freq)).all() and math.isfinite(scale)
+        for rope in (config.rope, config.local_rope or config.rope):
+            with time_limit():
+                inv_freq, scale = rope_inv_freq(config, positions, rope)
+            assert np.isfinite(np.asarray(inv_freq)).all() and math.isfinite(scale)
 
 
 # ---- safetensors headers ------------------------------------------------------------------------------------
