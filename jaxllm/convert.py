@@ -25,7 +25,7 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from tqdm.auto import tqdm
 
 from jaxllm.errors import CheckpointError, ConfigError, TokenizerError
@@ -362,6 +362,70 @@ def tokenizer_files(reader: gguf.GGUFReader, path: Path, config: dict) -> dict[s
         return _tokenizer_files(reader, path, config)
 
 
+def _listed_merges(meta, default=_REQUIRED) -> list[tuple[str, str]] | None:
+    merges = meta("tokenizer.ggml.merges", default, kind=list)
+    return None if merges is None else [tuple(merge.split(" ", 1)) for merge in merges]
+
+
+def _byte_level_bpe(meta, tokens: list[str], path: Path) -> Tokenizer:
+    """Llama-3, Qwen, SmolLM: byte-level BPE with the merges the file lists."""
+    pre = meta("tokenizer.ggml.pre", "gpt2", kind=str)
+    if pre not in PRE_TOKENIZERS:
+        raise TokenizerError(f"{path}: tokenizer.ggml.pre is {pre!r}; known: {sorted(PRE_TOKENIZERS)}")
+    merges = _listed_merges(meta)
+    # The original tokenizer.json has no unk token and no byte fallback: bytes missing from the vocabulary drop.
+    tokenizer = Tokenizer(models.BPE({token: i for i, token in enumerate(tokens)}, merges))
+    tokenizer.pre_tokenizer = PRE_TOKENIZERS[pre]()
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tokenizer
+
+
+def sentencepiece_merges(tokens: list[str], ranks: list[float]) -> list[tuple[str, str]]:
+    """BPE merges that reproduce a SentencePiece vocabulary: every split of a token into two tokens, ordered by the
+    token's rank, best first (Transformers' generate_merges, tokenization_utils_base.py, with vocab_scores)."""
+    ids = {token: i for i, token in enumerate(tokens)}
+    merges = []
+    for token, rank in dict(zip(tokens, ranks)).items():
+        splits = [(token[:k], token[k:]) for k in range(1, len(token)) if token[:k] in ids and token[k:] in ids]
+        merges += [(left, right, rank) for left, right in sorted(splits, key=lambda s: (ids[s[0]], ids[s[1]]))]
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)  # stable: ties keep vocabulary order
+    return [(left, right) for left, right, _ in merges]
+
+
+def _sentencepiece_bpe(meta, tokens: list[str], path: Path) -> Tokenizer:
+    """Llama-2, Mistral, Phi-3, Gemma: SentencePiece BPE with byte fallback, built as Transformers builds it from
+    a GGUF file (integrations/gguf/gguf_tokenizer_mapping.py: sentencepiece_tokenizer, phi3_tokenizer and
+    gemma_tokenizer, over the pipelines of LlamaTokenizer and GemmaTokenizer)."""
+    arch = meta("general.architecture", kind=str)
+    gemma = arch in ("gemma", "gemma2", "gemma3")
+    if gemma:  # a token of spaces only is stored as spaces, but looked up as the "▁" that replaces them
+        tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in tokens]
+    merges = _listed_merges(meta, None)
+    if merges is None:  # as llama.cpp writes SentencePiece: merges follow from the scores (Gemma: from the order)
+        ranks = [-i for i in range(len(tokens))] if gemma else meta("tokenizer.ggml.scores", kind=list)
+        merges = sentencepiece_merges(tokens, ranks)
+    unk = meta("tokenizer.ggml.unknown_token_id", None, kind=int)
+    tokenizer = Tokenizer(models.BPE({token: i for i, token in enumerate(tokens)}, merges, fuse_unk=True,
+                                     byte_fallback=True, unk_token=tokens[unk] if unk is not None else None))
+    pieces = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if gemma:  # GemmaTokenizer: spaces become "▁", and no space is put before the text
+        tokenizer.normalizer = normalizers.Replace(" ", "\u2581")
+        tokenizer.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+        tokenizer.decoder = decoders.Sequence(pieces)
+        return tokenizer
+    if arch == "phi3":  # "▁" before each stretch of text between special tokens, not only before the first
+        tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    else:  # LlamaTokenizer (legacy=False): "▁" before the text only where it starts the input
+        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace("\u2581", prepend_scheme="first", split=False)
+    tokenizer.decoder = decoders.Sequence([*pieces, decoders.Strip(" ", left=1)])
+    return tokenizer
+
+
+# tokenizer.ggml.model -> the builder of its tokenizer.json (model, normalizer, pre-tokenizer, decoder).
+TOKENIZER_MODELS = {"gpt2": _byte_level_bpe, "llama": _sentencepiece_bpe}
+
+
 def _tokenizer_files(reader: gguf.GGUFReader, path: Path, config: dict) -> dict[str, dict]:
     if "tokenizer.ggml.model" not in reader.fields:
         return {}
@@ -369,26 +433,14 @@ def _tokenizer_files(reader: gguf.GGUFReader, path: Path, config: dict) -> dict[
     def meta(key, default=_REQUIRED, kind=object):
         return _meta(reader, key, path, default, kind)
 
-    model, pre = meta("tokenizer.ggml.model", kind=str), meta("tokenizer.ggml.pre", "gpt2", kind=str)
-    if model != "gpt2":
-        raise TokenizerError(f"{path}: tokenizer.ggml.model is {model!r}; jaxllm builds only byte-level BPE ('gpt2')")
-    if pre not in PRE_TOKENIZERS:
-        raise TokenizerError(f"{path}: tokenizer.ggml.pre is {pre!r}; known: {sorted(PRE_TOKENIZERS)}")
+    model = meta("tokenizer.ggml.model", kind=str)
+    if model not in TOKENIZER_MODELS:
+        raise TokenizerError(f"{path}: tokenizer.ggml.model is {model!r}; jaxllm builds {sorted(TOKENIZER_MODELS)}")
     tokens = meta("tokenizer.ggml.tokens", kind=list)
     types = meta("tokenizer.ggml.token_type", [1] * len(tokens), kind=list)
-    merges = [tuple(merge.split(" ", 1)) for merge in meta("tokenizer.ggml.merges", kind=list)]
     if not all(isinstance(t, str) for t in tokens) or len(types) != len(tokens):
         raise ValueError(f"tokenizer.ggml.tokens must be {len(types)} strings, one per token_type entry")
-
-    # The original tokenizer.json has no unk token and no byte fallback: bytes missing from the vocabulary drop.
-    tokenizer = Tokenizer(models.BPE({token: i for i, token in enumerate(tokens)}, merges))
-    tokenizer.pre_tokenizer = PRE_TOKENIZERS[pre]()
-    tokenizer.decoder = decoders.ByteLevel()
-    # Control tokens (<|im_end|>) and user-defined ones are matched whole in text, as llama.cpp does.
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                  for t, token_type in zip(tokens, types) if token_type == CONTROL])
-    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False)
-                          for t, token_type in zip(tokens, types) if token_type == USER_DEFINED])
+    tokenizer = TOKENIZER_MODELS[model](meta, tokens, path)
 
     def token(key):
         token_id = meta(f"tokenizer.ggml.{key}", None, kind=int)
@@ -396,15 +448,24 @@ def _tokenizer_files(reader: gguf.GGUFReader, path: Path, config: dict) -> dict[
             raise IndexError(f"tokenizer.ggml.{key} {token_id} is not one of the {len(tokens)} tokens")
         return None if token_id is None else tokens[token_id]
 
-    bos, eos = token("bos_token_id"), token("eos_token_id")
-    add_bos = meta("tokenizer.ggml.add_bos_token", False, kind=bool)
-    add_eos = meta("tokenizer.ggml.add_eos_token", False, kind=bool)
-    # BOS/EOS are added by the tokenizer's post-processor, as in HF's own tokenizer.json files.
-    single = [bos] * add_bos + ["$A"] + [eos] * add_eos
-    specials = {t: meta(f"tokenizer.ggml.{key}") for t, key in [(bos, "bos_token_id"), (eos, "eos_token_id")] if t}
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single=single, pair=single + [s if s != "$A" else "$B" for s in single], special_tokens=list(specials.items())
-    ) if add_bos or add_eos else processors.ByteLevel(trim_offsets=False)
+    bos, eos, unk, pad = (token(f"{name}_token_id") for name in ("bos", "eos", "unknown", "padding"))
+    # Control tokens (<|im_end|>) and the named special ones are matched whole in text, as are the user-defined ones
+    # (<think>) that the model's vocabulary spells as the file does, as in Transformers and llama.cpp.
+    named = {bos, eos, unk, pad}
+    user_defined = [AddedToken(t, special=False, normalized=False) for t, token_type in zip(tokens, types)
+                    if token_type == USER_DEFINED and tokenizer.token_to_id(t) is not None]
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                  for t, token_type in zip(tokens, types) if token_type == CONTROL or t in named])
+    tokenizer.add_tokens(user_defined)
+
+    # Transformers adds BOS to a SentencePiece vocabulary whose file does not say, as llama.cpp does.
+    add_bos = meta("tokenizer.ggml.add_bos_token", model == "llama", kind=bool) and bos is not None
+    add_eos = meta("tokenizer.ggml.add_eos_token", False, kind=bool) and eos is not None
+    if add_bos or add_eos:  # BOS/EOS are added by the tokenizer's post-processor, as in HF's own tokenizer.json files
+        single = [bos] * add_bos + ["$A"] + [eos] * add_eos
+        pair = single + [s if s != "$A" else "$B" for s in single]
+        specials = [(t, tokenizer.token_to_id(t)) for t in {bos, eos} & set(single)]
+        tokenizer.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
 
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -412,8 +473,8 @@ def _tokenizer_files(reader: gguf.GGUFReader, path: Path, config: dict) -> dict[
         "add_eos_token": add_eos,
         "bos_token": bos,
         "eos_token": eos,
-        "unk_token": token("unknown_token_id"),
-        "pad_token": token("padding_token_id"),
+        "unk_token": unk,
+        "pad_token": pad,
         "clean_up_tokenization_spaces": False,
         "model_max_length": config["max_position_embeddings"],
     }

@@ -58,6 +58,36 @@ def bpe_tokenizer_metadata(vocab_size, pre="gpt2"):
     }
 
 
+# llama.cpp's token types (llama_token_type), as its SentencePiece converter writes them.
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = 1, 2, 3, 4, 6
+
+
+def spm_tokenizer_metadata(add_bos=None):
+    """A SentencePiece BPE vocabulary as llama.cpp writes it (model "llama"): <unk>, <s>, </s>, the 256 byte pieces
+    <0x00>..<0xFF>, "▁word" pieces scored best first, the single characters they are made of, a piece of two real
+    spaces (as Gemma files store one), then control <|user|> and <pad> and user-defined <think>. `add_bos`: the
+    tokenizer.ggml.add_bos_token flag, or None to leave it out."""
+    pieces = ["▁t", "he", "▁the", "▁h", "▁he", "ll", "▁hell", "▁hello", "▁w", "or", "▁wor", "ld", "▁world",
+              "▁1", "23", "  "]
+    chars = ["▁", "e", "t", "h", "l", "o", "w", "r", "d", "1", "2", "3", "0", "!"]
+    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), *pieces, *chars,
+              "<|user|>", "<pad>", "<think>"]
+    types = [UNKNOWN, CONTROL, CONTROL, *[BYTE] * 256, *[NORMAL] * (len(pieces) + len(chars)),
+             CONTROL, CONTROL, USER_DEFINED]
+    scores = [0.0] * 259 + [-float(i) for i in range(len(pieces) + len(chars))] + [0.0] * 3
+    metadata = {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.scores": scores,
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.bos_token_id": 1,
+        "tokenizer.ggml.eos_token_id": 2,
+        "tokenizer.ggml.unknown_token_id": 0,
+        "tokenizer.ggml.padding_token_id": tokens.index("<pad>"),
+    }
+    return metadata | ({} if add_bos is None else {"tokenizer.ggml.add_bos_token": add_bos})
+
+
 # --- a 2-layer llama with random weights, one tensor of each type the importer promises ---------------------------
 
 D, F, V, N, K = 256, 512, 512, 4, 2  # K-quants need rows that are a multiple of 256

@@ -13,10 +13,12 @@ import transformers
 from tokenizers import Tokenizer
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-from gguf_util import Q, bpe_tokenizer_metadata, write_gguf_file
+from gguf_util import Q, bpe_tokenizer_metadata, spm_tokenizer_metadata, write_gguf_file
 from jaxllm import parity
 from jaxllm.convert import read_gguf
+from jaxllm.errors import TokenizerError
 from jaxllm.loader import load
+from jaxllm.tokenizer import Tokenizer as JaxllmTokenizer
 
 V, D, F, N, K = 272, 96, 64, 3, 1  # odd query heads sharing one KV head; rows of 96 and 64 are Q8_0 blocks
 EPS = 2.0 ** -20  # exact in float32, so it survives GGUF's float32 metadata
@@ -102,16 +104,19 @@ def gguf_tensors(model, family, qtype=Q.F32):
     return tensors
 
 
-def write_family(path, family, model, qtype=Q.F32):
-    config, arch = model.config, family.arch
+def family_metadata(family, config):
+    """The metadata llama.cpp writes for a model of this config, less the tokenizer's."""
     metadata = {"general.name": "mistral"} if config.model_type == "mistral" else {}
-    metadata |= {f"{arch}.{key}": value for key, value in {
+    return metadata | {f"{family.arch}.{key}": value for key, value in {
         "block_count": config.num_hidden_layers, "context_length": config.max_position_embeddings,
         "embedding_length": D, "feed_forward_length": F, "attention.head_count": N, "attention.head_count_kv": K,
         "attention.layer_norm_rms_epsilon": EPS, "rope.freq_base": float(rope_theta(config)),
         **family.metadata(config)}.items()}
-    metadata |= bpe_tokenizer_metadata(V, family.pre)
-    return write_gguf_file(path, arch, metadata, gguf_tensors(model, family, qtype))
+
+
+def write_family(path, family, model, qtype=Q.F32):
+    metadata = family_metadata(family, model.config) | bpe_tokenizer_metadata(V, family.pre)
+    return write_gguf_file(path, family.arch, metadata, gguf_tensors(model, family, qtype))
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -232,3 +237,66 @@ def test_gemma_query_scale_follows_llama_cpp(tmp_path, arch, layers, hidden, hea
         **SHAPE, "block_count": layers, "embedding_length": hidden, "attention.head_count": heads,
         "attention.key_length": head_dim, "attention.sliding_window": 4096})
     assert read_gguf(path).config["query_pre_attn_scalar"] == scalar
+
+
+# --- SentencePiece vocabularies (tokenizer.ggml.model "llama"): Llama-2, Mistral, Phi-3, Gemma -----------------------
+
+SPM_FAMILIES = ["llama", "mistral", "phi3", "gemma2", "gemma3"]
+ROUND_TRIP = ["hello world", "the hello  world", "trailing  ", "digits 1230 and 321!", "héllo wörld",
+              "emoji 😀🎉 and 🇫🇷 flags", "tabs\tand\nnewlines"]
+# Text where the families differ: a leading space (kept by Phi-3 and Gemma, one dropped by Llama's decoder), raw "▁",
+# special and user-defined tokens within text (Phi-3 puts "▁" after each, Llama only at the start).
+SPM_TEXTS = ROUND_TRIP + [" the", "  leading spaces", "▁the raw", "<s>hello</s> the", "<|user|>hi<think>the  world",
+                          "<pad><unk>!", ""]
+
+
+def spm_tokenizers(folder, name, add_bos=None):
+    """(ours, Transformers') tokenizers of a GGUF file of family `name` with the SentencePiece vocabulary (and no
+    tensors: the tokenizer needs none)."""
+    family = FAMILIES[name]
+    metadata = family_metadata(family, family.config()) | spm_tokenizer_metadata(add_bos)
+    path = write_gguf_file(folder / f"{name}.gguf", family.arch, metadata, {})
+    ours = JaxllmTokenizer.from_files(read_gguf(path).tokenizer_files(), path)
+    return ours, transformers.AutoTokenizer.from_pretrained(folder, gguf_file=path.name)
+
+
+@pytest.fixture(scope="module", params=SPM_FAMILIES)
+def spm(request, tmp_path_factory):
+    return spm_tokenizers(tmp_path_factory.mktemp(f"spm-{request.param}"), request.param)
+
+
+@pytest.mark.parametrize("text", SPM_TEXTS)
+def test_sentencepiece_ids_and_text_equal_transformers_gguf_tokenizer(spm, text):
+    ours, theirs = spm
+    ids = theirs(text)["input_ids"]
+    assert ours.encode(text) == ids
+    assert ours.encode(text, add_special_tokens=False) == theirs(text, add_special_tokens=False)["input_ids"]
+    assert ours.decode(ids) == theirs.decode(ids)
+    assert ours.decode(ids, skip_special_tokens=True) == theirs.decode(ids, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("text", ROUND_TRIP)
+def test_sentencepiece_decodes_back_the_text_with_bytes_for_unknown_characters(spm, text):
+    ours, _ = spm
+    ids = ours.encode(text, add_special_tokens=False)
+    assert ours.decode(ids) == text
+    if not text.isascii():  # é, ö and emoji are not pieces of the vocabulary: each byte is a <0x..> token
+        assert any(3 <= i < 3 + 256 for i in ids)
+
+
+@pytest.mark.parametrize("add_bos", [None, True, False])
+@pytest.mark.parametrize("name", SPM_FAMILIES)
+def test_sentencepiece_bos_follows_add_bos_token_as_in_transformers(tmp_path, name, add_bos):
+    """Without the flag, BOS is added, as Transformers and llama.cpp do for SentencePiece vocabularies."""
+    ours, theirs = spm_tokenizers(tmp_path, name, add_bos)
+    assert ours.encode("hello") == theirs("hello")["input_ids"]
+    assert (ours.encode("hello")[0] == 1) == (add_bos is not False)  # <s>
+    assert ours.encode("hello", add_special_tokens=False)[0] != 1
+
+
+def test_unknown_tokenizer_model_is_named(tmp_path):
+    family = FAMILIES["llama"]
+    metadata = family_metadata(family, family.config()) | spm_tokenizer_metadata() | {"tokenizer.ggml.model": "t5"}
+    path = write_gguf_file(tmp_path / "t5.gguf", family.arch, metadata, {})
+    with pytest.raises(TokenizerError, match=f"{path}: tokenizer.ggml.model is 't5'; jaxllm builds"):
+        read_gguf(path).tokenizer_files()
