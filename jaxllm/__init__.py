@@ -1,6 +1,6 @@
 """jaxllm: a LLaMA-family inference engine as pure JAX functions.
 
-    params = jaxllm.load("smollm2-135m")             # immutable pytree; params.layers[3].qkv_proj is [(N+2K)·H, D]
+    params = jaxllm.load("smollm2-135m")             # immutable pytree; params.layers[3].qkv_proj is [K, G+2, H, D]
     logits = jaxllm.forward(params, ids, positions)  # [B, T, V], jitted
     model = jaxllm.load_model("smollm2-135m")        # params + tokenizer
     jaxllm.generate(model, "The capital of France is").text
@@ -9,18 +9,20 @@
     state = jaxllm.prefill(params, ids, mask, jax.random.key(0), settings)   # ids, mask [B, P] left-padded
     state = jaxllm.decode_step(params, state, settings)                      # one token more per row
     state = jaxllm.decode(params, state, settings)                           # the rest, in one compiled loop
+
+    mesh = jaxllm.make_mesh(dp=2, tp=4)              # 8 devices; load(..., mesh=mesh) shards as it reads
 """
 
 from jaxllm.config import LLMConfig
 from jaxllm.errors import CheckpointError, ConfigError, InputError, JaxLLMError, ModelNotFoundError, TokenizerError
 from jaxllm.generate import (DecodeState, GenerationResult, GenerationSettings, Sampling, decode, decode_step,
                              generate, left_pad, prefill)
-from jaxllm.loader import Checkpoint, load, load_model, open_checkpoint
+from jaxllm.loader import Checkpoint, distributed, load, load_model, make_mesh, open_checkpoint
 from jaxllm.model import KVCache, Model, Params, compile_counts, forward, forward_with_intermediates
 
 __all__ = [
     "LLMConfig", "Params", "KVCache", "Model", "Sampling", "GenerationSettings", "DecodeState", "GenerationResult",
-    "Checkpoint", "open_checkpoint", "load", "load_model", "forward", "forward_with_intermediates",
+    "Checkpoint", "open_checkpoint", "load", "load_model", "make_mesh", "distributed", "forward", "forward_with_intermediates",
     "prefill", "decode_step", "decode", "generate", "left_pad", "compile_counts",
     "JaxLLMError", "ConfigError", "CheckpointError", "TokenizerError", "InputError", "ModelNotFoundError",
 ]

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.errors import InputError
-from jaxllm.model import KVCache, Model, Params, check_inputs, program, run
+from jaxllm.model import KVCache, Model, Params, check_inputs, mesh_of, place_batch, program, run
 
 Array = jax.Array
 MIN_BUCKET = 16
@@ -204,7 +204,7 @@ def prefill(params: Params, ids, mask, key: Array, settings: GenerationSettings)
     keys and values fill slots 0..P-1 and the first token is sampled (step 1); without one, step 0."""
     settings.check(params.config, np.shape(ids)[1])
     check_inputs(params.config, ids, np.zeros(np.shape(ids), np.int32), mask)
-    return _prefill_program(params, jnp.asarray(ids), jnp.asarray(mask), key, settings)
+    return _prefill_program(params, *place_batch(params, ids, mask), key, settings)
 
 
 # ---- the Python API -----------------------------------------------------------------------------------------
@@ -253,13 +253,13 @@ def _stream(params: Params, state: DecodeState, settings: GenerationSettings,
     """decode_step from Python, handing each row's new token to callback(row, token) as soon as it exists."""
     reported, done = 0, np.zeros(state.done.shape, bool)  # done: rows that had stopped before the token reported
     while True:
-        if int(state.step) > reported:  # prefill and each step make at most one token per row
-            tokens = np.asarray(state.tokens)[:, reported]
+        if int(to_host(state.step)) > reported:  # prefill and each step make at most one token per row
+            tokens = to_host(state.tokens)[:, reported]
             for row in np.flatnonzero(~done):
                 callback(int(row), int(tokens[row]))
             reported += 1
-        done = np.asarray(state.done)
-        if not bool(_running(state, settings)):
+        done = to_host(state.done)
+        if not bool(to_host(_running(state, settings))):
             return state
         state = decode_step(params, state, settings)
 
@@ -287,15 +287,28 @@ def generate(model: Model | Params, prompts, max_new_tokens: int = 20, *, use_ca
         raise InputError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                          f"max_position_embeddings ({config.max_position_embeddings})")
     P = bucket(longest)
+    mesh = mesh_of(params)  # data parallelism splits the batch: fill it up to a multiple of dp (copies of a row)
+    filler = prompts_ids[-1:] * (-len(prompts_ids) % mesh.shape["dp"] if mesh is not None else 0)
     settings = GenerationSettings(max_new_tokens=int(max_new_tokens), eos_ids=eos_ids,
                                   pad_id=eos_ids[0] if eos_ids else 0, sampling=sampling,
                                   length=bucket(P + max_new_tokens), use_cache=use_cache)
-    ids, mask = left_pad(prompts_ids, P, settings.pad_id)
+    ids, mask = left_pad(prompts_ids + filler, P, settings.pad_id)
     state = prefill(params, ids, mask, jax.random.key(0) if key is None else key, settings)
     state = decode(params, state, settings) if callback is None else _stream(params, state, settings, callback)
-    out = np.asarray(state.tokens)[:, :max_new_tokens]
+    out = to_host(state.tokens)[:, :max_new_tokens]
     results = [_result(p, row, set(eos_ids), tokenizer) for p, row in zip(prompts_ids, out)]
     return results[0] if single else results
+
+
+def to_host(x: Array) -> np.ndarray:
+    """The whole array on the host, in every process: also when its shards lie on other processes' devices."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    if x.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def _result(prompt: list[int], row: np.ndarray, eos_ids: set[int], tokenizer) -> GenerationResult:

@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 from pathlib import Path
 from typing import Any, Callable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from safetensors import safe_open
 
 from jaxllm.config import LLMConfig
-from jaxllm.errors import CheckpointError
+from jaxllm.errors import CheckpointError, InputError
 from jaxllm.model import Layer, Model, Params
 from jaxllm.tokenizer import Tokenizer, read_tokenizer_files
 
@@ -31,48 +35,71 @@ MAX_LISTED = 50  # tensors named per kind of problem in one error
 @dataclasses.dataclass(frozen=True)
 class Entry:
     """One row of the HF-name → pytree table: where a tensor goes and the shape HF stores. Tensors that share a
-    field (q/k/v, gate/up) are stacked along `out` in table order; `rows` says which rows of the field are theirs."""
+    field (q/k/v, gate/up) are each reshaped to `shape` and stacked along `axis` in table order; `where` says which
+    part of the field is theirs. `select` takes rows of a fused HF tensor (Phi-3's qkv_proj, gate_up_proj)."""
 
     hf_name: str
     field: str  # Params field, or Layer field for per-layer entries
     hf_shape: tuple[int, ...]
     letters: str  # hf_shape in shape letters, e.g. "N·H, D"
-    rows: tuple[int, int] | None = None  # [start, stop) within a stacked field; None: the whole field
+    shape: tuple[int, ...] | None = None  # the (selected) tensor reshaped to this before stacking; None: as stored
+    axis: int = 0  # the field's axis the parts are stacked along
+    where: tuple[slice, ...] | None = None  # this entry's part of the field; None: the whole field
+    select: tuple[int, int] | None = None  # rows [start, stop) of the HF tensor; None: all of it
 
     @property
     def target(self) -> str:
-        """Where it lands, for people: 'qkv_proj[576:768]'."""
-        return self.field if self.rows is None else f"{self.field}[{self.rows[0]}:{self.rows[1]}]"
+        """Where it lands, for people: 'qkv_proj[:, 3:4]'."""
+        if self.where is None:
+            return self.field
+        return f"{self.field}[{', '.join(f'{s.start}:{s.stop}' if s != slice(None) else ':' for s in self.where)}]"
 
 
-def _stacked(field: str, parts: list[tuple[str, int, str]], suffix: str, cols: tuple[int, ...] = (),
-             col_letters: str = "") -> list[Entry]:
-    """Entries for HF tensors stacked into one field; parts are (HF name without suffix, rows, row letters)."""
+def _stacked(field: str, parts: list[tuple[str, tuple[int, ...], str, tuple[int, ...], tuple[int, int] | None]],
+             axis: int) -> list[Entry]:
+    """Entries for HF tensors stacked into one field along `axis`; parts are (HF name, HF shape, its letters,
+    the shape it is reshaped to, the rows selected from a fused tensor or None)."""
     entries, start = [], 0
-    for name, rows, letters in parts:
-        entries.append(Entry(name + suffix, field, (rows, *cols), letters + col_letters, (start, start + rows)))
-        start += rows
+    for name, hf_shape, letters, shape, select in parts:
+        where = (slice(None),) * axis + (slice(start, start + shape[axis]),)
+        entries.append(Entry(name, field, hf_shape, letters, shape, axis, where, select))
+        start += shape[axis]
     return entries
 
 
 def layer_table(c: LLMConfig, i: int) -> list[Entry]:
-    """HF names of layer i and where they go. Matrices stay [out, in] as nn.Linear stores them."""
-    D, F, N, K, H = c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    """HF names of layer i and where they go. Matrices stay [out, in] as nn.Linear stores them, with `out` split so
+    that the rows a device needs under tensor parallelism are one block (SHARDING below): q/k/v grouped by key/value
+    head, qkv_proj [K, G + 2, H, D] (head n = j·G + g of q is qkv_proj[j, g], k and v of head j are qkv_proj[j, G]
+    and [j, G + 1]); gate and up side by side for each f, gate_up_proj [F, 2, D] (a device's block of F holds both)."""
+    D, F, N, K, H, G = (c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
+                        c.num_groups)
     p = f"model.layers.{i}."
-    if c.model_type == "phi3":  # Phi-3 stores q/k/v and gate/up already stacked, in our row order
-        qkv, gate_up = [(p + "self_attn.qkv_proj", (N + 2 * K) * H, "(N + 2K)·H")], [(p + "mlp.gate_up_proj", 2 * F, "2F")]
-    else:
-        qkv = [(p + "self_attn.q_proj", N * H, "N·H"), (p + "self_attn.k_proj", K * H, "K·H"),
-               (p + "self_attn.v_proj", K * H, "K·H")]
-        gate_up = [(p + "mlp.gate_proj", F, "F"), (p + "mlp.up_proj", F, "F")]
-    rows = [
-        Entry(p + "input_layernorm.weight", "input_layernorm", (D,), "D"),
-        *_stacked("qkv_proj", qkv, ".weight", (D,), ", D"),
-        Entry(p + "self_attn.o_proj.weight", "o_proj", (D, N * H), "D, N·H"),
-        Entry(p + "post_attention_layernorm.weight", "post_attention_layernorm", (D,), "D"),
-        *_stacked("gate_up_proj", gate_up, ".weight", (D,), ", D"),
-        Entry(p + "mlp.down_proj.weight", "down_proj", (D, F), "D, F"),
-    ]
+
+    def qkv(suffix: str, cols: tuple[int, ...], col_letters: str) -> list[Entry]:
+        rows = [(p + "self_attn.q_proj", N * H, "N·H", G), (p + "self_attn.k_proj", K * H, "K·H", 1),
+                (p + "self_attn.v_proj", K * H, "K·H", 1)]
+        if c.model_type == "phi3":  # Phi-3 stores q, k and v fused: [(N + 2K)·H, D], in that order
+            fused, starts = p + "self_attn.qkv_proj" + suffix, [0, N * H, (N + K) * H, (N + 2 * K) * H]
+            return _stacked(field, [(fused, ((N + 2 * K) * H, *cols), "(N + 2K)·H" + col_letters, (K, heads, H, *cols),
+                                     (starts[j], starts[j + 1])) for j, (_, _, _, heads) in enumerate(rows)], 1)
+        return _stacked(field, [(name + suffix, (size, *cols), letters + col_letters, (K, heads, H, *cols), None)
+                                for name, size, letters, heads in rows], 1)
+
+    def gate_up(suffix: str, cols: tuple[int, ...], col_letters: str) -> list[Entry]:
+        if c.model_type == "phi3":  # fused [2F, D]: gate rows, then up rows
+            fused = p + "mlp.gate_up_proj" + suffix
+            return _stacked(field, [(fused, (2 * F, *cols), "2F" + col_letters, (F, 1, *cols), (j * F, (j + 1) * F))
+                                    for j in range(2)], 1)
+        return _stacked(field, [(p + f"mlp.{n}_proj" + suffix, (F, *cols), "F" + col_letters, (F, 1, *cols), None)
+                                for n in ("gate", "up")], 1)
+
+    field = "qkv_proj"
+    rows = [Entry(p + "input_layernorm.weight", "input_layernorm", (D,), "D"), *qkv(".weight", (D,), ", D"),
+            Entry(p + "self_attn.o_proj.weight", "o_proj", (D, N * H), "D, N·H"),
+            Entry(p + "post_attention_layernorm.weight", "post_attention_layernorm", (D,), "D")]
+    field = "gate_up_proj"
+    rows += [*gate_up(".weight", (D,), ", D"), Entry(p + "mlp.down_proj.weight", "down_proj", (D, F), "D, F")]
     if c.qk_norm:
         rows += [Entry(p + "self_attn.q_norm.weight", "q_norm", (H,), "H"),
                  Entry(p + "self_attn.k_norm.weight", "k_norm", (H,), "H")]
@@ -80,11 +107,13 @@ def layer_table(c: LLMConfig, i: int) -> list[Entry]:
         rows += [Entry(p + "pre_feedforward_layernorm.weight", "pre_feedforward_layernorm", (D,), "D"),
                  Entry(p + "post_feedforward_layernorm.weight", "post_feedforward_layernorm", (D,), "D")]
     if c.attention_bias or c.qkv_bias:
-        rows += _stacked("qkv_bias", qkv, ".bias")
+        field = "qkv_bias"
+        rows += qkv(".bias", (), "")
     if c.attention_bias:
         rows.append(Entry(p + "self_attn.o_proj.bias", "o_bias", (D,), "D"))
     if c.mlp_bias:
-        rows += [*_stacked("gate_up_bias", gate_up, ".bias"), Entry(p + "mlp.down_proj.bias", "down_bias", (D,), "D")]
+        field = "gate_up_bias"
+        rows += [*gate_up(".bias", (), ""), Entry(p + "mlp.down_proj.bias", "down_bias", (D,), "D")]
     return rows
 
 
@@ -97,6 +126,75 @@ def model_table(c: LLMConfig) -> list[Entry]:
     if not c.tie_word_embeddings:
         rows.append(Entry("lm_head.weight", "lm_head", (c.vocab_size, c.hidden_size), "V, D"))
     return rows
+
+
+# ---- placement on a device mesh ------------------------------------------------------------------------------
+
+# How every parameter lies on a mesh of axes ("dp", "tp"): tensor parallelism over whole query and key/value heads
+# (qkv_proj's K axis; o_proj's N·H columns, which run head by head in the same order), over the MLP's F, and over
+# the vocabulary; every other field (norms, o/down biases) is replicated. Data parallelism splits the batch (inputs
+# and KV cache, generate.py); parameters are the same on every dp row.
+SHARDING = {
+    "embed_tokens": P("tp", None), "lm_head": P("tp", None),  # [V, D]
+    "qkv_proj": P("tp", None, None, None), "qkv_bias": P("tp", None, None),  # [K, G + 2, H, D], [K, G + 2, H]
+    "o_proj": P(None, "tp"),  # [D, N·H]
+    "gate_up_proj": P("tp", None, None), "gate_up_bias": P("tp", None),  # [F, 2, D], [F, 2]
+    "down_proj": P(None, "tp"),  # [D, F]
+}
+
+
+def make_mesh(dp: int | None = None, tp: int | None = None) -> Mesh:
+    """A Mesh of dp x tp devices, axes ("dp", "tp"): all devices by default (every process's, when running under
+    jax.distributed), dp taking what tp leaves; a smaller mesh uses the first dp x tp devices."""
+    devices = jax.devices()
+    for name, value in (("dp", dp), ("tp", tp)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise InputError(f"mesh {name} must be a positive integer, found {value!r}")
+    tp = tp or (len(devices) // dp if dp else 1)
+    dp = dp or max(len(devices) // tp, 1)
+    if dp * tp > len(devices) or dp * tp == 0:
+        raise InputError(f"a mesh of dp={dp} x tp={tp} = {dp * tp} devices needs more than the {len(devices)} "
+                         f"available ({devices[0].platform})")
+    return Mesh(np.array(devices[:dp * tp]).reshape(dp, tp), ("dp", "tp"))
+
+
+def distributed(coordinator: str, num_processes: int, process_id: int) -> None:
+    """Join this process to the others (one per host, or several on one machine) so that jax.devices() lists
+    every process's devices and make_mesh spans them all; each process then runs the same code. On CPU the
+    processes exchange data through gloo. Call it before anything else touches JAX's devices."""
+    if not 0 <= process_id < num_processes:
+        raise InputError(f"process id {process_id} must be between 0 and num_processes - 1 ({num_processes - 1})")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # used by CPU devices only
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+
+
+def check_mesh(config: LLMConfig, mesh: Mesh) -> None:
+    """InputError unless tensor parallelism splits whole heads: tp must divide the query and the key/value heads.
+    (Key/value heads are not replicated to reach a larger tp: a model with 3 of them, like SmolLM2, runs on tp 1 or
+    3 and spends further devices on dp, which its size makes the useful split anyway.)"""
+    tp, N, K = mesh.shape["tp"], config.num_attention_heads, config.num_key_value_heads
+    if N % tp or K % tp:
+        valid = [t for t in range(1, K + 1) if K % t == 0 and N % t == 0]
+        raise InputError(f"tp={tp} must divide num_attention_heads ({N}) and num_key_value_heads ({K}): each device "
+                         f"holds whole heads; tp can be {', '.join(map(str, valid))}")
+
+
+def sharding(mesh: Mesh, field: str, shape: tuple[int, ...]) -> NamedSharding:
+    """Where a parameter field of this shape goes on the mesh. An axis that tp does not divide (a vocabulary of
+    32000 on tp=3, F on an odd tp) is replicated instead."""
+    spec = SHARDING.get(field, P())
+    if any(axis == "tp" and size % mesh.shape["tp"] for axis, size in zip(spec, shape)):
+        spec = P()
+    return NamedSharding(mesh, spec)
+
+
+def _place(array: np.ndarray, dtype, field: str, mesh: Mesh | None) -> jax.Array:
+    """A host array onto the device, or straight onto its shards: each device receives only its own slice."""
+    if mesh is None:
+        return jnp.asarray(array, dtype=dtype)
+    dtype = jnp.dtype(dtype)
+    return jax.make_array_from_callback(array.shape, sharding(mesh, field, array.shape),
+                                        lambda index: np.asarray(array[index], dtype=dtype))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,9 +213,12 @@ class Checkpoint:
         return {name: shape for name, (shape, _) in self.tensors.items()}
 
 
-def build_params(checkpoint: Checkpoint, dtype=jnp.float32) -> Params:
-    """Check every tensor's name and shape against the config (all problems in one error), then read them one by one."""
+def build_params(checkpoint: Checkpoint, dtype=jnp.float32, mesh: Mesh | None = None) -> Params:
+    """Check every tensor's name and shape against the config (all problems in one error), then read them one by one,
+    each onto the device or, with a mesh, onto its shards (SHARDING)."""
     config, shapes = checkpoint.config, checkpoint.shapes
+    if mesh is not None:
+        check_mesh(config, mesh)
     stored_layers = {int(parts[2]) for parts in (n.split(".") for n in shapes)
                      if parts[:2] == ["model", "layers"] and len(parts) > 2 and parts[2].isdigit()}
     if sum(i < config.num_hidden_layers for i in stored_layers) < config.num_hidden_layers:  # whole layers absent
@@ -139,10 +240,13 @@ def build_params(checkpoint: Checkpoint, dtype=jnp.float32) -> Params:
 
     def fields(table: list[Entry]) -> dict[str, Any]:
         parts: dict[str, list] = {}
-        for e in table:  # stacked tensors arrive in table order, i.e. in the order of their rows
-            parts.setdefault(e.field, []).append(np.asarray(checkpoint.read(e.hf_name)))
+        read = functools.lru_cache(maxsize=1)(lambda name: np.asarray(checkpoint.read(name)))  # a fused tensor once
+        for e in table:  # stacked tensors arrive in table order, i.e. in the order of their parts
+            tensor = read(e.hf_name)
+            tensor = tensor if e.select is None else tensor[e.select[0]:e.select[1]]
+            parts.setdefault(e.field, []).append((tensor if e.shape is None else tensor.reshape(e.shape), e.axis))
         # Stacked and converted on the host: no XLA program to compile (or look up) per tensor shape.
-        return {f: jnp.asarray(p[0] if len(p) == 1 else np.concatenate(p, axis=0), dtype=dtype)
+        return {f: _place(p[0][0] if len(p) == 1 else np.concatenate([t for t, _ in p], axis=p[0][1]), dtype, f, mesh)
                 for f, p in parts.items()}
 
     top = fields(model_table(config))
@@ -265,16 +369,17 @@ def open_checkpoint(model: str | Path | None = None) -> Checkpoint:
     return _open_gguf(path) if path.suffix == ".gguf" else _open_safetensors(path)
 
 
-def load(model: str | Path | None = None, dtype=jnp.float32) -> Params:
-    """Load a checkpoint into a Params pytree (parameters in `dtype`, fp32 by default); `model` as for open_checkpoint."""
-    return build_params(open_checkpoint(model), dtype)
+def load(model: str | Path | None = None, dtype=jnp.float32, mesh: Mesh | None = None) -> Params:
+    """Load a checkpoint into a Params pytree (parameters in `dtype`, fp32 by default); `model` as for open_checkpoint.
+    With a `mesh` (make_mesh), every tensor is placed straight onto its shards while it is read."""
+    return build_params(open_checkpoint(model), dtype, mesh)
 
 
-def load_model(model: str | Path | None = None, dtype=jnp.float32) -> Model:
-    """Parameters and tokenizer together, for generation from text (same `model` argument as `load`)."""
+def load_model(model: str | Path | None = None, dtype=jnp.float32, mesh: Mesh | None = None) -> Model:
+    """Parameters and tokenizer together, for generation from text (same arguments as `load`)."""
     checkpoint = open_checkpoint(model)
     tokenizer = Tokenizer.from_files(checkpoint.tokenizer_files(), checkpoint.path)
-    return Model(build_params(checkpoint, dtype), tokenizer)
+    return Model(build_params(checkpoint, dtype, mesh), tokenizer)
 
 
 def resolve(model: str | Path | None) -> Path:

@@ -19,6 +19,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxllm.config import LLMConfig, RopeConfig
 from jaxllm.errors import InputError
@@ -31,19 +33,20 @@ Tap = Callable[[str, Array], None]
 @flax.struct.dataclass
 class Layer:
     """One decoder block. Matrices keep HF's [out, in] orientation, and the projections that read the same input are
-    stacked along `out` (HF's q/k/v, and gate/up): with one token per step every output is a dot over a contiguous
+    stacked in one array (HF's q/k/v, and gate/up): with one token per step every output is a dot over a contiguous
     row, and one large matvec runs faster on CPU than two or three small ones (a decode step measured 5-10% faster
-    side by side)."""
+    side by side). `out` is laid out so that tensor parallelism shards a leading axis and each device's block holds
+    whole heads: q, k and v grouped by key/value head, gate and up side by side for each f."""
 
     input_layernorm: Array  # [D]
-    qkv_proj: Array  # [(N + 2K)·H, D]: rows of HF's q_proj [N·H, D], then k_proj [K·H, D], then v_proj [K·H, D]
+    qkv_proj: Array  # [K, G + 2, H, D]: for kv head j, HF's q heads j·G .. j·G + G - 1, then k head j, then v head j
     o_proj: Array  # [D, N·H]
     post_attention_layernorm: Array  # [D]
-    gate_up_proj: Array  # [2F, D]: rows of HF's gate_proj [F, D], then up_proj [F, D]
+    gate_up_proj: Array  # [F, 2, D]: gate_up_proj[f] is row f of HF's gate_proj, then of up_proj
     down_proj: Array  # [D, F]
-    qkv_bias: Array | None = None  # [(N + 2K)·H]   (attention_bias, qkv_bias)
+    qkv_bias: Array | None = None  # [K, G + 2, H]   (attention_bias, qkv_bias)
     o_bias: Array | None = None  # [D]   (attention_bias)
-    gate_up_bias: Array | None = None  # [2F]   (mlp_bias)
+    gate_up_bias: Array | None = None  # [F, 2]   (mlp_bias)
     down_bias: Array | None = None  # [D]
     q_norm: Array | None = None  # [H]   (qk_norm)
     k_norm: Array | None = None  # [H]
@@ -262,9 +265,12 @@ def _batched_dot(a: Array, b: Array, a_axis: int, b_axis: int) -> Array:
 
 
 def _linear(x: Array, w: Array) -> Array:
-    """nn.Linear without bias: x [B, T, in] times w [out, in] (HF's orientation) -> [B, T, out]: einsum BTI,OI->BTO,
-    written as the dot_general it lowers to (jnp.einsum's own bookkeeping takes a fifth of the time to trace a forward)."""
-    return jax.lax.dot_general(x, w, (((2,), (1,)), ((), ())))
+    """nn.Linear without bias: x [B, T, in] times w [*out, in] (HF's orientation; `out` may be several axes)
+    -> [B, T, *out]: einsum BTI,OI->BTO, written as the dot_general it lowers to (jnp.einsum's own bookkeeping takes
+    a fifth of the time to trace a forward)."""
+    # As a 2-D [out, in] matrix (a free reshape): with several `out` axes XLA:CPU's dot ran 2.5x slower in decode.
+    out = jax.lax.dot_general(x, w.reshape(-1, w.shape[-1]), (((2,), (1,)), ((), ())))
+    return out.reshape(*x.shape[:2], *w.shape[:-1])
 
 
 def _bias(x: Array, b: Array | None) -> Array:
@@ -279,12 +285,9 @@ def attention_block(layer: Layer, x: Array, kv: LayerCache | None, ctx: Context)
     with this call's keys and values written at slots ctx.index .. ctx.index + T - 1."""
     B, T, _ = x.shape
     config = ctx.config
-    N, K, H = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    # One [B, T, D] x [out, D] matmul, heads split afterwards: contracting straight into [.., N, H] makes XLA
-    # transpose the weight on every call.
-    qkv = _bias(_linear(x, layer.qkv_proj), layer.qkv_bias)  # [B, T, (N + 2K)·H]
-    q, k, v = jnp.split(qkv, [N * H, (N + K) * H], axis=-1)
-    q, k, v = q.reshape(B, T, N, H), k.reshape(B, T, K, H), v.reshape(B, T, K, H)
+    N, K, H, G = config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.num_groups
+    qkv = _bias(_linear(x, layer.qkv_proj), layer.qkv_bias)  # [B, T, K, G + 2, H]: one matmul for all three
+    q, k, v = qkv[:, :, :, :G].reshape(B, T, N, H), qkv[:, :, :, G], qkv[:, :, :, G + 1]  # head n = j·G + g
     chex.assert_shape(q, (B, T, N, H))
     chex.assert_shape([k, v], (B, T, K, H))
     ctx.tap("q_proj", q), ctx.tap("k_proj", k), ctx.tap("v_proj", v)
@@ -314,7 +317,8 @@ ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": functools.partial(jax.n
 
 def mlp(layer: Layer, x: Array, config: LLMConfig, tap: Tap) -> Array:
     """Gated MLP: down(act(gate(x)) * up(x)), SwiGLU with silu, GeGLU with Gemma's gelu. x [B, T, D] -> [B, T, D]."""
-    gate, up = jnp.split(_bias(_linear(x, layer.gate_up_proj), layer.gate_up_bias), 2, axis=-1)  # [B, T, F] each
+    gate_up = _bias(_linear(x, layer.gate_up_proj), layer.gate_up_bias)  # [B, T, F, 2]
+    gate, up = gate_up[..., 0], gate_up[..., 1]  # [B, T, F] each
     tap("gate_proj", gate), tap("up_proj", up)
     out = _bias(_linear(ACTIVATIONS[config.hidden_act](gate) * up, layer.down_proj), layer.down_bias)  # [B, T, D]
     chex.assert_equal_shape([x, out])
@@ -483,11 +487,26 @@ def check_inputs(config: LLMConfig, ids, positions, attention_mask=None) -> None
         raise InputError(f"positions must fit in int32 (at most {np.iinfo(np.int32).max}), found {int(pos_np.max())}")
 
 
+def mesh_of(params: Params) -> Mesh | None:
+    """The mesh the parameters lie on (jaxllm.load(..., mesh=...)), or None on a single device."""
+    sharding = getattr(params.embed_tokens, "sharding", None)
+    return sharding.mesh if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1 else None
+
+
+def place_batch(params: Params, *arrays):
+    """Inputs [B, ...] as device arrays; on a mesh, split over its dp axis when dp divides B (else replicated), so
+    that data parallelism runs each dp row on its own part of the batch and of the KV cache."""
+    mesh = mesh_of(params)
+    if mesh is None:
+        return tuple(None if a is None else jnp.asarray(a) for a in arrays)
+    return tuple(None if a is None else jax.device_put(a if isinstance(a, jax.Array) else np.asarray(a), NamedSharding(
+        mesh, P("dp") if np.shape(a)[0] % mesh.shape["dp"] == 0 else P())) for a in arrays)
+
+
 def _checked(params: Params, ids, positions, attention_mask) -> tuple:
     """check_inputs, then everything as arrays, ready for a jitted entry point."""
     check_inputs(params.config, ids, positions, attention_mask)
-    mask = None if attention_mask is None else jnp.asarray(attention_mask)
-    return params, jnp.asarray(ids), jnp.asarray(positions), mask
+    return params, *place_batch(params, ids, positions, attention_mask)
 
 
 def forward(params: Params, ids: Array, positions: Array, attention_mask: Array | None = None) -> Array:

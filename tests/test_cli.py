@@ -26,7 +26,7 @@ def test_inspect_shows_config_tensors_and_layer0_map(smollm2_dir, capsys):
     assert "num_key_value_heads        3" in out
     assert "model.layers.29.mlp.down_proj.weight" in out and "[576, 1536]" in out
     assert "model.layers.0.self_attn.q_proj.weight" in out and "[N·H, D] = [576, 576]" in out
-    assert "[K·H, D] = [192, 576]" in out and "-> layers[0].qkv_proj[576:768]" in out
+    assert "[K·H, D] = [192, 576]" in out and "-> layers[0].qkv_proj[:, 3:4]" in out
 
 
 def test_parity_writes_a_report_and_passes(smollm2_dir, tmp_path, capsys):

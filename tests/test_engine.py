@@ -117,9 +117,9 @@ def test_params_pytree_is_keyed_by_layer_and_immutable(tmp_path_factory):
     params = load(make_checkpoint(tmp_path_factory, "tree", VARIANTS["gqa"]))
     c = params.config
     assert len(params.layers) == c.num_hidden_layers
-    N, K, H = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-    assert params.layers[1].qkv_proj.shape == ((N + 2 * K) * H, c.hidden_size)  # [(N + 2K)·H, D]
-    assert params.layers[1].gate_up_proj.shape == (2 * c.intermediate_size, c.hidden_size)  # [2F, D]
+    K, G, H = c.num_key_value_heads, c.num_groups, c.head_dim
+    assert params.layers[1].qkv_proj.shape == (K, G + 2, H, c.hidden_size)  # [K, G + 2, H, D]
+    assert params.layers[1].gate_up_proj.shape == (c.intermediate_size, 2, c.hidden_size)  # [F, 2, D]
     assert params.lm_head.shape == (c.vocab_size, c.hidden_size)  # [V, D]
     with pytest.raises(dataclasses.FrozenInstanceError):
         params.layers[0].qkv_proj = None

@@ -77,12 +77,12 @@ def test_kv_heads_in_wrong_order_are_caught_at_attention(smollm2, smollm2_refere
 @pytest.mark.parametrize("layer, tensor, rung", [(17, "mlp.up_proj.weight", "up_proj"), (5, "self_attn.o_proj.weight", "o_proj"),
                                                  (29, "mlp.down_proj.weight", "mlp"), (11, "self_attn.v_proj.weight", "v_proj")])
 def test_corrupted_weight_is_caught_in_its_layer(smollm2, smollm2_reference, ids, layer, tensor, rung):
-    """Noise on one HF tensor, placed through the loader's table (stacked fields take it in their rows only)."""
+    """Noise on one HF tensor, placed through the loader's table (stacked fields take it in their part only)."""
     entry = next(e for e in layer_table(smollm2.params.config, layer) if e.hf_name.endswith(tensor))
     layers = list(smollm2.params.layers)
     weight = getattr(layers[layer], entry.field)
-    start, stop = entry.rows or (0, weight.shape[0])
-    noise = 0.05 * jax.random.normal(jax.random.key(layer), (stop - start, *weight.shape[1:]), weight.dtype)
-    layers[layer] = layers[layer].replace(**{entry.field: weight.at[start:stop].add(noise)})
+    where = entry.where or (slice(None),)
+    noise = 0.05 * jax.random.normal(jax.random.key(layer), weight[where].shape, weight.dtype)
+    layers[layer] = layers[layer].replace(**{entry.field: weight.at[where].add(noise)})
     params = smollm2.params.replace(layers=tuple(layers))
     assert first_divergent(params, ids, smollm2_reference) == f"layers.{layer}.{rung}"

@@ -1,0 +1,158 @@
+"""Meshes of 8 CPU devices. Run by tests/test_mesh.py in a pytest process of its own (JAX_NUM_CPU_DEVICES=8), so the
+rest of the suite keeps one device; not collected by the main session (the file name does not start with test_)."""
+
+import re
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from jaxllm import load, load_model, make_mesh, parity
+from jaxllm.errors import InputError
+from jaxllm.generate import DECODE_COMPILER_OPTIONS, GenerationSettings, _decode_step, generate, left_pad, prefill
+from jaxllm.loader import SHARDING
+from jaxllm.model import compile_counts, forward
+
+if jax.device_count() < 8:
+    pytest.skip("needs 8 devices: run through tests/test_mesh.py", allow_module_level=True)
+
+MESHES = [(1, 8), (2, 4), (4, 2), (8, 1)]
+# 16 query heads over 8 KV heads: every tp of the meshes above splits whole heads; F and V divide by 8 too.
+CONFIG = dict(model_type="llama", vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+              num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=256, rms_norm_eps=1e-5)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return parity.random_checkpoint(CONFIG, tmp_path_factory.mktemp("mesh"), seed=3, scale=0.08)
+
+
+@pytest.fixture(scope="module")
+def gemma(tmp_path_factory):  # sliding windows, soft-caps, (1 + w) norms and four norms a block, on a mesh
+    config = dict(model_type="gemma2", vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=8, num_key_value_heads=4, head_dim=16, sliding_window=4,
+                  max_position_embeddings=256, pad_token_id=0, bos_token_id=2, eos_token_id=1)
+    return parity.random_checkpoint(config, tmp_path_factory.mktemp("gemma"), seed=4, scale=0.08)
+
+
+def ids_for(batch, T, vocab=256, seed=0):
+    return np.random.default_rng(seed).integers(0, vocab, (batch, T))
+
+
+def test_mesh_has_the_devices_asked_for():
+    mesh = make_mesh(dp=2, tp=4)
+    assert dict(mesh.shape) == {"dp": 2, "tp": 4} and mesh.devices.size == 8
+    assert dict(make_mesh().shape) == {"dp": 8, "tp": 1}
+    assert dict(make_mesh(tp=2).shape) == {"dp": 4, "tp": 2}
+    assert make_mesh(dp=1, tp=3).devices.size == 3  # a smaller mesh: the first 3 devices
+
+
+@pytest.mark.parametrize("dp, tp", MESHES)
+def test_logits_on_a_mesh_equal_one_device(checkpoint, dp, tp):
+    ids, positions = ids_for(8, 12), np.tile(np.arange(12), (8, 1))
+    one = np.asarray(forward(load(checkpoint), ids, positions))
+    params = load(checkpoint, mesh=make_mesh(dp=dp, tp=tp))
+    sharded = forward(params, ids, positions)
+    diff = float(np.abs(np.asarray(sharded) - one).max())
+    print(f"mesh dp={dp} tp={tp}: max_abs_diff {diff:.3g} (logits reach {np.abs(one).max():.2f})")
+    assert diff <= 1e-5
+    assert np.abs(one).max() > 1.0
+
+
+@pytest.mark.parametrize("dp, tp", MESHES)
+def test_each_device_holds_its_part_of_every_sharded_weight(checkpoint, dp, tp):
+    params = load(checkpoint, mesh=make_mesh(dp=dp, tp=tp))
+    fields = {"embed_tokens": params.embed_tokens, "lm_head": params.lm_head,
+              **{name: getattr(params.layers[0], name) for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj",
+                                                                     "input_layernorm")}}
+    total = 0
+    for name, array in fields.items():
+        spec = SHARDING.get(name, jax.sharding.PartitionSpec())
+        expected = tuple(size // tp if axis == "tp" else size for size, axis in
+                         zip(array.shape, tuple(spec) + (None,) * (array.ndim - len(spec))))
+        assert len(array.addressable_shards) == dp * tp
+        for shard in array.addressable_shards:
+            assert shard.data.shape == expected, (name, shard.data.shape, expected)
+    for leaf in jax.tree.leaves(params):
+        total += leaf.addressable_shards[0].data.nbytes
+    full = sum(leaf.nbytes for leaf in jax.tree.leaves(params))
+    print(f"mesh dp={dp} tp={tp}: {total:,} parameter bytes per device of {full:,}")
+
+
+def collectives(params, settings, ids, mask) -> dict[str, list[str]]:
+    """The collectives of the compiled decode step, by kind, as the shapes they produce."""
+    state = prefill(params, ids, mask, jax.random.key(0), settings)
+    hlo = jax.jit(_decode_step, donate_argnames="state", compiler_options=DECODE_COMPILER_OPTIONS).lower(
+        params, state, settings).compile().as_text()
+    return {kind: re.findall(rf"= (\S+) {kind}(?:-start)?\(", hlo) for kind in ("all-reduce", "all-gather")}
+
+
+@pytest.mark.parametrize("dp, tp", [(1, 8), (2, 4)])
+def test_decode_step_all_reduces_activations_and_gathers_no_weight(checkpoint, dp, tp):
+    params = load(checkpoint, mesh=make_mesh(dp=dp, tp=tp))
+    ids, mask = left_pad([[5, 6, 7], [8, 9]] * dp, 16, 0)
+    found = collectives(params, GenerationSettings(max_new_tokens=4, length=32), ids, mask)
+    print(found)
+    B, L, D = 2 * dp, CONFIG["num_hidden_layers"], CONFIG["hidden_size"]
+    # Per layer one after o_proj and one after down_proj (their inputs are split over heads and F), one after the
+    # vocabulary-split embedding lookup: [B/dp, 1, D] each.
+    assert found["all-reduce"].count(f"f32[{B // dp},1,{D}]{{2,1,0}}") == 2 * L + 1
+    # What is gathered is the argmax of the vocabulary-split logits ([B/dp, tp] values and ids), never a weight.
+    weight_sizes = {leaf.addressable_shards[0].data.size for leaf in jax.tree.leaves(params)}
+    for shape in found["all-gather"]:
+        size = np.prod([int(n) for n in re.search(r"\[([\d,]*)\]", shape).group(1).split(",")])
+        assert size <= B * tp and size not in weight_sizes, shape
+
+
+@pytest.mark.parametrize("dp, tp", [(2, 4), (8, 1), (1, 2)])
+def test_greedy_tokens_on_a_mesh_equal_one_device(checkpoint, gemma, dp, tp):
+    prompts = [ids_for(1, 9, seed=1)[0].tolist(), ids_for(1, 3, seed=2)[0].tolist(), ids_for(1, 14, seed=3)[0].tolist()]
+    for path in (checkpoint, gemma):
+        vocab_prompts = [[t % 128 for t in p] for p in prompts]
+        one = [r.tokens for r in generate(load(path), vocab_prompts, 16, eos_ids=())]
+        params = load(path, mesh=make_mesh(dp=dp, tp=tp))
+        assert [r.tokens for r in generate(params, vocab_prompts, 16, eos_ids=())] == one  # a left-padded batch
+        assert generate(params, vocab_prompts[2], 16, eos_ids=()).tokens == one[2]  # alone (filled up to dp rows)
+
+
+def test_decode_loop_compiles_once_per_bucket_on_a_mesh(checkpoint):
+    params = load(checkpoint, mesh=make_mesh(dp=2, tp=4))
+    generate(params, [[1, 2, 3]], 8, eos_ids=())
+    before = compile_counts()
+    start = time.perf_counter()
+    for prompt in ([4, 5], [6, 7, 8, 9, 10], [11] * 12):  # the same buckets: 16 prompt slots, 32 in all
+        generate(params, [prompt, [3]], 8, eos_ids=())
+    after = compile_counts()
+    assert after["prefill"] == before["prefill"] and after["decode"] == before["decode"]
+    print(f"3 generations on a (2, 4) mesh without a compile: {time.perf_counter() - start:.2f} s")
+
+
+def test_real_model_on_tp_3(smollm2_dir):
+    one = load_model(smollm2_dir)
+    ids = one.tokenizer.encode("The capital of France is Paris, and the capital of Italy is")
+    positions = np.arange(len(ids))[None]
+    reference = np.asarray(forward(one.params, [ids], positions))
+    for dp, tp in [(1, 3), (2, 3)]:
+        mesh = make_mesh(dp=dp, tp=tp)
+        start = time.perf_counter()
+        model = load_model(smollm2_dir, mesh=mesh)
+        loaded = time.perf_counter() - start
+        diff = float(np.abs(np.asarray(forward(model.params, [ids], positions)) - reference).max())
+        start = time.perf_counter()
+        tokens = [r.tokens for r in generate(model, ["The capital of France is", "Water boils at"], 12)]
+        first = time.perf_counter() - start
+        print(f"SmolLM2 on dp={dp} tp={tp}: max_abs_diff {diff:.3g} (logits reach {np.abs(reference).max():.1f}), "
+              f"load {loaded:.2f} s, first generate (compiles) {first:.2f} s")
+        assert diff <= parity.REAL_MODEL_TOLERANCE
+        assert tokens == [r.tokens for r in generate(one, ["The capital of France is", "Water boils at"], 12)]
+
+
+def test_bad_meshes_are_refused_naming_the_numbers(smollm2_dir):
+    with pytest.raises(InputError, match=r"dp=4 x tp=4 = 16 devices needs more than the 8 available"):
+        make_mesh(dp=4, tp=4)
+    with pytest.raises(InputError, match=r"mesh tp must be a positive integer, found 0"):
+        make_mesh(tp=0)
+    with pytest.raises(InputError, match=r"tp=2 must divide num_attention_heads \(9\) and num_key_value_heads \(3\)"
+                                         r".*tp can be 1, 3"):
+        load(smollm2_dir, mesh=make_mesh(dp=1, tp=2))
