@@ -116,6 +116,16 @@ def test_greedy_tokens_on_a_mesh_equal_one_device(checkpoint, gemma, dp, tp):
         assert generate(params, vocab_prompts[2], 16, eos_ids=()).tokens == one[2]  # alone (filled up to dp rows)
 
 
+def test_kv_cache_is_split_by_batch_and_kv_head(checkpoint):
+    params = load(checkpoint, mesh=make_mesh(dp=2, tp=4))
+    ids, mask = left_pad([[5, 6, 7], [8, 9]], 16, 0)
+    state = prefill(params, ids, mask, jax.random.key(0), GenerationSettings(max_new_tokens=4, length=32))
+    B, K, H, S = 2, CONFIG["num_key_value_heads"], CONFIG["hidden_size"] // CONFIG["num_attention_heads"], 32
+    for keys in state.cache.k:  # [B, K, H, S]
+        assert keys.sharding.spec == jax.sharding.PartitionSpec("dp", "tp")
+        assert {shard.data.shape for shard in keys.addressable_shards} == {(B // 2, K // 4, H, S)}
+
+
 def test_decode_loop_compiles_once_per_bucket_on_a_mesh(checkpoint):
     params = load(checkpoint, mesh=make_mesh(dp=2, tp=4))
     generate(params, [[1, 2, 3]], 8, eos_ids=())
