@@ -1,9 +1,9 @@
-"""jaxllm against Transformers on one CPU process: prefill latency, decode tokens/s, the memory roofline, compiles.
+"""jaxllm against Transformers in one process: prefill latency, decode tokens/s, the memory roofline, compiles.
 
-Both engines run in fp32 on the same checkpoint with the same thread count; Transformers uses `sdpa` attention
-(its fastest CPU path). Every figure is the median of `repeats` timed runs after one warm-up run; JAX results are
-waited for with `block_until_ready`, Transformers runs under `torch.no_grad`. Ratios are Transformers time over
-jaxllm time, so > 1 means jaxllm is faster.
+Both engines run on the same checkpoint with the same thread count: jaxllm on JAX's default device in fp32 (or
+`dtype`), Transformers in fp32 on the CPU with `sdpa` attention (its fastest CPU path). Every figure is the median
+of `repeats` timed runs after one warm-up run; JAX results are waited for with `block_until_ready`, Transformers
+runs under `torch.no_grad`. Ratios are Transformers time over jaxllm time, so > 1 means jaxllm is faster.
 
     figures = bench.run(None, repeats=5)   # a JSON-serialisable dict
     print(bench.table(figures))
@@ -329,8 +329,10 @@ def _session(model: Model, tokenizer, lengths, new_tokens: int) -> dict[str, Any
     }
 
 
-def run(model: str | None = None, repeats: int = 5, quick: bool = False, settings: Settings | None = None) -> dict[str, Any]:
-    """Run every benchmark on `model` (the default model when None) in fp32; returns JSON-serialisable figures.
+def run(model: str | None = None, repeats: int = 5, quick: bool = False, settings: Settings | None = None,
+        dtype=jnp.float32) -> dict[str, Any]:
+    """Run every benchmark on `model` (the default model when None), jaxllm's parameters in `dtype`; returns
+    JSON-serialisable figures.
 
     `settings` overrides the FULL / QUICK presets. Clears JAX's caches (to time the compiles of the prefill and
     decode-loop programs), so this process recompiles its programs afterwards. Sets torch's thread count to
@@ -347,7 +349,7 @@ def run(model: str | None = None, repeats: int = 5, quick: bool = False, setting
     try:
         load_average_start = os.getloadavg()[0]
         path = resolve(model)
-        jax_model = load_model(path)
+        jax_model = load_model(path, dtype)
         reference = reference_model(path, attention="sdpa")
         tokenizer = jax_model.tokenizer
         decode_prompt = _prompt_ids(tokenizer, settings.decode_prompt)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import os
 import sys
@@ -37,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    p.add_argument("--mesh", help="shard over a mesh of devices, e.g. dp=2,tp=4 (either may be left out: all devices, "
+                                  "dp taking what tp leaves)")
+    p.add_argument("--coordinator", metavar="HOST:PORT", help="run as one of several processes (process 0's address; "
+                                                              "with --num-processes and --process-id)")
+    p.add_argument("--num-processes", type=int)
+    p.add_argument("--process-id", type=int)
     _compile_cache_arg(p)
 
     p = sub.add_parser("inspect", help="show the config, every tensor, and the layer-0 weight map")
@@ -60,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, help="write the figures here")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per figure (medians are reported)")
     p.add_argument("--quick", action="store_true", help="fewer lengths and tokens, for a smoke run")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="jaxllm's parameters (Transformers runs in float32 on the CPU)")
     return parser
 
 
@@ -69,24 +78,57 @@ def cmd_generate(args) -> int:
     from jaxllm.generate import UNKNOWN_TOKEN, Sampling, generate
     from jaxllm.loader import load_model
 
-    model = load_model(args.model)
+    mesh = _mesh(args)
+    model = load_model(args.model, mesh=mesh)
+    out = sys.stdout if jax.process_index() == 0 else io.StringIO()  # the others run the same steps, silently
     prompt = args.prompt
     if args.chat:  # the rendered template carries its own special tokens: encode it without adding BOS again
         chat = model.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
         prompt = model.tokenizer.encode(chat, add_special_tokens=False)
     stream = model.tokenizer.stream(skip_special_tokens=True, unknown=UNKNOWN_TOKEN)
-    sys.stdout.write(args.prompt if not args.chat else "")
-    sys.stdout.flush()
+    out.write(args.prompt if not args.chat else "")
+    out.flush()
 
     def on_token(row: int, token: int) -> None:
-        sys.stdout.write(stream.push(token))
-        sys.stdout.flush()
+        out.write(stream.push(token))
+        out.flush()
 
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     generate(model, prompt, args.max_new_tokens, use_cache=not args.no_cache, sampling=sampling,
              key=jax.random.key(args.seed), callback=on_token)
-    sys.stdout.write(stream.flush() + "\n")
+    out.write(stream.flush() + "\n")
     return 0
+
+
+def _mesh(args):
+    """The mesh of --mesh and the coordinator flags, or None (one device). With --coordinator this process first
+    joins the others, before anything touches JAX's devices."""
+    from jaxllm.errors import InputError
+    from jaxllm.loader import distributed, make_mesh
+
+    joined = (args.coordinator, args.num_processes, args.process_id)
+    if any(v is not None for v in joined) and None in joined:
+        raise InputError("--coordinator, --num-processes and --process-id go together: give all three or none")
+    sizes = {}
+    for part in args.mesh.split(",") if args.mesh is not None else ():
+        key, _, value = part.partition("=")
+        if key not in ("dp", "tp") or key in sizes or not value.isdigit() or int(value) < 1:
+            raise InputError(f"--mesh {args.mesh!r}: {part!r} is not dp=N or tp=N (N a positive integer, "
+                             f"each key at most once)")
+        sizes[key] = int(value)
+    if args.coordinator is not None:
+        distributed(args.coordinator, args.num_processes, args.process_id)
+        _text_only_stdout()
+    return make_mesh(**sizes) if args.mesh is not None or args.coordinator is not None else None
+
+
+def _text_only_stdout() -> None:
+    """Gloo (the CPU collectives) prints its connection lines on the C stdout: point that at stderr and keep Python's
+    stdout on the real one, so that stdout carries the generated text alone."""
+    sys.stdout.flush()
+    text = os.dup(sys.stdout.fileno())
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    sys.stdout = open(text, "w", encoding=sys.stdout.encoding, errors=sys.stdout.errors)
 
 
 def cmd_inspect(args) -> int:
@@ -111,7 +153,7 @@ def cmd_inspect(args) -> int:
     print(f"\ntensors ({len(checkpoint.tensors)}):")
     for name, (shape, dtype) in checkpoint.tensors.items():
         print(f"  {name:<52} {str(list(shape)):<14} {dtype}")
-    print("\nlayer-0 weight map, as stored ([out, in]) -> the jaxllm field (q/k/v and gate/up stacked by rows):")
+    print("\nlayer-0 weight map, as stored ([out, in]) -> the jaxllm field (q/k/v grouped by kv head, gate/up stacked):")
     for e in layer_table(config, 0):
         print(f"  {e.hf_name:<44} [{e.letters}] = {str(list(e.hf_shape)):<12} -> layers[0].{e.target}")
     return 0
@@ -172,7 +214,7 @@ def cmd_convert(args) -> int:
 def cmd_bench(args) -> int:
     from jaxllm import bench
 
-    figures = bench.run(args.model, repeats=args.repeats, quick=args.quick)
+    figures = bench.run(args.model, repeats=args.repeats, quick=args.quick, dtype=args.dtype)
     print(bench.table(figures))
     if args.json:
         _write_json(args.json, figures)

@@ -249,13 +249,14 @@ def _as_batch(model: Model, prompts) -> tuple[list[list[int]], bool]:
 
 
 def _stream(params: Params, state: DecodeState, settings: GenerationSettings,
-            callback: Callable[[int, int], None]) -> DecodeState:
-    """decode_step from Python, handing each row's new token to callback(row, token) as soon as it exists."""
+            callback: Callable[[int, int], None], rows: int) -> DecodeState:
+    """decode_step from Python, handing each of the first `rows` rows' new token to callback(row, token) as soon as
+    it exists (rows after them only fill the batch up to a multiple of dp)."""
     reported, done = 0, np.zeros(state.done.shape, bool)  # done: rows that had stopped before the token reported
     while True:
         if int(to_host(state.step)) > reported:  # prefill and each step make at most one token per row
             tokens = to_host(state.tokens)[:, reported]
-            for row in np.flatnonzero(~done):
+            for row in np.flatnonzero(~done[:rows]):
                 callback(int(row), int(tokens[row]))
             reported += 1
         done = to_host(state.done)
@@ -294,7 +295,10 @@ def generate(model: Model | Params, prompts, max_new_tokens: int = 20, *, use_ca
                                   length=bucket(P + max_new_tokens), use_cache=use_cache)
     ids, mask = left_pad(prompts_ids + filler, P, settings.pad_id)
     state = prefill(params, ids, mask, jax.random.key(0) if key is None else key, settings)
-    state = decode(params, state, settings) if callback is None else _stream(params, state, settings, callback)
+    if callback is None:
+        state = decode(params, state, settings)
+    else:
+        state = _stream(params, state, settings, callback, len(prompts_ids))
     out = to_host(state.tokens)[:, :max_new_tokens]
     results = [_result(p, row, set(eos_ids), tokenizer) for p, row in zip(prompts_ids, out)]
     return results[0] if single else results

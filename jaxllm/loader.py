@@ -150,7 +150,7 @@ def make_mesh(dp: int | None = None, tp: int | None = None) -> Mesh:
     for name, value in (("dp", dp), ("tp", tp)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise InputError(f"mesh {name} must be a positive integer, found {value!r}")
-    tp = tp or (len(devices) // dp if dp else 1)
+    tp = tp or (max(len(devices) // dp, 1) if dp else 1)
     dp = dp or max(len(devices) // tp, 1)
     if dp * tp > len(devices) or dp * tp == 0:
         raise InputError(f"a mesh of dp={dp} x tp={tp} = {dp * tp} devices needs more than the {len(devices)} "

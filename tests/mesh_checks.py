@@ -114,6 +114,9 @@ def test_greedy_tokens_on_a_mesh_equal_one_device(checkpoint, gemma, dp, tp):
         params = load(path, mesh=make_mesh(dp=dp, tp=tp))
         assert [r.tokens for r in generate(params, vocab_prompts, 16, eos_ids=())] == one  # a left-padded batch
         assert generate(params, vocab_prompts[2], 16, eos_ids=()).tokens == one[2]  # alone (filled up to dp rows)
+        streamed = []  # streaming reports the rows asked for, never the ones that fill the batch up to dp
+        generate(params, vocab_prompts[2], 16, eos_ids=(), callback=lambda row, token: streamed.append((row, token)))
+        assert streamed == [(0, token) for token in one[2]]
 
 
 def test_kv_cache_is_split_by_batch_and_kv_head(checkpoint):
