@@ -21,19 +21,23 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_processes_generate_what_one_does_and_only_process_0_prints(smollm2_dir, tmp_path, capsys):
+@pytest.mark.parametrize("devices, mesh", [
+    # Two CPU devices each: one mesh of four, dp across all of them (SmolLM2's 3 KV heads allow tp 1 or 3).
+    (2, "dp=4"),
+    # Three each: one mesh of six, a tp row of three in each process and dp across the two, so the parameters are
+    # sharded as well as the batch and the cache.
+    (3, "dp=2,tp=3"),
+])
+def test_two_processes_generate_what_one_does_and_only_process_0_prints(smollm2_dir, tmp_path, capsys, devices, mesh):
     assert main(["generate", PROMPT, "--model", str(smollm2_dir), "-n", "8"]) == 0
     expected = capsys.readouterr().out
-
-    # Two processes with three CPU devices each: one mesh of six, a tp row of three (SmolLM2's 3 KV heads allow tp 1
-    # or 3) in each process, dp across the two. Parameters are then sharded, and the batch and cache are split.
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "3"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(devices)}
     coordinator = f"127.0.0.1:{_free_port()}"
     processes, deadline = [], time.monotonic() + DEADLINE_S
     try:
         for i in range(2):
             command = [sys.executable, "-m", "jaxllm", "generate", PROMPT, "--model", str(smollm2_dir), "-n", "8",
-                       "--mesh", "dp=2,tp=3", "--coordinator", coordinator, "--num-processes", "2",
+                       "--mesh", mesh, "--coordinator", coordinator, "--num-processes", "2",
                        "--process-id", str(i)]
             # Files, not pipes: a process that fills an unread pipe would block.
             with open(tmp_path / f"{i}.out", "w") as out, open(tmp_path / f"{i}.err", "w") as err:
