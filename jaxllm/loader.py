@@ -76,7 +76,8 @@ def layer_table(c: LLMConfig, i: int) -> list[Entry]:
                         c.num_groups)
     p = f"model.layers.{i}."
 
-    def qkv(suffix: str, cols: tuple[int, ...], col_letters: str) -> list[Entry]:
+    def qkv(suffix: str) -> list[Entry]:  # ".weight" [.., D] into qkv_proj, ".bias" [..] into qkv_bias
+        field, cols, col_letters = ("qkv_proj", (D,), ", D") if suffix == ".weight" else ("qkv_bias", (), "")
         rows = [(p + "self_attn.q_proj", N * H, "N·H", G), (p + "self_attn.k_proj", K * H, "K·H", 1),
                 (p + "self_attn.v_proj", K * H, "K·H", 1)]
         if c.model_type == "phi3":  # Phi-3 stores q, k and v fused: [(N + 2K)·H, D], in that order
@@ -86,7 +87,8 @@ def layer_table(c: LLMConfig, i: int) -> list[Entry]:
         return _stacked(field, [(name + suffix, (size, *cols), letters + col_letters, (K, heads, H, *cols), None)
                                 for name, size, letters, heads in rows], 1)
 
-    def gate_up(suffix: str, cols: tuple[int, ...], col_letters: str) -> list[Entry]:
+    def gate_up(suffix: str) -> list[Entry]:  # ".weight" into gate_up_proj, ".bias" into gate_up_bias
+        field, cols, col_letters = ("gate_up_proj", (D,), ", D") if suffix == ".weight" else ("gate_up_bias", (), "")
         if c.model_type == "phi3":  # fused [2F, D]: gate rows, then up rows
             fused = p + "mlp.gate_up_proj" + suffix
             return _stacked(field, [(fused, (2 * F, *cols), "2F" + col_letters, (F, 1, *cols), (j * F, (j + 1) * F))
@@ -94,12 +96,10 @@ def layer_table(c: LLMConfig, i: int) -> list[Entry]:
         return _stacked(field, [(p + f"mlp.{n}_proj" + suffix, (F, *cols), "F" + col_letters, (F, 1, *cols), None)
                                 for n in ("gate", "up")], 1)
 
-    field = "qkv_proj"
-    rows = [Entry(p + "input_layernorm.weight", "input_layernorm", (D,), "D"), *qkv(".weight", (D,), ", D"),
+    rows = [Entry(p + "input_layernorm.weight", "input_layernorm", (D,), "D"), *qkv(".weight"),
             Entry(p + "self_attn.o_proj.weight", "o_proj", (D, N * H), "D, N·H"),
             Entry(p + "post_attention_layernorm.weight", "post_attention_layernorm", (D,), "D")]
-    field = "gate_up_proj"
-    rows += [*gate_up(".weight", (D,), ", D"), Entry(p + "mlp.down_proj.weight", "down_proj", (D, F), "D, F")]
+    rows += [*gate_up(".weight"), Entry(p + "mlp.down_proj.weight", "down_proj", (D, F), "D, F")]
     if c.qk_norm:
         rows += [Entry(p + "self_attn.q_norm.weight", "q_norm", (H,), "H"),
                  Entry(p + "self_attn.k_norm.weight", "k_norm", (H,), "H")]
@@ -107,13 +107,11 @@ def layer_table(c: LLMConfig, i: int) -> list[Entry]:
         rows += [Entry(p + "pre_feedforward_layernorm.weight", "pre_feedforward_layernorm", (D,), "D"),
                  Entry(p + "post_feedforward_layernorm.weight", "post_feedforward_layernorm", (D,), "D")]
     if c.attention_bias or c.qkv_bias:
-        field = "qkv_bias"
-        rows += qkv(".bias", (), "")
+        rows += qkv(".bias")
     if c.attention_bias:
         rows.append(Entry(p + "self_attn.o_proj.bias", "o_bias", (D,), "D"))
     if c.mlp_bias:
-        field = "gate_up_bias"
-        rows += [*gate_up(".bias", (), ""), Entry(p + "mlp.down_proj.bias", "down_bias", (D,), "D")]
+        rows += [*gate_up(".bias"), Entry(p + "mlp.down_proj.bias", "down_bias", (D,), "D")]
     return rows
 
 
