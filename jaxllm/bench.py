@@ -1,21 +1,30 @@
 """jaxllm against Transformers in one process: prefill latency, decode tokens/s, the memory roofline, compiles.
 
-Both engines run on the same checkpoint with the same thread count: jaxllm on JAX's default device in fp32 (or
-`dtype`), Transformers in fp32 on the CPU with `sdpa` attention (its fastest CPU path). Every figure is the median
-of `repeats` timed runs after one warm-up run; JAX results are waited for with `block_until_ready`, Transformers
-runs under `torch.no_grad`. Ratios are Transformers time over jaxllm time, so > 1 means jaxllm is faster.
+Both engines run on the same checkpoint with the same thread count: jaxllm on JAX's default device in its first
+weight format (fp32 by default), Transformers in fp32 on the CPU with `sdpa` attention (its fastest CPU path). Every
+figure is the median of `repeats` timed runs after one warm-up run; JAX results are waited for with
+`block_until_ready`, Transformers runs under `torch.no_grad`. Ratios are Transformers time over jaxllm time, so > 1
+means jaxllm is faster.
 
-    figures = bench.run(None, repeats=5)   # a JSON-serialisable dict
+With several weight formats (weights.py), a second table puts them side by side: each format's decode loop, timed in
+rounds that alternate the formats (and llama.cpp on the model's GGUF, when llama-cpp-python is installed) so that
+they share the machine's moments, with its prefill latency, the bytes it reads per token, its roofline fraction and
+the peak memory of loading it in a fresh process.
+
+    figures = bench.run(None, repeats=5, weights=("fp32", "int8", "gguf"))   # a JSON-serialisable dict
     print(bench.table(figures))
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from typing import Any, Callable
 
@@ -25,7 +34,8 @@ import numpy as np
 
 from jaxllm.generate import GenerationSettings, bucket, decode, generate, left_pad, prefill
 from jaxllm.model import KVCache, Model, compile_counts, forward
-from jaxllm.parity import reference_model, torch_and_transformers
+from jaxllm.parity import agreement_length, reference_model, torch_and_transformers
+from jaxllm.weights import nbytes
 
 # Prose (not random ids) so that greedy decoding behaves like real use; repeated to reach the longest prompt.
 PROMPT_TEXT = (
@@ -237,7 +247,7 @@ def _decode_figures(model: Model, reference, prompt: list[int], new_tokens: int,
     if len(theirs) != new_tokens:
         raise RuntimeError(f"Transformers generated {len(theirs)} tokens, expected {new_tokens}")
     reference_decode_s = max(reference_s - reference_first_s, 1e-9)
-    agree = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), new_tokens)
+    agree = agreement_length(ours, theirs)
     figures = {
         "prompt_tokens": len(prompt),
         "new_tokens": new_tokens,
@@ -272,8 +282,8 @@ def _roofline(params, decode: dict[str, Any]) -> dict[str, Any]:
     so weight bytes / bandwidth bounds its time from below. Each of the decode figures' paired loops is compared with
     the matvec timed right after it, and the fraction is the median of the pairs' fractions. The KV cache read per
     step is reported alongside, not counted in the bound."""
-    weight_bytes = sum(int(leaf.nbytes) for leaf in jax.tree_util.tree_leaves(params))
-    cache = jax.eval_shape(lambda: KVCache.zeros(params.config, 1, decode["cache_slots"], params.embed_tokens.dtype))
+    weight_bytes = nbytes(params)
+    cache = jax.eval_shape(lambda: KVCache.zeros(params.config, 1, decode["cache_slots"], params.dtype))
     cache_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(cache))
     step_s = [loop / decode["decode_steps"] for loop in decode["paired_loop_s"]]
     matvec_s, matrix_bytes = decode["paired_matvec_s"], decode["matrix_bytes"]
@@ -330,9 +340,9 @@ def _session(model: Model, tokenizer, lengths, new_tokens: int) -> dict[str, Any
 
 
 def run(model: str | None = None, repeats: int = 5, quick: bool = False, settings: Settings | None = None,
-        dtype=jnp.float32) -> dict[str, Any]:
-    """Run every benchmark on `model` (the default model when None), jaxllm's parameters in `dtype`; returns
-    JSON-serialisable figures.
+        weights: tuple[str, ...] = ("fp32",)) -> dict[str, Any]:
+    """Run every benchmark on `model` (the default model when None) in jaxllm's first weight format, and the side by
+    side of all `weights` formats when there are several or the one is not fp32; returns JSON-serialisable figures.
 
     `settings` overrides the FULL / QUICK presets. Clears JAX's caches (to time the compiles of the prefill and
     decode-loop programs), so this process recompiles its programs afterwards. Sets torch's thread count to
@@ -349,14 +359,14 @@ def run(model: str | None = None, repeats: int = 5, quick: bool = False, setting
     try:
         load_average_start = os.getloadavg()[0]
         path = resolve(model)
-        jax_model = load_model(path, dtype)
+        models = {w: load_model(model, w) for w in weights}
+        jax_model = models[weights[0]]
         reference = reference_model(path, attention="sdpa")
         tokenizer = jax_model.tokenizer
         decode_prompt = _prompt_ids(tokenizer, settings.decode_prompt)
         figures: dict[str, Any] = {"environment": {
             "model": str(path),
-            "parameters": sum(int(leaf.size) for leaf in jax.tree_util.tree_leaves(jax_model.params)),
-            "dtype": str(jax_model.params.embed_tokens.dtype),
+            "weights": weights[0],
             "repeats": repeats,
             "quick": bool(quick),
             "cpu_count": threads,
@@ -376,10 +386,140 @@ def run(model: str | None = None, repeats: int = 5, quick: bool = False, setting
                                               settings.decode_tokens, repeats)
         figures["roofline"] = _roofline(jax_model.params, figures["decode"])
         figures["session"] = _session(jax_model, tokenizer, settings.session_lengths, settings.session_tokens)
+        if weights != ("fp32",):
+            figures["formats"] = _formats(model, models, decode_prompt, settings, repeats, threads)
         figures["environment"]["load_average"] = [round(load_average_start, 2), round(os.getloadavg()[0], 2)]
         return figures
     finally:
         torch.set_num_threads(previous_threads)
+
+
+# ---- weight formats side by side, and llama.cpp ---------------------------------------------------------------
+
+
+def llama_cpp_gguf(model: str | None):
+    """(llama_cpp module, the GGUF it would run) or (None, why not): llama.cpp reads GGUF files only."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return None, "llama-cpp-python is not installed (README, 'Weights': how to build it)"
+    from jaxllm.loader import resolve
+
+    path = resolve(model, gguf=True)
+    if path.suffix != ".gguf":
+        return None, f"{path} is not a GGUF file"
+    return llama_cpp, path
+
+
+def _llama_cpp(module, path, threads: int, prompt: list[int], new_tokens: int):
+    """A function that runs llama.cpp's create_completion of n tokens, greedy, from the prompt's ids and returns how
+    many it made."""
+    llm = module.Llama(model_path=str(path), n_ctx=bucket(len(prompt) + new_tokens), n_threads=threads,
+                       n_threads_batch=threads, verbose=False, seed=0)
+
+    def complete(n: int) -> int:
+        out = llm.create_completion(prompt, max_tokens=n, temperature=0.0, top_k=1, top_p=1.0, min_p=0.0,
+                                    repeat_penalty=1.0)
+        return int(out["usage"]["completion_tokens"])
+
+    return complete
+
+
+def _peak_load_memory(model: str | None, weights: str) -> dict[str, Any]:
+    """Load in a fresh process: its resident memory once jax is up (the baseline) and its peak after the load."""
+    code = (
+        "import json, resource, sys, jax, jax.numpy as jnp, jaxllm\n"
+        "from jaxllm.weights import nbytes\n"
+        "jnp.ones(1).block_until_ready()\n"
+        "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * 4096\n"
+        "base = rss()\n"
+        "params = jaxllm.load(None if sys.argv[1] == '-' else sys.argv[1], sys.argv[2])\n"
+        "print(json.dumps({'baseline_bytes': base, 'peak_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,"
+        " 'param_bytes': nbytes(params)}))\n")
+    out = subprocess.run([sys.executable, "-c", code, "-" if model is None else str(model), weights],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    figures["peak_over_baseline_bytes"] = figures["peak_bytes"] - figures["baseline_bytes"]
+    figures["peak_over_params"] = round(figures["peak_over_baseline_bytes"] / figures["param_bytes"], 3)
+    return figures
+
+
+def _formats(model, models: dict[str, Model], prompt: list[int], settings: Settings, repeats: int,
+             threads: int) -> dict[str, Any]:
+    """Each format's decode loop (greedy, EOS off) in rounds that alternate the formats, each loop paired with a
+    matvec for the roofline, and llama.cpp's completion of the same tokens in the same rounds; then each format's
+    prefill latency, compile times and load memory."""
+    new_tokens, steps = settings.decode_tokens, settings.decode_tokens - 1
+    ids, mask = _prefill_inputs(prompt)
+    gen = _no_eos(ids.shape[1], new_tokens)
+    setups = {w: _prefilled(m.params, ids, mask, gen) for w, m in models.items()}
+    compiles = {w: _compile_times(m.params, prompt, new_tokens) for w, m in models.items()}
+    module, gguf = llama_cpp_gguf(model)
+    llama = _llama_cpp(module, gguf, threads, prompt, new_tokens) if module is not None else None
+    matrix = jax.block_until_ready(jax.random.normal(jax.random.key(1), settings.matrix, jnp.float32))
+    vector = jnp.ones(settings.matrix[1], jnp.float32)
+    matvec = jax.jit(lambda a, x: a @ x)
+    run_matvec = lambda: jax.block_until_ready(matvec(matrix, vector))  # noqa: E731
+    for setup in setups.values():  # warm-ups
+        _seconds(_run_decode, setup)
+    _seconds(run_matvec)
+    if llama is not None:
+        llama(new_tokens), llama(1)
+    loops: dict[str, list[float]] = {w: [] for w in models}
+    matvecs: dict[str, list[float]] = {w: [] for w in models}
+    llama_n, llama_1, llama_made = [], [], new_tokens
+    outputs = {}
+    for _ in range(max(repeats, settings.roofline_pairs)):
+        for w, setup in setups.items():
+            seconds, state = _seconds(_run_decode, setup)
+            loops[w].append(seconds)
+            outputs[w] = np.asarray(state.tokens)[0, :new_tokens].tolist()
+            matvecs[w].append(statistics.median(_seconds(run_matvec)[0] for _ in range(3)))
+        if llama is not None:
+            seconds, llama_made = _seconds(llama, lambda: (new_tokens,))
+            llama_n.append(seconds)
+            llama_1.append(_seconds(llama, lambda: (1,))[0])
+    matrix_bytes = math.prod(settings.matrix) * 4
+    rows = {}
+    for w, m in models.items():
+        weight_bytes = nbytes(m.params)
+        step_s = [loop / steps for loop in loops[w]]
+        fractions = [(weight_bytes / step) / (matrix_bytes / mv) for step, mv in zip(step_s, matvecs[w])]
+        prefill = {}
+        for length in settings.prefill_lengths:
+            p_ids, p_mask = _prefill_inputs(_prompt_ids(m.tokenizer, length))
+            p_settings = _no_eos(p_ids.shape[1], new_tokens)
+            prefill[length] = _ms(_median(_run_prefill, repeats, lambda: (m.params, p_ids, p_mask, p_settings)))
+        rows[w] = {
+            "decode_tokens_per_s": round(steps / statistics.median(loops[w]), 3),
+            "decode_tokens_per_s_range": [round(steps / max(loops[w]), 3), round(steps / min(loops[w]), 3)],
+            "decode_ms_per_token": _ms(statistics.median(step_s)),
+            "weight_bytes_per_token": weight_bytes,
+            "roofline_fraction": round(statistics.median(fractions), 3),
+            "bandwidth_gb_per_s": round(matrix_bytes / statistics.median(matvecs[w]) / 1e9, 3),
+            "prefill_ms": prefill,
+            "prefill_compile_s": compiles[w]["prefill_compile_s"],
+            "decode_loop_compile_s": compiles[w]["decode_loop_compile_s"],
+            "greedy_agree_with_first": agreement_length(outputs[w], outputs[next(iter(models))]),
+            "load_memory": _peak_load_memory(model, w),
+        }
+    first = next(iter(models))
+    for w in rows:
+        rows[w]["decode_vs_first"] = round(rows[w]["decode_tokens_per_s"] / rows[first]["decode_tokens_per_s"], 3)
+    out: dict[str, Any] = {"first": first, "rounds": len(loops[first]), "new_tokens": new_tokens, "formats": rows}
+    if llama is None:
+        out["llama_cpp"] = {"skipped": gguf}
+    else:
+        llama_decode = (llama_made - 1) / max(statistics.median(llama_n) - statistics.median(llama_1), 1e-9)
+        out["llama_cpp"] = {
+            "gguf": str(gguf), "version": module.__version__, "threads": threads, "tokens_made": llama_made,
+            "completion_s": round(statistics.median(llama_n), 4), "first_token_s": round(statistics.median(llama_1), 4),
+            "decode_tokens_per_s": round(llama_decode, 3),
+            "jaxllm_over_llama_cpp": {w: round(r["decode_tokens_per_s"] / llama_decode, 3) for w, r in rows.items()},
+        }
+    return out
 
 
 # ---- the report ---------------------------------------------------------------------------------------------
@@ -406,7 +546,7 @@ def table(figures: dict[str, Any]) -> str:
     """The figures as a plain-text report. Ratios are Transformers time / jaxllm time (> 1: jaxllm faster)."""
     env, comp, dec, roof, ses = (figures[k] for k in ("environment", "compile", "decode", "roofline", "session"))
     out = [
-        f"model        {env['model']} ({env['parameters']:,} parameters, {env['dtype']})",
+        f"model        {env['model']} (weights {env['weights']})",
         f"engines      jaxllm (jax {env['jax']}, {env['jax_device']}) vs Transformers {env['transformers']} "
         f"(torch {env['torch']}, attention {env['transformers_attention']})",
         f"threads      {env['torch_threads']} torch threads on {env['cpu_count']} CPUs; jax on XLA's default CPU thread pool; "
@@ -470,4 +610,37 @@ def table(figures: dict[str, Any]) -> str:
         f"    warm-up (lengths {ses['warmup_lengths']}): {_counts(ses['warmup_compiles'])}",
         f"    session ({ses['session_s']} s): {_counts(ses['session_compiles'])}",
     ]
+    if "formats" in figures:
+        out += ["", *formats_table(figures["formats"])]
     return "\n".join(out)
+
+
+def formats_table(f: dict[str, Any]) -> list[str]:
+    """The weight formats side by side (and llama.cpp), as lines."""
+    rows = f["formats"]
+    lengths = list(next(iter(rows.values()))["prefill_ms"])
+    out = [f"Weight formats side by side: decode of {f['new_tokens']} tokens in {f['rounds']} rounds alternating the "
+           f"formats{' and llama.cpp' if 'gguf' in f['llama_cpp'] else ''}; medians"]
+    header = ["format", "decode tok/s", "range", f"vs {f['first']}", "MB/token", "roofline",
+              *[f"prefill {n} ms" for n in lengths], "compile s (prefill, loop)", "load peak MB (x params)",
+              f"greedy = {f['first']}"]
+    table_rows = []
+    for w, r in rows.items():
+        memory = r["load_memory"]
+        table_rows.append([
+            w, r["decode_tokens_per_s"], f"{r['decode_tokens_per_s_range'][0]:.1f}-{r['decode_tokens_per_s_range'][1]:.1f}",
+            r["decode_vs_first"], round(r["weight_bytes_per_token"] / 1e6, 1), f"{r['roofline_fraction']:.1%}",
+            *[r["prefill_ms"][n] for n in lengths], f"{r['prefill_compile_s']}, {r['decode_loop_compile_s']}",
+            f"{memory['peak_over_baseline_bytes'] / 1e6:.0f} ({memory['peak_over_params']})" if "error" not in memory
+            else memory["error"], r["greedy_agree_with_first"]])
+    out += _rows(header, table_rows)
+    llama = f["llama_cpp"]
+    if "gguf" in llama:
+        out += [f"llama.cpp {llama['version']} on {llama['gguf']} ({llama['threads']} threads, create_completion, "
+                f"greedy): {llama['decode_tokens_per_s']} tok/s decode ({llama['tokens_made']} tokens made)",
+                "jaxllm / llama.cpp decode: " + ", ".join(f"{w} {x}" for w, x in llama["jaxllm_over_llama_cpp"].items())]
+    else:
+        out.append(f"llama.cpp: not run ({llama['skipped']})")
+    out.append("load peak: resident memory a fresh process adds while loading, over its baseline once jax is up "
+               "(x: over the loaded parameter bytes)")
+    return out

@@ -18,6 +18,14 @@ def _model_arg(p: argparse.ArgumentParser) -> None:
                    help="model directory, .gguf file, Hub repo id, or 'smollm2-135m' (the default)")
 
 
+def _weights_arg(p: argparse.ArgumentParser, what: str = "the weight format") -> None:
+    from jaxllm.weights import FORMATS
+
+    p.add_argument("--weights", "-w", choices=FORMATS, default="fp32",
+                   help=f"{what}: fp32 (default), bf16, int8 (quantized as it loads) or gguf (a .gguf's quantized "
+                        "blocks kept as stored; the default model's GGUF for the default model)")
+
+
 def _compile_cache_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-compile-cache", action="store_true",
                    help="compile every program anew instead of reusing those kept in the jaxllm cache folder "
@@ -44,17 +52,22 @@ def build_parser() -> argparse.ArgumentParser:
                                                               "with --num-processes and --process-id)")
     p.add_argument("--num-processes", type=int)
     p.add_argument("--process-id", type=int)
+    _weights_arg(p)
     _compile_cache_arg(p)
 
     p = sub.add_parser("inspect", help="show the config, every tensor, and the layer-0 weight map")
     _model_arg(p)
+    p.add_argument("--weights", "-w", choices=("fp32", "bf16", "int8", "gguf"),
+                   help="also load the parameters in this format and show each matrix's format and bytes")
 
     p = sub.add_parser("parity", help="compare logits and greedy tokens with Transformers (needs the test extra)")
     _model_arg(p)
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
-    p.add_argument("--max-new-tokens", "-n", type=int, default=20)
+    p.add_argument("--max-new-tokens", "-n", type=int)
     p.add_argument("--out", type=Path, help="write the JSON report here")
     p.add_argument("--ladder", action="store_true", help="also run the component-by-component diff ladder")
+    _weights_arg(p, "compare this format with fp32 jaxllm and Transformers fp32 (KL, top-1, greedy agreement "
+                    "over --max-new-tokens, 64 by default for a format other than fp32) instead")
     _compile_cache_arg(p)
 
     p = sub.add_parser("convert", help="convert a GGUF file to an HF-format directory")
@@ -67,8 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, help="write the figures here")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per figure (medians are reported)")
     p.add_argument("--quick", action="store_true", help="fewer lengths and tokens, for a smoke run")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="jaxllm's parameters (Transformers runs in float32 on the CPU)")
+    p.add_argument("--weights", "-w", default="fp32",
+                   help="jaxllm's weight formats, comma-separated (fp32,bf16,int8,gguf), measured side by side in one "
+                        "run; Transformers runs in fp32. With a format other than fp32, llama.cpp runs too when "
+                        "llama-cpp-python is installed")
     return parser
 
 
@@ -79,7 +94,7 @@ def cmd_generate(args) -> int:
     from jaxllm.loader import load_model
 
     mesh = _mesh(args)
-    model = load_model(args.model, mesh=mesh)
+    model = load_model(args.model, args.weights, mesh=mesh)
     out = sys.stdout if jax.process_index() == 0 else io.StringIO()  # the others run the same steps, silently
     prompt = args.prompt
     if args.chat:  # the rendered template carries its own special tokens: encode it without adding BOS again
@@ -135,7 +150,7 @@ def cmd_inspect(args) -> int:
     from jaxllm.config import LLMConfig
     from jaxllm.loader import layer_table, open_checkpoint
 
-    checkpoint = open_checkpoint(args.model)
+    checkpoint = open_checkpoint(args.model, gguf=args.weights == "gguf")
     config = checkpoint.config
     print(f"model: {checkpoint.path}\n\nconfig:")
     for f in dataclasses.fields(config):
@@ -156,7 +171,40 @@ def cmd_inspect(args) -> int:
     print("\nlayer-0 weight map, as stored ([out, in]) -> the jaxllm field (q/k/v grouped by kv head, gate/up stacked):")
     for e in layer_table(config, 0):
         print(f"  {e.hf_name:<44} [{e.letters}] = {str(list(e.hf_shape)):<12} -> layers[0].{e.target}")
+    if args.weights:
+        _print_weights(args.model, args.weights)
     return 0
+
+
+def _print_weights(model, weights: str) -> None:
+    """Every parameter field in `weights`: its format, shape and bytes; a quantized one's parts too."""
+    import math
+
+    import jax
+
+    from jaxllm.loader import MATRICES, load
+    from jaxllm.weights import describe, is_quantized, nbytes
+
+    params = load(model, weights)
+    fields = [("embed_tokens", params.embed_tokens), ("lm_head", params.lm_head), ("norm", params.norm)]
+    fields += [(f"layers.{i}.{name}", getattr(layer, name)) for i, layer in enumerate(params.layers)
+               for name in layer.__dataclass_fields__ if getattr(layer, name) is not None]
+    total, fp32 = nbytes(params), sum(4 * math.prod(value.shape) for _, value in fields if value is not None)
+    print(f"\nweights {weights}: {total:,} bytes in memory ({total / 2**20:,.1f} MiB; the same parameters in fp32: "
+          f"{fp32 / 2**20:,.1f} MiB)")
+    if weights in ("int8", "gguf"):
+        wide = [name for name, value in fields
+                if value is not None and name.split(".")[-1] in MATRICES and not is_quantized(value)]
+        print(f"  matrices not quantized: {', '.join(wide) or 'none'}" + (
+            " (their inputs carry outlier activations: loader.outlier_inputs)" if weights == "int8" and wide else ""))
+    for name, value in fields:
+        if value is None:
+            continue
+        print(f"  {name:<34} {describe(value)}")
+        if is_quantized(value):
+            parts = ", ".join(f"{f.name} {leaf.dtype} {list(leaf.shape)}" for f in dataclasses.fields(value)
+                              if isinstance(leaf := getattr(value, f.name), jax.Array))
+            print(f"  {'':<34}   = {parts}")
 
 
 # LLMConfig fields that switch a family behaviour in the forward (config.py says what each does).
@@ -195,7 +243,14 @@ def cmd_parity(args) -> int:
     from jaxllm import parity
     from jaxllm.loader import resolve
 
-    report = parity.report(resolve(args.model), args.prompt, args.max_new_tokens, with_ladder=args.ladder)
+    if args.weights != "fp32":
+        report = parity.weights_report(args.model, args.weights, new_tokens=args.max_new_tokens or 64)
+        print(parity.weights_summary(report))
+        if args.out:
+            _write_json(args.out, report)
+            print(f"report written to {args.out}")
+        return 0
+    report = parity.report(resolve(args.model), args.prompt, args.max_new_tokens or 20, with_ladder=args.ladder)
     print(parity.summary(report))
     if args.out:
         _write_json(args.out, report)
@@ -214,7 +269,10 @@ def cmd_convert(args) -> int:
 def cmd_bench(args) -> int:
     from jaxllm import bench
 
-    figures = bench.run(args.model, repeats=args.repeats, quick=args.quick, dtype=args.dtype)
+    from jaxllm.weights import check_format
+
+    formats = tuple(check_format(w.strip()) for w in args.weights.split(","))
+    figures = bench.run(args.model, repeats=args.repeats, quick=args.quick, weights=formats)
     print(bench.table(figures))
     if args.json:
         _write_json(args.json, figures)

@@ -24,12 +24,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import gguf
+import jax
 import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from tqdm.auto import tqdm
 
 from jaxllm.errors import CheckpointError, ConfigError, TokenizerError
 from jaxllm.tokenizer import named_errors
+from jaxllm.weights import Blocks, blocks_from_gguf
 
 # GGUF tensor name (without .weight/.bias) -> HF parameter name: the one table, shared by every family (each
 # family adds or renames a few entries in its Family.names below).
@@ -210,6 +212,17 @@ class GGUFCheckpoint:
         """One tensor by HF name: float32, in HF orientation."""
         return _hf_weight(self.by_name[name], name, self.family, self.config, self.path)
 
+    def read_blocks(self, name: str) -> Blocks:
+        """One matrix by HF name in its stored block format (weights.BLOCK_FORMATS), rows in HF order: the file's
+        bytes, split into the format's fields."""
+        tensor = self.by_name[name]
+        try:
+            blocks = blocks_from_gguf(tensor.data, tensor.tensor_type.name, self.shapes[name])
+        except (ValueError, TypeError, IndexError) as error:  # data of the wrong size for its shape and type
+            raise CheckpointError(f"{self.path}: tensor {tensor.name!r} cannot be read ({type(error).__name__}: "
+                                  f"{error})") from error
+        return jax.tree_util.tree_map(lambda rows: _unpermuted(rows, name, self.family, self.config), blocks)
+
     def stored_type(self, name: str) -> str:
         """The GGUF type a tensor is stored in (Q4_1, Q8_0, F32, ...)."""
         return self.by_name[name].tensor_type.name
@@ -338,21 +351,28 @@ def _hf_weight(tensor, name: str, family: Family, config: dict, path: Path) -> n
         ) from error
     except (ValueError, TypeError, IndexError) as error:  # data of the wrong size for its shape and type
         raise CheckpointError(f"{path}: tensor {tensor.name!r} cannot be read ({type(error).__name__}: {error})") from error
+    if family.norm_offset and name.endswith("norm.weight"):
+        return weight - np.float32(family.norm_offset)  # float32, as Transformers' `weights - 1`
+    return _unpermuted(weight, name, family, config)
+
+
+def _unpermuted(rows: np.ndarray, name: str, family: Family, config: dict) -> np.ndarray:
+    """A tensor whose leading axis is HF's rows ([out, ...]: a matrix, or a block format's fields), with llama's
+    Q/K rows put back in HF order."""
     if family.permuted_qk and name.endswith("q_proj.weight"):
-        weight = unpermute_rope(weight, config["num_attention_heads"])
-    elif family.permuted_qk and name.endswith("k_proj.weight"):
-        weight = unpermute_rope(weight, config["num_key_value_heads"])
-    elif family.norm_offset and name.endswith("norm.weight"):
-        weight = weight - np.float32(family.norm_offset)  # float32, as Transformers' `weights - 1`
-    return weight
+        return unpermute_rope(rows, config["num_attention_heads"])
+    if family.permuted_qk and name.endswith("k_proj.weight"):
+        return unpermute_rope(rows, config["num_key_value_heads"])
+    return rows
 
 
 def unpermute_rope(weight: np.ndarray, n_heads: int) -> np.ndarray:
     """Undo convert_hf_to_gguf's `permute`: llama.cpp rotates interleaved pairs (x0,x1),(x2,x3)...;
-    HF rotates halves (x_i, x_{i+H/2}). Rows of each head go from [H/2, 2] order back to [2, H/2]."""
-    rows, cols = weight.shape  # [N*H, D]
+    HF rotates halves (x_i, x_{i+H/2}). Rows of each head go from [H/2, 2] order back to [2, H/2] (any trailing axes
+    ride along)."""
+    rows, rest = weight.shape[0], weight.shape[1:]  # [N*H, ...]
     half = rows // n_heads // 2
-    return weight.reshape(n_heads, half, 2, cols).swapaxes(1, 2).reshape(rows, cols)
+    return weight.reshape(n_heads, half, 2, *rest).swapaxes(1, 2).reshape(rows, *rest)
 
 
 def tokenizer_files(reader: gguf.GGUFReader, path: Path, config: dict) -> dict[str, dict]:

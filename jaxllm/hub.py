@@ -69,9 +69,13 @@ def enable_compilation_cache() -> Path | None:
     return folder
 
 
+def is_default_model(name_or_path: str | os.PathLike | None) -> bool:
+    return name_or_path is None or str(name_or_path) == DEFAULT_MODEL.name
+
+
 def resolve_model(name_or_path: str | os.PathLike | None = None) -> Path:
     """A model directory with config.json, or a .gguf file, for a model name, local path, or Hub repo id."""
-    if name_or_path is None or str(name_or_path) == DEFAULT_MODEL.name:
+    if is_default_model(name_or_path):
         return default_model_dir()
     path = Path(name_or_path).expanduser()
     if path.is_dir():

@@ -25,6 +25,7 @@ from jaxllm.config import LLMConfig
 from jaxllm.errors import CheckpointError, InputError
 from jaxllm.model import Layer, Model, Params
 from jaxllm.tokenizer import Tokenizer, read_tokenizer_files
+from jaxllm.weights import BLOCK_FORMATS, Blocks, Int8, check_format, quantize_int8, reshape_rows, stack, take_rows
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors dtype codes we load; bf16 -> fp32 is exact
@@ -177,21 +178,33 @@ def check_mesh(config: LLMConfig, mesh: Mesh) -> None:
                          f"holds whole heads; tp can be {', '.join(map(str, valid))}")
 
 
-def sharding(mesh: Mesh, field: str, shape: tuple[int, ...]) -> NamedSharding:
-    """Where a parameter field of this shape goes on the mesh. An axis that tp does not divide (a vocabulary of
-    32000 on tp=3, F on an odd tp) is replicated instead."""
-    spec = SHARDING.get(field, P())
+def sharding(mesh: Mesh, field: str, shape: tuple[int, ...], spec: P | None = None) -> NamedSharding:
+    """Where a parameter field of this shape goes on the mesh (`spec`: instead of the field's rule). An axis that tp
+    does not divide (a vocabulary of 32000 on tp=3, F on an odd tp) is replicated instead."""
+    spec = SHARDING.get(field, P()) if spec is None else spec
     if any(axis == "tp" and size % mesh.shape["tp"] for axis, size in zip(spec, shape)):
         spec = P()
     return NamedSharding(mesh, spec)
 
 
-def _place(array: np.ndarray, dtype, field: str, mesh: Mesh | None) -> jax.Array:
-    """A host array onto the device, or straight onto its shards: each device receives only its own slice."""
+def _place(value, dtype, field: str, mesh: Mesh | None):
+    """A host array (or a quantized matrix's arrays) onto the device, or straight onto its shards: each device
+    receives only its own slice. A quantized matrix's parts follow the field's rule: values and scales split along
+    the rows as the matrix is, Blocks' block axis as its `in` axis, Int8's in_scale as its `in` axis."""
+    if isinstance(value, Int8 | Blocks):
+        rows = value.scale.ndim - (1 if isinstance(value, Blocks) else 0)  # the row axes [*out]
+        spec = tuple(SHARDING.get(field, P())) + (None,) * (rows + 1)
+        specs = {"in_scale": P(spec[rows])} if isinstance(value, Int8) else {}
+        return jax.tree_util.tree_map_with_path(lambda path, a: _place_array(
+            a, a.dtype, field, mesh, specs.get(path[0].name, P(*spec[:min(a.ndim, rows + 1)]))), value)
+    return _place_array(value, dtype, field, mesh)
+
+
+def _place_array(array: np.ndarray, dtype, field: str, mesh: Mesh | None, spec: P | None = None) -> jax.Array:
     if mesh is None:
         return jnp.asarray(array, dtype=dtype)
     dtype = jnp.dtype(dtype)
-    return jax.make_array_from_callback(array.shape, sharding(mesh, field, array.shape),
+    return jax.make_array_from_callback(array.shape, sharding(mesh, field, array.shape, spec),
                                         lambda index: np.asarray(array[index], dtype=dtype))
 
 
@@ -205,16 +218,30 @@ class Checkpoint:
     tensors: dict[str, tuple[tuple[int, ...], str]]  # HF name -> (HF shape, stored dtype), in file order
     read: Callable[[str], Any] = dataclasses.field(repr=False)  # HF name -> array in HF orientation
     tokenizer_files: Callable[[], dict[str, dict]] = dataclasses.field(repr=False)  # parsed, as tokenizer.py names them
+    # GGUF: HF name -> the matrix in its stored block format (weights.Blocks, numpy), for tensors stored in one of
+    # weights.BLOCK_FORMATS; None for other checkpoints.
+    read_blocks: Callable[[str], Blocks] | None = dataclasses.field(repr=False, default=None)
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: shape for name, (shape, _) in self.tensors.items()}
 
 
-def build_params(checkpoint: Checkpoint, dtype=jnp.float32, mesh: Mesh | None = None) -> Params:
+MATRICES = ("embed_tokens", "lm_head", "qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # quantized by "int8"/"gguf"
+
+
+def build_params(checkpoint: Checkpoint, weights: str = "fp32", mesh: Mesh | None = None) -> Params:
     """Check every tensor's name and shape against the config (all problems in one error), then read them one by one,
-    each onto the device or, with a mesh, onto its shards (SHARDING)."""
+    each onto the device or, with a mesh, onto its shards (SHARDING), in the weight format `weights` (weights.py):
+    "fp32", "bf16", "int8" (every matrix quantized as it is read) or "gguf" (a GGUF's block-quantized matrices kept
+    as stored; a stacked field whose parts are stored in different formats, or a format not in BLOCK_FORMATS, is
+    read as fp32)."""
     config, shapes = checkpoint.config, checkpoint.shapes
+    check_format(weights)
+    if weights == "gguf" and checkpoint.read_blocks is None:
+        raise InputError(f"{checkpoint.path}: weights='gguf' keeps a GGUF file's quantized blocks; this checkpoint is "
+                         f"not a .gguf file (use 'int8' to quantize it, or load the .gguf)")
+    dtype = jnp.bfloat16 if weights == "bf16" else jnp.float32
     if mesh is not None:
         check_mesh(config, mesh)
     stored_layers = {int(parts[2]) for parts in (n.split(".") for n in shapes)
@@ -236,20 +263,65 @@ def build_params(checkpoint: Checkpoint, dtype=jnp.float32, mesh: Mesh | None = 
                                       ("mis-shaped tensors", misshaped)) if items]
         raise CheckpointError(f"{checkpoint.path}: checkpoint does not match its config\n" + "\n".join(parts))
 
-    def fields(table: list[Entry]) -> dict[str, Any]:
-        parts: dict[str, list] = {}
-        read = functools.lru_cache(maxsize=1)(lambda name: np.asarray(checkpoint.read(name)))  # a fused tensor once
+    read_floats = functools.lru_cache(maxsize=1)(lambda name: np.asarray(checkpoint.read(name)))  # a fused tensor once
+    read_blocks = functools.lru_cache(maxsize=1)(checkpoint.read_blocks) if weights == "gguf" else None
+
+    def fields(table: list[Entry], wide: bool = False) -> dict[str, Any]:
+        """The fields of this table's tensors, placed; `wide`: in fp32 whatever `weights` says."""
+        by_field: dict[str, list[Entry]] = {}
         for e in table:  # stacked tensors arrive in table order, i.e. in the order of their parts
-            tensor = read(e.hf_name)
-            tensor = tensor if e.select is None else tensor[e.select[0]:e.select[1]]
-            parts.setdefault(e.field, []).append((tensor if e.shape is None else tensor.reshape(e.shape), e.axis))
-        # Stacked and converted on the host: no XLA program to compile (or look up) per tensor shape.
-        return {f: _place(p[0][0] if len(p) == 1 else np.concatenate([t for t, _ in p], axis=p[0][1]), dtype, f, mesh)
-                for f, p in parts.items()}
+            by_field.setdefault(e.field, []).append(e)
+        out = {}
+        for field, entries in by_field.items():
+            stored = {checkpoint.tensors[e.hf_name][1] for e in entries}
+            blocks = (read_blocks is not None and not wide and field in MATRICES and len(stored) == 1
+                      and stored <= set(BLOCK_FORMATS))
+            parts = []
+            for e in entries:
+                tensor = read_blocks(e.hf_name) if blocks else read_floats(e.hf_name)
+                tensor = tensor if e.select is None else take_rows(tensor, *e.select)
+                parts.append(tensor if e.shape is None else reshape_rows(tensor, e.shape[:-1]) if blocks
+                             else tensor.reshape(e.shape))
+            # Stacked and converted on the host: no XLA program to compile (or look up) per tensor shape.
+            value = parts[0] if len(parts) == 1 else stack(parts, entries[0].axis)
+            if weights == "int8" and field in MATRICES and not wide:
+                value = quantize_int8(value)
+            out[field] = _place(value, dtype, field, mesh)
+        return out
 
     top = fields(model_table(config))
     layers = tuple(Layer(**fields(table)) for table in tables)
-    return Params(layers=layers, lm_head=top.pop("lm_head", None), config=config, **top)
+    params = Params(layers=layers, lm_head=top.pop("lm_head", None), config=config, **top)
+    if weights == "int8":  # the matrices that read outlier activations, read again in fp32
+        for i, field in outlier_inputs(params):
+            table = model_table(config) if i is None else tables[i]
+            wide = fields([e for e in table if e.field == field], wide=True)[field]
+            params = params.replace(**{field: wide}) if i is None else params.replace(
+                layers=params.layers[:i] + (params.layers[i].replace(**{field: wide}),) + params.layers[i + 1:])
+    return params
+
+
+def outlier_inputs(params: Params) -> list[tuple[int | None, str]]:
+    """The matrices (layer or None, field) whose input activations have outliers: max |x| above
+    weights.OUTLIER_RATIO times mean |x| over weights.CALIBRATION_TOKENS pseudo-random tokens (a fixed seed), run
+    through the model as loaded. LLMs concentrate huge activations in a few channels (often of some layers'
+    down_proj input, from the first token on); a per-row int8 scale cannot serve both those and the rest, so these
+    matrices stay fp32. On the default model that is 6 of 121 matrices, and they carried most of the KL."""
+    from jaxllm.model import ACTIVATIONS, forward_with_intermediates
+    from jaxllm.weights import CALIBRATION_TOKENS, OUTLIER_RATIO
+
+    config = params.config
+    ids = np.random.default_rng(0).integers(0, config.vocab_size, (1, CALIBRATION_TOKENS)).astype(np.int32)
+    _, acts = forward_with_intermediates(params, ids, np.arange(CALIBRATION_TOKENS, dtype=np.int32)[None])
+    mlp_input = "pre_feedforward_layernorm" if config.gemma_norms else "post_attention_layernorm"
+    inputs = {(None, "lm_head" if params.lm_head is not None else "embed_tokens"): acts["norm"]}
+    for i in range(config.num_hidden_layers):
+        tap = lambda name: acts[f"layers.{i}.{name}"]  # noqa: E731
+        inputs |= {(i, "qkv_proj"): tap("input_layernorm"), (i, "o_proj"): tap("attn"),
+                   (i, "gate_up_proj"): tap(mlp_input),
+                   (i, "down_proj"): ACTIVATIONS[config.hidden_act](tap("gate_proj")) * tap("up_proj")}
+    ratio = {key: float(jnp.max(jnp.abs(x)) / jnp.maximum(jnp.mean(jnp.abs(x)), 1e-30)) for key, x in inputs.items()}
+    return [key for key, r in ratio.items() if r > OUTLIER_RATIO]
 
 
 def _ranges(numbers: set[int]) -> str:
@@ -357,36 +429,42 @@ def _open_gguf(path: Path) -> Checkpoint:
     config = LLMConfig.from_dict(gguf.config, source=str(path))
     tensors = {name: (shape, gguf.stored_type(name)) for name, shape in gguf.shapes.items()}
     return Checkpoint(path, config, tensors, read=gguf.read,
-                      tokenizer_files=lambda: {"config.json": gguf.config, **gguf.tokenizer_files()})
+                      tokenizer_files=lambda: {"config.json": gguf.config, **gguf.tokenizer_files()},
+                      read_blocks=gguf.read_blocks)
 
 
-def open_checkpoint(model: str | Path | None = None) -> Checkpoint:
+def open_checkpoint(model: str | Path | None = None, gguf: bool = False) -> Checkpoint:
     """Open a checkpoint: a directory with config.json and safetensors, a .gguf file, the name of the default model
-    ("smollm2-135m", also when None), or a Hub repo id (needs network access)."""
-    path = resolve(model)
+    ("smollm2-135m", also when None), or a Hub repo id (needs network access). `gguf`: the default model as its GGUF
+    file rather than the folder converted from it."""
+    path = resolve(model, gguf)
     return _open_gguf(path) if path.suffix == ".gguf" else _open_safetensors(path)
 
 
-def load(model: str | Path | None = None, dtype=jnp.float32, mesh: Mesh | None = None) -> Params:
-    """Load a checkpoint into a Params pytree (parameters in `dtype`, fp32 by default); `model` as for open_checkpoint.
-    With a `mesh` (make_mesh), every tensor is placed straight onto its shards while it is read."""
-    return build_params(open_checkpoint(model), dtype, mesh)
+def load(model: str | Path | None = None, weights: str = "fp32", mesh: Mesh | None = None) -> Params:
+    """Load a checkpoint into a Params pytree; `model` as for open_checkpoint, `weights` one of "fp32" (the default),
+    "bf16", "int8" or "gguf" (a .gguf's quantized blocks kept as stored; the default model's GGUF for the default
+    model), see weights.py. With a `mesh` (make_mesh), every tensor is placed straight onto its shards while it is
+    read."""
+    return build_params(open_checkpoint(model, weights == "gguf"), weights, mesh)
 
 
-def load_model(model: str | Path | None = None, dtype=jnp.float32, mesh: Mesh | None = None) -> Model:
+def load_model(model: str | Path | None = None, weights: str = "fp32", mesh: Mesh | None = None) -> Model:
     """Parameters and tokenizer together, for generation from text (same arguments as `load`)."""
-    checkpoint = open_checkpoint(model)
+    checkpoint = open_checkpoint(model, weights == "gguf")
     tokenizer = Tokenizer.from_files(checkpoint.tokenizer_files(), checkpoint.path)
-    return Model(build_params(checkpoint, dtype, mesh), tokenizer)
+    return Model(build_params(checkpoint, weights, mesh), tokenizer)
 
 
-def resolve(model: str | Path | None) -> Path:
-    """A local path for `model`; refuses pickles before anything is read."""
+def resolve(model: str | Path | None, gguf: bool = False) -> Path:
+    """A local path for `model`; refuses pickles before anything is read. `gguf`: the default model as its GGUF."""
     path = Path(model) if model is not None else None
     if path is not None and path.suffix in PICKLE_SUFFIXES:
         raise _pickle_refusal(path)
     if path is not None and path.is_file() and path.suffix == ".safetensors":
         return path.parent
-    from jaxllm.hub import resolve_model
+    from jaxllm.hub import default_gguf, is_default_model, resolve_model
 
+    if gguf and is_default_model(model):
+        return default_gguf()
     return Path(resolve_model(None if model is None else str(model)))

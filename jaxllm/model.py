@@ -24,10 +24,14 @@ from jax.sharding import PartitionSpec as P
 
 from jaxllm.config import LLMConfig, RopeConfig
 from jaxllm.errors import InputError
+from jaxllm.weights import Blocks, Int8, is_quantized, matmul
 
 Array = jax.Array
 # tap(name, value) records an intermediate; the plain forward passes a no-op, the diff ladder a collector.
 Tap = Callable[[str, Array], None]
+
+
+Matrix = Array | Int8 | Blocks  # a float array, or a quantized matrix standing in for one (weights.py)
 
 
 @flax.struct.dataclass
@@ -39,11 +43,11 @@ class Layer:
     whole heads: q, k and v grouped by key/value head, gate and up side by side for each f."""
 
     input_layernorm: Array  # [D]
-    qkv_proj: Array  # [K, G + 2, H, D]: for kv head j, HF's q heads j·G .. j·G + G - 1, then k head j, then v head j
-    o_proj: Array  # [D, N·H]
+    qkv_proj: Matrix  # [K, G + 2, H, D]: for kv head j, HF's q heads j·G .. j·G + G - 1, then k head j, then v head j
+    o_proj: Matrix  # [D, N·H]
     post_attention_layernorm: Array  # [D]
-    gate_up_proj: Array  # [F, 2, D]: gate_up_proj[f] is row f of HF's gate_proj, then of up_proj
-    down_proj: Array  # [D, F]
+    gate_up_proj: Matrix  # [F, 2, D]: gate_up_proj[f] is row f of HF's gate_proj, then of up_proj
+    down_proj: Matrix  # [D, F]
     qkv_bias: Array | None = None  # [K, G + 2, H]   (attention_bias, qkv_bias)
     o_bias: Array | None = None  # [D]   (attention_bias)
     gate_up_bias: Array | None = None  # [F, 2]   (mlp_bias)
@@ -60,11 +64,16 @@ class Layer:
 class Params:
     """The whole model: arrays are pytree leaves, the config rides along as static data."""
 
-    embed_tokens: Array  # [V, D]
+    embed_tokens: Matrix  # [V, D]
     layers: tuple[Layer, ...]  # L of them
     norm: Array  # [D]
-    lm_head: Array | None  # [V, D]; None when tied to embed_tokens
+    lm_head: Matrix | None  # [V, D]; None when tied to embed_tokens
     config: LLMConfig = flax.struct.field(pytree_node=False)
+
+    @property
+    def dtype(self):
+        """The activations' dtype: the norms' (bfloat16 with bf16 weights; float32 with fp32, int8 and gguf)."""
+        return self.norm.dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,13 +273,17 @@ def _batched_dot(a: Array, b: Array, a_axis: int, b_axis: int) -> Array:
     return jax.lax.dot_general(a, b, (((a_axis,), (b_axis,)), ((0, 1), (0, 1))))
 
 
-def _linear(x: Array, w: Array) -> Array:
+def _linear(x: Array, w: Matrix, out_dtype=None) -> Array:
     """nn.Linear without bias: x [B, T, in] times w [*out, in] (HF's orientation; `out` may be several axes)
-    -> [B, T, *out]: einsum BTI,OI->BTO, written as the dot_general it lowers to (jnp.einsum's own bookkeeping takes
-    a fifth of the time to trace a forward)."""
+    -> [B, T, *out]: einsum BTI,OI->BTO, written as weights.matmul (jnp.einsum's own bookkeeping takes a fifth of
+    the time to trace a forward). A quantized w runs its own matmul (weights.py). `out_dtype`: the
+    result's dtype when it should differ from x's (bf16 logits accumulated and returned in fp32)."""
+    B, T, I = x.shape
+    if is_quantized(w):
+        return w.matmul(x.reshape(B * T, I)).reshape(B, T, *w.shape[:-1])
     # As a 2-D [out, in] matrix (a free reshape): with several `out` axes XLA:CPU's dot ran 2.5x slower in decode.
-    out = jax.lax.dot_general(x, w.reshape(-1, w.shape[-1]), (((2,), (1,)), ((), ())))
-    return out.reshape(*x.shape[:2], *w.shape[:-1])
+    out = jax.lax.dot_general(x, w.reshape(-1, I), (((2,), (1,)), ((), ())), preferred_element_type=out_dtype)
+    return out.reshape(B, T, *w.shape[:-1])
 
 
 def _bias(x: Array, b: Array | None) -> Array:
@@ -366,8 +379,7 @@ def run(params: Params, ids: Array, positions: Array, mask: Array | None = None,
     config = params.config
     B, T = ids.shape
     D, V = config.hidden_size, config.vocab_size
-    # mode="fill" turns an out-of-range id into NaN logits rather than silently clamping it to a real token.
-    x = jnp.take(params.embed_tokens, ids, axis=0, mode="fill", fill_value=jnp.nan)
+    x = embedding(params.embed_tokens, ids)
     if config.embed_scale != 1.0:  # Gemma: times sqrt(D), rounded to the model dtype first as HF's embed_scale is
         x = x * jnp.asarray(config.embed_scale, x.dtype)
     chex.assert_shape(x, (B, T, D))
@@ -394,7 +406,7 @@ def run(params: Params, ids: Array, positions: Array, mask: Array | None = None,
     x = norm(x, params.norm, config)
     tap("norm", x)
     lm_head = params.embed_tokens if params.lm_head is None else params.lm_head  # [V, D]
-    logits = _linear(x, lm_head)
+    logits = _linear(x, lm_head, jnp.float32)
     if config.final_logit_softcapping is not None:  # Gemma 2 and 3
         tap("lm_head", logits)
         logits = jnp.tanh(logits / config.final_logit_softcapping) * config.final_logit_softcapping
@@ -404,6 +416,16 @@ def run(params: Params, ids: Array, positions: Array, mask: Array | None = None,
         cache = KVCache(k=tuple(new_k), v=tuple(new_v), index=cache.index + ids.shape[1],
                         mask=jax.lax.dynamic_update_slice(cache.mask, real, (0, cache.index)))
     return logits, cache
+
+
+def embedding(table: Matrix, ids: Array) -> Array:
+    """Rows of the embedding table [V, D] for ids [B, T] -> [B, T, D]. An id outside [0, V) gives a row of NaN (so NaN
+    logits) rather than being clamped silently to a real token."""
+    if not is_quantized(table):
+        return jnp.take(table, ids, axis=0, mode="fill", fill_value=jnp.nan)
+    V = table.shape[0]
+    rows = table.rows(jnp.clip(ids, 0, V - 1))
+    return jnp.where(((ids >= 0) & (ids < V))[..., None], rows, jnp.nan)
 
 
 def attention_masks(config: LLMConfig, kind: str, real: Array, cache: KVCache | None) -> tuple[Array, Array | None]:
@@ -489,7 +511,7 @@ def check_inputs(config: LLMConfig, ids, positions, attention_mask=None) -> None
 
 def mesh_of(params: Params) -> Mesh | None:
     """The mesh the parameters lie on (jaxllm.load(..., mesh=...)), or None on a single device."""
-    sharding = getattr(params.embed_tokens, "sharding", None)
+    sharding = getattr(jax.tree_util.tree_leaves(params.embed_tokens)[0], "sharding", None)
     return sharding.mesh if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1 else None
 
 

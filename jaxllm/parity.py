@@ -185,6 +185,101 @@ def report(path: str | Path, prompt: str, max_new_tokens: int = 20, tolerance: f
     return out
 
 
+# ---- quality of a weight format (weights.py) ------------------------------------------------------------------
+
+# Prose, code, science, a story and arithmetic: the quality figures of a weight format are measured on all five.
+QUALITY_PROMPTS = (
+    "The capital of France is Paris, and the capital of Germany is Berlin. Many tourists visit both cities every "
+    "year because",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n\n"
+    "print(fibonacci(10))",
+    "Photosynthesis is the process by which green plants use sunlight, water and carbon dioxide to make glucose "
+    "and oxygen. It happens in",
+    "Once upon a time, in a small village at the edge of a dark forest, there lived an old woodcutter and his "
+    "daughter, who",
+    "To solve the equation 3x + 7 = 22, first subtract 7 from both sides to get 3x = 15, then divide both sides by 3 "
+    "so that x =",
+)
+
+
+def logit_quality(reference: np.ndarray, ours: np.ndarray, mask: np.ndarray) -> dict[str, float]:
+    """How far logits [B, T, V] in some format are from reference logits, over the real positions of `mask`:
+    max |diff|, KL(reference ‖ ours) of the softmaxes (mean and max over positions), and top-1 agreement."""
+    keep = np.asarray(mask).astype(bool)
+    ref, out = reference.astype(np.float64)[keep], ours.astype(np.float64)[keep]  # [positions, V]
+
+    def log_softmax(x):
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    p, q = log_softmax(ref), log_softmax(out)
+    kl = (np.exp(p) * (p - q)).sum(-1)
+    return {"max_abs_diff": float(np.abs(ref - out).max()), "kl_mean": float(kl.mean()), "kl_max": float(kl.max()),
+            "top1_agreement": float((ref.argmax(-1) == out.argmax(-1)).mean()), "positions": int(keep.sum())}
+
+
+def agreement_length(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two greedy continuations share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def weights_report(model: str | Path | None, weights: str, prompts=QUALITY_PROMPTS, new_tokens: int = 64,
+                   reference_path: str | Path | None = None) -> dict[str, Any]:
+    """A weight format against fp32: the logits of `prompts` (one left-padded batch) from jaxllm in `weights`, from
+    jaxllm in fp32 on the same checkpoint, and from Transformers in fp32 (and in bf16 when weights is "bf16"),
+    compared by logit_quality; then each prompt's greedy continuation of `new_tokens` (EOS off) in the format, in
+    fp32 jaxllm and in Transformers, and how long they agree. `model` as for jaxllm.load (for "gguf", the .gguf;
+    the default model's when None); Transformers reads `reference_path` (default: the checkpoint itself; for the
+    default model the folder converted from its GGUF, which holds the same numbers)."""
+    from jaxllm.generate import generate, left_pad, positions_from_mask
+    from jaxllm.loader import load_model, resolve
+
+    quantized = load_model(model, weights)
+    fp32 = load_model(model, "fp32") if weights != "fp32" else quantized
+    if reference_path is None:
+        reference_path = resolve(model)  # a directory, or the .gguf Transformers reads with its own loader
+    rows = [fp32.tokenizer.encode(p) for p in prompts]
+    ids, mask = left_pad(rows, max(map(len, rows)), 0)
+    positions = np.asarray(positions_from_mask(mask))
+    logits = {"jaxllm fp32": jax_logits(fp32.params, ids, positions, mask),
+              f"jaxllm {weights}": jax_logits(quantized.params, ids, positions, mask)}
+    references = {"transformers fp32": reference_model(reference_path)}
+    if weights == "bf16":
+        references["transformers bf16"] = reference_model(reference_path, "bfloat16")
+    for name, ref in references.items():
+        logits[name] = reference_logits(ref, ids, positions, mask)
+    ours = logits[f"jaxllm {weights}"]
+    against = {name: logit_quality(value, ours, mask) for name, value in logits.items() if name != f"jaxllm {weights}"}
+    greedy = []
+    for prompt, row in zip(prompts, rows):
+        a = generate(quantized, row, new_tokens, eos_ids=[]).tokens
+        b = generate(fp32, row, new_tokens, eos_ids=[]).tokens
+        c = reference_greedy(references["transformers fp32"], row, new_tokens, [])
+        greedy.append({"prompt": prompt[:40], "vs_jaxllm_fp32": agreement_length(a, b),
+                       "vs_transformers_fp32": agreement_length(a, c), "fp32_vs_transformers": agreement_length(b, c)})
+    return {"model": str(resolve(model, weights == "gguf")), "reference": str(reference_path), "weights": weights,
+            "prompts": len(prompts), "positions": int(np.asarray(mask).sum()), "new_tokens": new_tokens,
+            "against": against, "greedy": greedy}
+
+
+def weights_summary(report: dict[str, Any]) -> str:
+    lines = [f"model      {report['model']} as {report['weights']}; Transformers on {report['reference']}",
+             f"logits     {report['prompts']} prompts, {report['positions']} positions; KL(reference ‖ "
+             f"{report['weights']}) per position", ""]
+    header = f"{'against':<20} {'max_abs_diff':>12} {'KL mean':>10} {'KL max':>10} {'top-1':>8}"
+    lines += [header, "-" * len(header)]
+    for name, q in report["against"].items():
+        lines.append(f"{name:<20} {q['max_abs_diff']:>12.4g} {q['kl_mean']:>10.3g} {q['kl_max']:>10.3g} "
+                     f"{q['top1_agreement']:>8.1%}")
+    n = report["new_tokens"]
+    lines += ["", f"greedy agreement over {n} tokens (leading tokens equal)",
+              f"{'prompt':<42} {'vs jaxllm fp32':>14} {'vs HF fp32':>10} {'fp32 vs HF':>10}"]
+    for g in report["greedy"]:
+        lines.append(f"{g['prompt']!r:<42} {g['vs_jaxllm_fp32']:>14} {g['vs_transformers_fp32']:>10} "
+                     f"{g['fp32_vs_transformers']:>10}")
+    return "\n".join(lines)
+
+
 def summary(report: dict[str, Any]) -> str:
     lines = [
         f"model            {report['model']}",

@@ -48,8 +48,8 @@ def ids_for(batch=1, T=24, vocab=256, seed=0):
     return np.random.default_rng(seed).integers(0, vocab, (batch, T))
 
 
-def check_parity(path, ids, positions=None, dtype=jnp.float32):
-    result = parity.compare(load(path, dtype=dtype), parity.reference_model(path), ids, positions)
+def check_parity(path, ids, positions=None, weights="fp32"):
+    result = parity.compare(load(path, weights), parity.reference_model(path), ids, positions)
     print(f"{path.name}: max_abs_diff={result.max_abs_diff:.3g} argmax_agreement={result.argmax_agreement:.3f}")
     assert np.abs(result.reference).max() > 1.0, "reference logits too small to make the comparison meaningful"
     assert result.max_abs_diff <= parity.TOLERANCE
@@ -128,8 +128,8 @@ def test_params_pytree_is_keyed_by_layer_and_immutable(tmp_path_factory):
     assert all(isinstance(leaf, jax.Array) for leaf in jax.tree_util.tree_leaves(params))
 
 
-def test_dtype_argument_sets_parameter_dtype(tmp_path_factory):
-    params = load(make_checkpoint(tmp_path_factory, "dtype"), dtype=jnp.bfloat16)
+def test_bf16_weights_set_parameter_dtype(tmp_path_factory):
+    params = load(make_checkpoint(tmp_path_factory, "dtype"), weights="bf16")
     assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(params)} == {jnp.dtype(jnp.bfloat16)}
     logits = forward(params, ids_for(T=8), np.arange(8)[None])
     assert logits.shape == (1, 8, 256) and bool(jnp.isfinite(logits).all())
