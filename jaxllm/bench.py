@@ -426,16 +426,16 @@ def _llama_cpp(module, path, threads: int, prompt: list[int], new_tokens: int):
 
 
 def _peak_load_memory(model: str | None, weights: str) -> dict[str, Any]:
-    """Load in a fresh process: its resident memory once jax is up (the baseline) and its peak after the load."""
+    """Load in a fresh process: its resident memory once jax is up (the baseline) and its peak (VmHWM: the high-water
+    mark of this process image; getrusage's ru_maxrss would carry the parent's over the exec) after the load."""
     code = (
-        "import json, resource, sys, jax, jax.numpy as jnp, jaxllm\n"
+        "import json, sys, jax, jax.numpy as jnp, jaxllm\n"
         "from jaxllm.weights import nbytes\n"
         "jnp.ones(1).block_until_ready()\n"
-        "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * 4096\n"
-        "base = rss()\n"
+        "status = lambda key: int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith(key))) * 1024\n"
+        "base = status('VmRSS:')\n"
         "params = jaxllm.load(None if sys.argv[1] == '-' else sys.argv[1], sys.argv[2])\n"
-        "print(json.dumps({'baseline_bytes': base, 'peak_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,"
-        " 'param_bytes': nbytes(params)}))\n")
+        "print(json.dumps({'baseline_bytes': base, 'peak_bytes': status('VmHWM:'), 'param_bytes': nbytes(params)}))\n")
     out = subprocess.run([sys.executable, "-c", code, "-" if model is None else str(model), weights],
                          capture_output=True, text=True)
     if out.returncode != 0:
@@ -491,7 +491,7 @@ def _formats(model, models: dict[str, Model], prompt: list[int], settings: Setti
         for length in settings.prefill_lengths:
             p_ids, p_mask = _prefill_inputs(_prompt_ids(m.tokenizer, length))
             p_settings = _no_eos(p_ids.shape[1], new_tokens)
-            prefill[length] = _ms(_median(_run_prefill, repeats, lambda: (m.params, p_ids, p_mask, p_settings)))
+            prefill[str(length)] = _ms(_median(_run_prefill, repeats, lambda: (m.params, p_ids, p_mask, p_settings)))
         rows[w] = {
             "decode_tokens_per_s": round(steps / statistics.median(loops[w]), 3),
             "decode_tokens_per_s_range": [round(steps / max(loops[w]), 3), round(steps / min(loops[w]), 3)],

@@ -70,7 +70,8 @@ BLOCK_FORMATS = {
 @flax.struct.dataclass
 class Blocks:
     """A matrix [*out, in] in one of GGUF's block formats (BLOCK_FORMATS), as the file stores it: every field has the
-    row axes [*out] first, then its blocks along `in`. The bytes are the file's."""
+    row axes [*out] first, then its blocks along `in`. The bytes are the file's, but for Q4_K's 6-bit scales and
+    mins, unpacked from 12 bytes a super-block of 256 weights into 16 (2.8% more)."""
 
     values: Array
     scale: Array

@@ -169,3 +169,26 @@ def test_bad_meshes_are_refused_naming_the_numbers(smollm2_dir):
     with pytest.raises(InputError, match=r"tp=2 must divide num_attention_heads \(9\) and num_key_value_heads \(3\)"
                                          r".*tp can be 1, 3"):
         load(smollm2_dir, mesh=make_mesh(dp=1, tp=2))
+
+
+@pytest.mark.parametrize("weights", ["int8", "gguf"])
+def test_quantized_weights_on_a_mesh_equal_one_device(checkpoint, tmp_path, weights):
+    """A quantized matrix's parts (values, scales; a GGUF block's fields) split with the rows, or the blocks along
+    `in`, as the matrix would be; logits and greedy tokens equal one device's in the same format."""
+    from gguf_util import write_gguf
+    from jaxllm.weights import Blocks, Int8
+
+    path, vocab = (checkpoint, 256) if weights == "int8" else (write_gguf(tmp_path / "blocks.gguf"), 512)
+    ids, positions = ids_for(4, 9, vocab), np.tile(np.arange(9), (4, 1))
+    one = load(path, weights)
+    params = load(path, weights, mesh=make_mesh(dp=2, tp=2))
+    sharded = [w for layer in params.layers for w in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj,
+                                                      layer.down_proj) if isinstance(w, Int8 | Blocks)]
+    assert sharded and all("tp" in tuple(w.values.sharding.spec) for w in sharded)
+    expected = np.asarray(forward(one, ids, positions))
+    diff = float(np.abs(np.asarray(forward(params, ids, positions)) - expected).max())
+    print(f"{weights} on dp=2 x tp=2: max_abs_diff {diff:.3g} (logits reach {np.abs(expected).max():.2f})")
+    assert diff <= 1e-5 * max(1.0, float(np.abs(expected).max()))
+    prompts = ids[:, :5].tolist()
+    assert ([r.tokens for r in generate(params, prompts, 8, eos_ids=())]
+            == [r.tokens for r in generate(one, prompts, 8, eos_ids=())])

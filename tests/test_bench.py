@@ -12,9 +12,12 @@ TINY = bench.Settings(prefill_lengths=(16,), decode_tokens=8, nocache_tokens=4, 
                       session_tokens=4, matrix=(2048, 4096), roofline_pairs=3, max_repeats=1)
 
 
+FORMATS = ("fp32", "int8")
+
+
 @pytest.fixture(scope="module")
 def figures():
-    return bench.run(None, repeats=3, settings=TINY)
+    return bench.run(None, repeats=3, settings=TINY, weights=FORMATS)
 
 
 def numbers(tree):
@@ -27,7 +30,7 @@ def numbers(tree):
 
 
 def test_figures_cover_every_section(figures):
-    assert set(figures) == {"environment", "compile", "decode", "prefill", "roofline", "session"}
+    assert set(figures) == {"environment", "compile", "decode", "prefill", "roofline", "session", "formats"}
     assert [row["tokens"] for row in figures["prefill"]] == list(TINY.prefill_lengths)
     assert figures["decode"]["new_tokens"] == TINY.decode_tokens
     assert figures["environment"]["transformers_attention"] == "sdpa"
@@ -75,18 +78,38 @@ def test_greedy_decode_is_the_same_in_both_engines(figures):
 
 def test_table_shows_every_section(figures):
     text = bench.table(figures)
-    for heading in ("Prefill / forward latency", "Decode:", "Memory roofline", "Compiles"):
+    for heading in ("Prefill / forward latency", "Decode:", "Memory roofline", "Compiles", "Weight formats side by side"):
         assert heading in text
+
+
+def test_formats_side_by_side(figures):
+    f = figures["formats"]
+    assert list(f["formats"]) == list(FORMATS) and f["first"] == "fp32" and f["rounds"] == TINY.roofline_pairs
+    fp32, int8 = f["formats"]["fp32"], f["formats"]["int8"]
+    assert fp32["decode_vs_first"] == 1.0 and int8["decode_vs_first"] > 0
+    # Bytes read per token: every weight once; int8 reads about a quarter (the outlier-input matrices stay fp32).
+    assert 0.2 < int8["weight_bytes_per_token"] / fp32["weight_bytes_per_token"] < 0.35
+    assert list(int8["prefill_ms"]) == [str(n) for n in TINY.prefill_lengths]
+    for row in (fp32, int8):
+        memory = row["load_memory"]
+        assert memory["param_bytes"] == row["weight_bytes_per_token"]
+        assert memory["peak_bytes"] >= memory["baseline_bytes"] > 0 and memory["peak_over_params"] > 0
+        low, high = row["decode_tokens_per_s_range"]
+        assert low <= row["decode_tokens_per_s"] <= high and 0 < row["roofline_fraction"]
+    llama = f["llama_cpp"]
+    assert ("skipped" in llama) != ("decode_tokens_per_s" in llama)
+    if "skipped" not in llama:  # llama-cpp-python installed: it ran on the default model's GGUF
+        assert llama["gguf"].endswith(".gguf") and set(llama["jaxllm_over_llama_cpp"]) == set(FORMATS)
 
 
 def test_cli_bench_writes_json_with_the_same_keys(figures, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bench, "QUICK", TINY)
     out = tmp_path / "bench.json"
-    assert cli.main(["bench", "--quick", "--json", str(out)]) == 0
+    assert cli.main(["bench", "--quick", "--weights", ",".join(FORMATS), "--json", str(out)]) == 0
     written = json.loads(out.read_text())
     assert written["environment"]["quick"] is True
     assert set(written) == set(figures)
-    for section in ("environment", "compile", "decode", "roofline", "session"):
+    for section in ("environment", "compile", "decode", "roofline", "session", "formats"):
         assert set(written[section]) == set(figures[section]), section
     assert [set(row) for row in written["prefill"]] == [set(row) for row in figures["prefill"]]
     assert "Memory roofline" in capsys.readouterr().out

@@ -45,6 +45,25 @@ def test_parity_writes_a_report_and_passes(smollm2_dir, tmp_path, capsys):
     assert "noise floor" in printed and "first divergent component: none" in printed and "PASS" in printed
 
 
+def test_generate_with_quantized_weights(capsys):
+    assert main(["generate", "The capital of France is", "--weights", "int8", "-n", "8"]) == 0
+    assert capsys.readouterr().out.startswith("The capital of France is Paris")
+
+
+def test_parity_reports_a_weight_format_against_fp32_and_transformers(tmp_path, capsys):
+    out = tmp_path / "gguf.json"
+    assert main(["parity", "--weights", "gguf", "-n", "8", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["model"].endswith(".gguf") and report["weights"] == "gguf" and report["positions"] > 150
+    assert set(report["against"]) == {"jaxllm fp32", "transformers fp32"}
+    fp32, hf = report["against"]["jaxllm fp32"], report["against"]["transformers fp32"]
+    assert fp32["max_abs_diff"] <= 2e-4 and fp32["kl_mean"] < 1e-8 and fp32["top1_agreement"] == 1.0
+    assert hf["max_abs_diff"] <= 2e-4 and hf["top1_agreement"] == 1.0
+    assert [g["vs_jaxllm_fp32"] for g in report["greedy"]] == [8] * 5  # the blocks are the model: no divergence
+    printed = capsys.readouterr().out
+    assert "KL mean" in printed and "greedy agreement over 8 tokens" in printed
+
+
 def test_convert_writes_an_hf_directory(smollm2_gguf, tmp_path, capsys):
     out = tmp_path / "converted"
     assert main(["convert", str(smollm2_gguf), str(out)]) == 0
