@@ -15,6 +15,7 @@ import glob
 import hashlib
 import json
 import math
+import mmap
 import os
 import shutil
 import struct
@@ -210,7 +211,18 @@ class GGUFCheckpoint:
 
     def read(self, name: str) -> np.ndarray:
         """One tensor by HF name: float32, in HF orientation."""
-        return _hf_weight(self.by_name[name], name, self.family, self.config, self.path)
+        tensor = self.by_name[name]
+        weight = _hf_weight(tensor, name, self.family, self.config, self.path)
+        self._release(tensor)
+        return weight
+
+    def _release(self, tensor) -> None:
+        """Drop the file pages of a tensor already copied out of the reader's memory map: a map keeps every page it
+        touched resident until it is closed, which would add the whole file to a load's peak memory."""
+        mapped = getattr(self.reader.data, "_mmap", None)
+        if mapped is not None and hasattr(mmap, "MADV_DONTNEED"):
+            begin = tensor.data_offset // mmap.PAGESIZE * mmap.PAGESIZE
+            mapped.madvise(mmap.MADV_DONTNEED, begin, tensor.data_offset + tensor.n_bytes - begin)
 
     def read_blocks(self, name: str) -> Blocks:
         """One matrix by HF name in its stored block format (weights.BLOCK_FORMATS), rows in HF order: the file's
@@ -221,6 +233,7 @@ class GGUFCheckpoint:
         except (ValueError, TypeError, IndexError) as error:  # data of the wrong size for its shape and type
             raise CheckpointError(f"{self.path}: tensor {tensor.name!r} cannot be read ({type(error).__name__}: "
                                   f"{error})") from error
+        self._release(tensor)
         return jax.tree_util.tree_map(lambda rows: _unpermuted(rows, name, self.family, self.config), blocks)
 
     def stored_type(self, name: str) -> str:

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -307,19 +308,31 @@ def outlier_inputs(params: Params) -> list[tuple[int | None, str]]:
     through the model as loaded. LLMs concentrate huge activations in a few channels (often of some layers'
     down_proj input, from the first token on); a per-row int8 scale cannot serve both those and the rest, so these
     matrices stay fp32. On the default model that is 6 of 121 matrices, and they carried most of the KL."""
-    from jaxllm.model import ACTIVATIONS, forward_with_intermediates
+    from jaxllm.model import ACTIVATIONS, Context, attention_masks, decoder_block, embed, norm, rope_tables
     from jaxllm.weights import CALIBRATION_TOKENS, OUTLIER_RATIO
 
     config = params.config
     ids = np.random.default_rng(0).integers(0, config.vocab_size, (1, CALIBRATION_TOKENS)).astype(np.int32)
-    _, acts = forward_with_intermediates(params, ids, np.arange(CALIBRATION_TOKENS, dtype=np.int32)[None])
+    positions, real = np.arange(CALIBRATION_TOKENS, dtype=np.int32)[None], np.ones(ids.shape, bool)
+
+    # One decoder block at a time, each compiled once per (layer kind, RoPE): a whole-model program with every
+    # intermediate as an output took 750 MB to compile, five times the int8 parameters.
+    @functools.partial(jax.jit, static_argnums=(2, 3))
+    def block(layer, x, kind, rope):
+        taps = {}
+        cos, sin = rope_tables(config, positions, rope) if rope is not None else (None, None)
+        x, _ = decoder_block(layer, x, None, Context(config, cos, sin, *attention_masks(config, kind, real, None),
+                                                     index=None, tap=taps.__setitem__))
+        return x, taps
+
     mlp_input = "pre_feedforward_layernorm" if config.gemma_norms else "post_attention_layernorm"
-    inputs = {(None, "lm_head" if params.lm_head is not None else "embed_tokens"): acts["norm"]}
-    for i in range(config.num_hidden_layers):
-        tap = lambda name: acts[f"layers.{i}.{name}"]  # noqa: E731
-        inputs |= {(i, "qkv_proj"): tap("input_layernorm"), (i, "o_proj"): tap("attn"),
-                   (i, "gate_up_proj"): tap(mlp_input),
-                   (i, "down_proj"): ACTIVATIONS[config.hidden_act](tap("gate_proj")) * tap("up_proj")}
+    x, inputs = embed(params, ids), {}
+    for i, layer in enumerate(params.layers):
+        x, taps = block(layer, x, config.layer_type(i), config.layer_rope(i))
+        inputs |= {(i, "qkv_proj"): taps["input_layernorm"], (i, "o_proj"): taps["attn"],
+                   (i, "gate_up_proj"): taps[mlp_input],
+                   (i, "down_proj"): ACTIVATIONS[config.hidden_act](taps["gate_proj"]) * taps["up_proj"]}
+    inputs[(None, "lm_head" if params.lm_head is not None else "embed_tokens")] = norm(x, params.norm, config)
     ratio = {key: float(jnp.max(jnp.abs(x)) / jnp.maximum(jnp.mean(jnp.abs(x)), 1e-30)) for key, x in inputs.items()}
     return [key for key, r in ratio.items() if r > OUTLIER_RATIO]
 
@@ -378,12 +391,23 @@ def _pickle_refusal(path: Path) -> CheckpointError:
     )
 
 
+SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2"}
+
+
+def _data_offsets(file: Path) -> dict[str, tuple[int, int, int]]:
+    """name -> (start, stop, where the data begins) from a safetensors header (already validated by safe_open)."""
+    with _named_errors(file), open(file, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    return {name: (*entry["data_offsets"], 8 + size) for name, entry in header.items() if name != "__metadata__"}
+
+
 def _open_safetensors(directory: Path) -> Checkpoint:
     config = LLMConfig.from_json(directory / "config.json")
-    handles, tensors, stored_in = {}, {}, {}  # handles: file -> flax handle; stored_in: name -> files
+    tensors, stored_in = {}, {}  # stored_in: name -> files
     for f in safetensors_files(directory):
         with _named_errors(f):
-            h = handles[f] = safe_open(f, framework="flax")
+            h = safe_open(f, framework="numpy")
             for name in h.keys():
                 sl = h.get_slice(name)
                 if sl.get_dtype() not in FLOAT_DTYPES:
@@ -395,16 +419,26 @@ def _open_safetensors(directory: Path) -> Checkpoint:
         raise CheckpointError(f"{directory}: tensor(s) stored in more than one file: " +
                               "; ".join(f"{name} in {', '.join(f.name for f in files)}" for name, files in repeated.items()))
 
-    numpy_handles: dict[Path, Any] = {}
+    offsets: dict[Path, dict] = {}
 
-    def read(name: str):
+    def read(name: str) -> np.ndarray:
+        """The tensor as numpy (BF16 widened to float32, exactly), read with plain file reads: a memory map would
+        keep every page it touched resident until the file is closed, adding the whole file to a load's peak."""
         file = stored_in[name][0]
-        with _named_errors(file):
-            if tensors[name][1] == "BF16":  # numpy has no bfloat16
-                return handles[file].get_tensor(name)
-            if file not in numpy_handles:  # reads twice as fast as the flax handle
-                numpy_handles[file] = safe_open(file, framework="numpy")
-            return numpy_handles[file].get_tensor(name)
+        if file not in offsets:
+            offsets[file] = _data_offsets(file)
+        start, stop, data = offsets[file][name]
+        shape, dtype = tensors[name]
+        stored = np.dtype("<u2") if dtype == "BF16" else np.dtype(SAFETENSORS_DTYPES[dtype])
+        with _named_errors(file), open(file, "rb") as f:
+            f.seek(data + start)
+            array = np.fromfile(f, stored, (stop - start) // stored.itemsize)
+        if array.size != math.prod(shape):
+            raise CheckpointError(f"{file}: tensor {name} holds {array.size} values, its shape {list(shape)} needs "
+                                  f"{math.prod(shape)} (the file is truncated or damaged)")
+        if dtype == "BF16":  # numpy has no bfloat16: its 16 bits are the top half of a float32
+            array = (array.astype(np.uint32) << 16).view(np.float32)
+        return array.reshape(shape)
 
     return Checkpoint(directory, config, tensors, read=read, tokenizer_files=lambda: read_tokenizer_files(directory))
 

@@ -379,9 +379,7 @@ def run(params: Params, ids: Array, positions: Array, mask: Array | None = None,
     config = params.config
     B, T = ids.shape
     D, V = config.hidden_size, config.vocab_size
-    x = embedding(params.embed_tokens, ids)
-    if config.embed_scale != 1.0:  # Gemma: times sqrt(D), rounded to the model dtype first as HF's embed_scale is
-        x = x * jnp.asarray(config.embed_scale, x.dtype)
+    x = embed(params, ids)
     chex.assert_shape(x, (B, T, D))
     tap("embed", x)
     real = jnp.ones((B, T), bool) if mask is None else mask.astype(bool)  # [B, T]
@@ -416,6 +414,13 @@ def run(params: Params, ids: Array, positions: Array, mask: Array | None = None,
         cache = KVCache(k=tuple(new_k), v=tuple(new_v), index=cache.index + ids.shape[1],
                         mask=jax.lax.dynamic_update_slice(cache.mask, real, (0, cache.index)))
     return logits, cache
+
+
+def embed(params: Params, ids: Array) -> Array:
+    """ids [B, T] -> [B, T, D]: the embedding rows, times Gemma's sqrt(D) (rounded to the model dtype first, as HF's
+    embed_scale is)."""
+    x = embedding(params.embed_tokens, ids)
+    return x if params.config.embed_scale == 1.0 else x * jnp.asarray(params.config.embed_scale, x.dtype)
 
 
 def embedding(table: Matrix, ids: Array) -> Array:

@@ -178,6 +178,7 @@ def check_format(weights: str) -> str:
 # scales alone this halved the KL from the fp32 logits. Then the few matrices whose input carries outlier activations
 # (max |x| over mean |x| above OUTLIER_RATIO on CALIBRATION_TOKENS pseudo-random tokens, loader.py) stay fp32.
 COLUMN_ALPHA = 0.25
+QUANTIZE_ROWS = 4096  # rows quantized at a time
 OUTLIER_RATIO = 256.0
 CALIBRATION_TOKENS = 64
 
@@ -185,17 +186,20 @@ CALIBRATION_TOKENS = 64
 def quantize_int8(w: np.ndarray, in_scale: np.ndarray | None = None) -> Int8:
     """w [*out, in] float -> Int8 (numpy leaves): w · in_scale quantized per output row, round to nearest, each row's
     largest magnitude to ±127. `in_scale` [in] defaults to COLUMN_ALPHA's column scaling."""
-    w = np.asarray(w, np.float32)
+    rows = np.asarray(w).reshape(-1, w.shape[-1])  # [out, in]
+    chunks = [slice(start, start + QUANTIZE_ROWS) for start in range(0, rows.shape[0], QUANTIZE_ROWS)]
     if in_scale is None:
-        column = np.abs(w.reshape(-1, w.shape[-1])).max(axis=0) ** COLUMN_ALPHA  # [in]
+        column = np.max([np.abs(rows[c]).max(axis=0) for c in chunks], axis=0).astype(np.float32) ** COLUMN_ALPHA
         column = np.where(column > 0, column, 1.0)
         in_scale = np.mean(column) / column
     in_scale = np.asarray(in_scale, np.float32)
-    scaled = w * in_scale
-    scale = np.abs(scaled).max(axis=-1) / 127.0
-    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-    values = np.clip(np.rint(scaled / scale[..., None]), -127, 127).astype(np.int8)
-    return Int8(values=values, scale=scale, in_scale=in_scale)
+    values, scale = np.empty(rows.shape, np.int8), np.empty(rows.shape[0], np.float32)
+    for c in chunks:  # a block of rows at a time: the float temporaries stay small however large the matrix
+        scaled = rows[c].astype(np.float32) * in_scale
+        row_scale = np.abs(scaled).max(axis=-1) / 127.0
+        scale[c] = np.where(row_scale > 0, row_scale, 1.0)
+        values[c] = np.clip(np.rint(scaled / scale[c][:, None]), -127, 127)
+    return Int8(values=values.reshape(w.shape), scale=scale.reshape(w.shape[:-1]), in_scale=in_scale)
 
 
 def blocks_from_gguf(data: np.ndarray, kind: str, shape: tuple[int, int]) -> Blocks:
