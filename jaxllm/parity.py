@@ -64,10 +64,11 @@ def reference_logits(model, ids, positions, attention_mask=None) -> np.ndarray:
     """Logits [B, T, V] from a Transformers model. An explicit all-ones mask stops HF from reading jumps in
     `position_ids` as packed sequences: positions feed RoPE only, as in jaxllm."""
     torch, _ = torch_and_transformers()
-    ids = torch.as_tensor(np.asarray(ids), dtype=torch.long)
-    mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(np.asarray(attention_mask))
+    # np.array copies: torch warns on the read-only views np.asarray gives of JAX arrays.
+    ids = torch.as_tensor(np.array(ids), dtype=torch.long)
+    mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(np.array(attention_mask))
     with torch.no_grad():
-        out = model(input_ids=ids, position_ids=torch.as_tensor(np.asarray(positions), dtype=torch.long),
+        out = model(input_ids=ids, position_ids=torch.as_tensor(np.array(positions), dtype=torch.long),
                     attention_mask=mask, use_cache=False)
     return out.logits.double().numpy() if out.logits.dtype == torch.float64 else out.logits.float().numpy()
 

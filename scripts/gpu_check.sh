@@ -2,8 +2,8 @@
 # jaxllm on a GPU, two checks:
 #   1. parity: the default model's logits on the GPU against the CPU, fp32 (max |diff| and argmax agreement, at
 #      JAX's default matmul precision on the GPU, which may use TF32, and at "highest", held to parity's tolerance)
-#   2. bench: a TinyLlama-1.1B-shaped checkpoint of random weights, jaxllm's parameters in float32 and in bfloat16:
-#      decode tokens/s and the fraction of the memory-bandwidth roofline (`jaxllm bench --quick`; --full for all)
+#   2. bench: a TinyLlama-1.1B-shaped checkpoint of random weights, jaxllm's weights in fp32, bf16 and int8 side by
+#      side: decode tokens/s and the fraction of the memory-bandwidth roofline (`jaxllm bench --quick`; --full for all)
 #
 # Usage: scripts/gpu_check.sh [--full]
 # Needs jax with CUDA and the test extra (torch and Transformers make the random checkpoint and run the bench's
@@ -63,7 +63,7 @@ print(f"  {'PASS' if ok else 'FAIL'}: at 'highest', max_abs_diff {diff:.3g} (tol
 sys.exit(0 if ok else 1)
 PY
 
-echo "== 2. bench: TinyLlama-1.1B-shaped random weights, float32 and bfloat16"
+echo "== 2. bench: TinyLlama-1.1B-shaped random weights, fp32, bf16 and int8"
 python - "$work/tinyllama" <<'PY'
 import sys
 
@@ -79,19 +79,16 @@ tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, m
 tokenizer.pre_tokenizer, tokenizer.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
 tokenizer.save(str(out / "tokenizer.json"))
 PY
-for dtype in float32 bfloat16; do
-  python -m jaxllm bench --model "$work/tinyllama" --dtype "$dtype" $quick --json "$work/bench-$dtype.json"
-done
+python -m jaxllm bench --model "$work/tinyllama" --weights fp32,bf16,int8 $quick --json "$work/bench.json"
 echo "== summary"
-python - "$work"/bench-*.json <<'PY'
+python - "$work/bench.json" <<'PY'
 import json
 import sys
 
-for path in sys.argv[1:]:
-    figures = json.load(open(path))
-    decode, roofline = figures["decode"], figures["roofline"]
-    print(f"{figures['environment']['dtype']:<9} on {figures['environment']['jax_device']}: "
-          f"decode {decode['jaxllm_decode_tokens_per_s']} tokens/s, roofline fraction {roofline['jaxllm_fraction']} "
-          f"({roofline['weight_bytes'] / 1e9:.2f} GB of weights a step, {roofline['jaxllm_effective_gb_per_s']} GB/s "
-          f"effective, {roofline['bandwidth_gb_per_s']} GB/s measured by the matvec)")
+figures = json.load(open(sys.argv[1]))
+for weights, row in figures["formats"]["formats"].items():
+    print(f"{weights:<5} on {figures['environment']['jax_device']}: decode {row['decode_tokens_per_s']} tokens/s "
+          f"({row['decode_vs_first']}x fp32), roofline fraction {row['roofline_fraction']} "
+          f"({row['weight_bytes_per_token'] / 1e9:.2f} GB of weights a step, {row['bandwidth_gb_per_s']} GB/s measured "
+          f"by the matvec)")
 PY
