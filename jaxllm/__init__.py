@@ -11,6 +11,7 @@
     state = jaxllm.decode(params, state, settings)                           # the rest, in one compiled loop
 
     mesh = jaxllm.make_mesh(dp=2, tp=4)              # 8 devices; load(..., mesh=mesh) shards as it reads
+    params = jaxllm.load("smollm2-135m", weights="int8")   # or "bf16", or "gguf": a GGUF's blocks kept as stored
 """
 
 from jaxllm.config import LLMConfig
