@@ -275,9 +275,10 @@ def _batched_dot(a: Array, b: Array, a_axis: int, b_axis: int) -> Array:
 
 def _linear(x: Array, w: Matrix, out_dtype=None) -> Array:
     """nn.Linear without bias: x [B, T, in] times w [*out, in] (HF's orientation; `out` may be several axes)
-    -> [B, T, *out]: einsum BTI,OI->BTO, written as weights.matmul (jnp.einsum's own bookkeeping takes a fifth of
-    the time to trace a forward). A quantized w runs its own matmul (weights.py). `out_dtype`: the
-    result's dtype when it should differ from x's (bf16 logits accumulated and returned in fp32)."""
+    -> [B, T, *out], einsum BTI,OI->BTO. An fp32 w runs the dot_general it lowers to (jnp.einsum's own bookkeeping
+    takes a fifth of the time to trace a forward); a bf16 or quantized w runs weights.matmul, whose x @ w.T form fuses
+    w's convert or dequantization into the decode matvec. `out_dtype`: the result's dtype when it should differ from
+    x's (the logits are fp32 in every format)."""
     B, T, I = x.shape
     if is_quantized(w):
         return w.matmul(x.reshape(B * T, I)).reshape(B, T, *w.shape[:-1])

@@ -7,15 +7,13 @@
     gguf   Blocks: a GGUF file's quantized tensors kept in their stored blocks (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K),
            dequantized inside the jitted matmul
 
-A quantized matrix is a small pytree that stands where a float [*out, in] array would: `matmul` and `embedding`
-dispatch on its type, so the forward reads the same for every format. Matrices keep HF's [out, in] orientation,
-the one in which XLA:CPU fuses the int8 -> f32 convert into the dot (stored [in, out], it copies the weight to f32
-on every call).
+A quantized matrix is a small pytree that stands where a float [*out, in] array would: model._linear and
+model.embedding dispatch on its type, so the forward reads the same for every format. Matrices keep HF's [out, in]
+orientation and multiply as x @ w.T (`matmul`), the form in which XLA:CPU fuses the convert or dequantization of w
+into the decode matvec.
 """
 
 from __future__ import annotations
-
-import math
 
 import flax.struct
 import jax
@@ -26,6 +24,8 @@ from jaxllm.errors import InputError
 
 Array = jax.Array
 FORMATS = ("fp32", "bf16", "int8", "gguf")
+
+
 @flax.struct.dataclass
 class Int8:
     """w ≈ values · scale[:, None] / in_scale[None, :]: int8 values [*out, in], scale [*out] (per output row) and
@@ -60,8 +60,8 @@ BLOCK_FORMATS = {
     "Q8_0": "values int8 [nb, 32], scale f16 [nb]: w = scale · v",
     "Q4_0": "values uint8 [nb, 16] (two 4-bit weights each), scale f16 [nb]: w = scale · (q - 8)",
     "Q4_1": "values uint8 [nb, 16], scale f16 [nb], offset f16 [nb]: w = scale · q + offset",
-    "Q4_K": "values uint8 [nb / 2, 32], scale/offset uint8 [nb] (6-bit), super_scale/super_offset f16 [nb / 8]: "
-            "w = super_scale · scale · q - super_offset · offset",
+    "Q4_K": "values uint8 [nb / 2, 32], scale/offset uint8 [nb] (6-bit), super_scale f16 [nb / 8] (d), "
+            "super_offset f16 [nb / 8] (-dmin): w = super_scale · scale · q + super_offset · offset",
     "Q6_K": "values uint8 [nb / 2, 64] (low 4 bits), high uint8 [nb / 2, 32] (high 2 bits), scale int8 [nb], "
             "super_scale f16 [nb / 16]: w = super_scale · scale · (q - 32)",
 }
@@ -140,25 +140,22 @@ class Blocks:
         return jax.tree_util.tree_map(lambda a: jnp.take(a, ids, axis=0), self).dequantize()
 
 
-Quantized = Int8 | Blocks
-
-
 def matmul(x: Array, w: Array, out_dtype=None) -> Array:
     """x [M, in] times w [out, in] -> [M, out], written as x @ w.T. In decode (M = 1) XLA:CPU turns this into one
     loop over w that computes w's elements where it reads them, so a convert from int8, or a dequantization, on the
     weight operand costs no f32 copy of the matrix; the same dot written as dot_general(x, w) over w's axis 1 keeps
-    the convert as a separate pass that writes the f32 matrix out first (measured: 2.8x slower than fp32 for int8,
-    against 3.9x faster). The compiled HLO shows it: one kLoop fusion reading s8 (or u8) and producing the dot."""
+    the convert as a separate pass that writes the f32 matrix out first (measured on 40 int8 matrices of 2304 x 576:
+    2.7x slower than fp32, against 3.9x faster). The compiled HLO shows it: one kLoop fusion reading s8 (or u8) and producing the dot."""
     return jnp.matmul(x, w.T, preferred_element_type=out_dtype)
 
 
 def _input(x: Array, ones: Array) -> Array:
     """x [M, in] as an operand XLA does not fuse into a quantized matvec. XLA:CPU fuses cheap producers (the RMSNorm's
     multiplies, the attention output's reshapes, SwiGLU's product) into the loop that computes the matvec, where they
-    run again for every output row; it does not fuse a divide by an array (a divide by a scalar it turns into a
-    multiply, and fuses). Dividing by `ones` [in] (1.0 each, computed at run time so that XLA cannot fold it away)
-    stops the fusion there: a GGUF decode step of the default model went from 27.2 to 20.9 ms. (Int8 divides by its
-    in_scale anyway; jax.lax.optimization_barrier does not help, XLA:CPU removes it before fusion.)"""
+    run again for every output row. It did not fuse a divide by an array (a divide by a scalar it did fuse), so
+    dividing by `ones` [in] (1.0 each, computed at run time so that XLA cannot fold it away) stops the fusion there:
+    a GGUF decode step of the default model went from 27.2 to 20.9 ms. (Int8 divides by its in_scale anyway;
+    jax.lax.optimization_barrier left the producers fused.)"""
     return x / ones
 
 
@@ -265,7 +262,3 @@ def take_rows(w, start: int, stop: int):
 def describe(w) -> str:
     """'Q4_1 [576, 576] 207,360 B' for `inspect`."""
     return f"{format_of(w)} {list(w.shape)} {nbytes(w):,} B"
-
-
-def bits_per_weight(w) -> float:
-    return 8 * nbytes(w) / math.prod(w.shape)
