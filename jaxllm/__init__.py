@@ -12,9 +12,13 @@
 
     mesh = jaxllm.make_mesh(dp=2, tp=4)              # 8 devices; load(..., mesh=mesh) shards as it reads
     params = jaxllm.load("smollm2-135m", weights="int8")   # or "bf16", or "gguf": a GGUF's blocks kept as stored
+
+    engine = jaxllm.Engine(model, slots=8, max_context=2048).start()       # continuous batching (`jaxllm serve`)
+    engine.generate([ids_a, ids_b], max_tokens=32)                          # or submit(Request(...)) from any thread
 """
 
 from jaxllm.config import LLMConfig
+from jaxllm.engine import ContextLengthError, Engine, QueueFull, Request
 from jaxllm.errors import CheckpointError, ConfigError, InputError, JaxLLMError, ModelNotFoundError, TokenizerError
 from jaxllm.generate import (DecodeState, GenerationResult, GenerationSettings, Sampling, decode, decode_step,
                              generate, left_pad, prefill)
@@ -24,6 +28,7 @@ from jaxllm.model import KVCache, Model, Params, compile_counts, forward, forwar
 __all__ = [
     "LLMConfig", "Params", "KVCache", "Model", "Sampling", "GenerationSettings", "DecodeState", "GenerationResult",
     "Checkpoint", "open_checkpoint", "load", "load_model", "make_mesh", "distributed", "forward", "forward_with_intermediates",
-    "prefill", "decode_step", "decode", "generate", "left_pad", "compile_counts",
+    "prefill", "decode_step", "decode", "generate", "left_pad", "compile_counts", "Engine", "Request", "QueueFull",
+    "ContextLengthError",
     "JaxLLMError", "ConfigError", "CheckpointError", "TokenizerError", "InputError", "ModelNotFoundError",
 ]

@@ -104,21 +104,54 @@ def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
 
 
 def sample(logits: Array, key: Array, sampling: Sampling) -> Array:
-    """logits [B, V] -> token ids [B] (int32)."""
+    """logits [B, V] -> token ids [B] (int32), every row under the same settings and key."""
     if sampling.temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits.astype(jnp.float32) / sampling.temperature
-    if sampling.top_k:
-        kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]  # [B, 1]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if sampling.top_p < 1.0:
-        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]  # [B, V], descending
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        # Keep a token while the mass before it is below top_p, so the most likely token always survives.
-        keep = (jnp.cumsum(probs, axis=-1) - probs) < sampling.top_p
-        threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits < threshold, -jnp.inf, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    B = logits.shape[0]
+    filtered = filter_logits(logits, jnp.full(B, sampling.temperature, jnp.float32), jnp.full(B, sampling.top_k),
+                             jnp.full(B, sampling.top_p, jnp.float32))
+    return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+
+
+def filter_logits(logits: Array, temperature: Array, top_k: Array, top_p: Array) -> Array:
+    """logits [B, V] / temperature [B], with -inf outside each row's top_k [B] tokens (0: all) and outside the
+    smallest set whose probability reaches top_p [B] (1.0: all). Ties at a cut are kept."""
+    V = logits.shape[-1]
+    logits = logits.astype(jnp.float32) / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+    sorted_logits = -jnp.sort(-logits, axis=-1)  # [B, V], descending
+    in_top_k = (jnp.arange(V) < top_k[:, None]) | (top_k[:, None] == 0)  # [B, V] over the sorted order
+    sorted_logits = jnp.where(in_top_k, sorted_logits, -jnp.inf)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # Keep a token while the mass before it is below top_p, so the most likely token always survives.
+    keep = in_top_k & ((jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None])
+    threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)  # [B, 1]
+    return jnp.where(logits < threshold, -jnp.inf, logits)
+
+
+def sample_rows(logits: Array, keys: Array, temperature: Array, top_k: Array, top_p: Array) -> Array:
+    """logits [B, V] -> token ids [B] (int32), each row under its own settings [B] and PRNG key [B]: greedy where
+    temperature is 0. The sort that filtering needs runs only when some row samples."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def sampled() -> Array:
+        filtered = filter_logits(logits, temperature, top_k, top_p)
+        drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, filtered).astype(jnp.int32)
+        return jnp.where(temperature > 0, drawn, greedy)
+
+    return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda: greedy)
+
+
+def next_logits(params: Params, cache: KVCache, last: Array, live: Array | None = None,
+                window: int | None = None) -> tuple[Array, KVCache]:
+    """The decode step's forward, shared by `generate` and the serving engine: each row's last token [B] at the row's
+    next position (the count of real tokens in its cache, so left padding and right padding both number from 0),
+    written at the row's own next slot -> (logits [B, V] fp32, cache). Rows where `live` [B] is False write a masked
+    slot and keep their index; `window` limits attention to the cache's first W slots."""
+    positions = jnp.sum(cache.mask, axis=-1, dtype=jnp.int32)[:, None]  # [B, 1]
+    logits, new = run(params, last[:, None], positions, None if live is None else live[:, None], cache, window=window)
+    if live is not None:
+        new = new.replace(index=jnp.where(live, new.index, cache.index))
+    return logits[:, 0].astype(jnp.float32), new
 
 
 def positions_from_mask(mask: Array) -> Array:
@@ -172,11 +205,9 @@ def _decode_step(params: Params, state: DecodeState, settings: GenerationSetting
         mask = jnp.concatenate([state.prompt_mask.astype(bool), jnp.broadcast_to(made, state.tokens.shape)], 1)
         logits, cache = run(params, ids, positions_from_mask(mask), mask)
         logits = jax.lax.dynamic_index_in_dim(logits, P + state.step - 1, axis=1, keepdims=False)  # [B, V]
-    else:  # the last token alone, at the next position of its row: the count of real tokens before it
-        last = jax.lax.dynamic_index_in_dim(state.tokens, state.step - 1, axis=1)  # [B, 1]
-        positions = jnp.sum(state.cache.mask, axis=-1, dtype=jnp.int32)[:, None]  # [B, 1]
-        logits, cache = run(params, last, positions, cache=state.cache)
-        logits = logits[:, 0]
+    else:  # the last token alone, at the next position of its row
+        last = jax.lax.dynamic_index_in_dim(state.tokens, state.step - 1, axis=1, keepdims=False)  # [B]
+        logits, cache = next_logits(params, state.cache, last)
     return _advance(state.replace(cache=cache), logits.astype(jnp.float32), settings)
 
 

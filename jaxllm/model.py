@@ -86,18 +86,20 @@ class Model:
 
 @flax.struct.dataclass
 class KVCache:
-    """Keys and values of every layer, after RoPE, in fixed-size buffers of S slots, and which slots hold what.
+    """Keys and values of every layer, after RoPE, in fixed-size buffers of S slots per row, and which slots hold what.
 
-    Slot s holds the s-th token fed to the cache. `mask` marks the slots that hold a real token (written, and not
-    padding), so a call's queries see exactly the masked-in slots plus their own causal past; `index` is the next
-    slot to write. Keys are stored transposed, [B, K, H, S], so that a decode step's scores are a plain
-    [G, H] x [H, S] matmul per key/value head with no transpose of the cache.
+    Each row is written on its own: slot s of row b holds the s-th token fed to that row, `index[b]` is the row's next
+    slot to write, and `mask` marks the slots that hold a real token (written, and not padding), so a call's queries
+    see exactly the masked-in slots plus their own causal past. Rows of one `generate` batch move together (the same
+    index); the rows of a serving engine's slot table each follow their own request. Keys are stored transposed,
+    [B, K, H, S], so that a decode step's scores are a plain [G, H] x [H, S] matmul per key/value head with no
+    transpose of the cache.
     """
 
     k: tuple[Array, ...]  # L × [B, K, H, S]
     v: tuple[Array, ...]  # L × [B, K, S, H]
     mask: Array  # [B, S] bool: the slot holds a real token
-    index: Array  # [] int32: the next slot to write
+    index: Array  # [B] int32: each row's next slot to write
     # True until the first write: a call into an empty cache attends over its own keys alone, not over S slots
     # that are all masked out (a prefill of T tokens would otherwise score T x S more keys).
     empty: bool = flax.struct.field(pytree_node=False, default=False)
@@ -113,7 +115,16 @@ class KVCache:
         layers = range(config.num_hidden_layers)
         return cls(k=tuple(jnp.zeros((B, K, H, S), dtype) for _ in layers),
                    v=tuple(jnp.zeros((B, K, S, H), dtype) for _ in layers),
-                   mask=jnp.zeros((B, S), bool), index=jnp.zeros((), jnp.int32), empty=True)
+                   mask=jnp.zeros((B, S), bool), index=jnp.zeros((B,), jnp.int32), empty=True)
+
+
+def write_rows(buffer: Array, update: Array, index: Array, axis: int) -> Array:
+    """buffer [B, ...] with each row b's `update[b]` written from position index[b] along `axis` (an in-place scatter
+    of the update's size, whatever the buffer's length)."""
+    def row(b, u, i):
+        return jax.lax.dynamic_update_slice_in_dim(b, u, i, axis - 1)
+
+    return jax.vmap(row)(buffer, update.astype(buffer.dtype), index)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,9 +136,10 @@ class Context:
     cos: Array | None  # [B, T, R] for R = rotary_dim; None in a layer without RoPE
     sin: Array | None  # [B, T, R]
     visible: Array  # [B, T, T]: query t sees this call's key t'
-    cached_visible: Array | None  # [B, 1 or T, S]: query t sees cache slot s; None without a cache or with an empty one
-    index: Array | None  # [] int32: the cache slot of this call's first token
+    cached_visible: Array | None  # [B, 1 or T, W]: query t sees cache slot s; None without a cache or with an empty one
+    index: Array | None  # [B] int32: each row's cache slot of this call's first token
     tap: Tap
+    window: int | None = None  # W: attention reads cache slots [0, W) alone (None: all S)
 
 
 def _no_tap(name: str, value: Array) -> None:
@@ -315,11 +327,13 @@ def attention_block(layer: Layer, x: Array, kv: LayerCache | None, ctx: Context)
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
     ctx.tap("q_rope", q), ctx.tap("k_rope", k)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
-    cached = None if ctx.cached_visible is None else (kv[0], kv[1], ctx.cached_visible)
+    cached = None
+    if ctx.cached_visible is not None:  # the filled part of the cache alone: a step's cost follows what is filled
+        W = ctx.window or kv[0].shape[-1]
+        cached = (kv[0][..., :W], kv[1][:, :, :W], ctx.cached_visible)  # [B, K, H, W], [B, K, W, H], [B, 1 or T, W]
     out = attention(q, k, v, ctx.visible, cached, config.query_scale, config.attn_logit_softcapping)
     if kv is not None:
-        kv = (jax.lax.dynamic_update_slice(kv[0], k.transpose(0, 1, 3, 2).astype(kv[0].dtype), (0, 0, 0, ctx.index)),
-              jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, 0, ctx.index, 0)))
+        kv = (write_rows(kv[0], k.transpose(0, 1, 3, 2), ctx.index, axis=3), write_rows(kv[1], v, ctx.index, axis=2))
     chex.assert_shape(out, (B, T, N, H))
     ctx.tap("attn", out)
     # Heads merged first: an einsum contracting (N, H) together makes XLA re-lay the weight out on every call.
@@ -371,14 +385,16 @@ def decoder_block(layer: Layer, x: Array, kv: LayerCache | None, ctx: Context) -
 
 
 def run(params: Params, ids: Array, positions: Array, mask: Array | None = None, cache: KVCache | None = None,
-        *, tap: Tap = _no_tap, last_only: bool = False) -> tuple[Array, KVCache | None]:
+        *, tap: Tap = _no_tap, last_only: bool = False, last: Array | None = None,
+        window: int | None = None) -> tuple[Array, KVCache | None]:
     """The forward pass, un-jitted: ids [B, T], positions [B, T] -> (logits [B, T, V], updated cache or None).
 
     `mask` [B, T] marks this call's real tokens (None: all). Query t sees this call's tokens t' <= t that are real
     and, with a cache, every slot the cache marks real (in a sliding layer, within its window); this call's tokens
-    go into slots cache.index onwards.
+    go into each row's slots cache.index[b] onwards; `window` W (static) limits what attention reads of the cache to
+    slots [0, W), which must hold every filled slot.
     `last_only` computes logits [B, 1, V] for the last position alone: a prefill needs no more, and the LM head is
-    a fifth of a 135M model's work.
+    a fifth of a 135M model's work; `last` [B] (with last_only) names each row's position to take instead of T - 1.
     """
     config = params.config
     B, T = ids.shape
@@ -389,7 +405,7 @@ def run(params: Params, ids: Array, positions: Array, mask: Array | None = None,
     real = jnp.ones((B, T), bool) if mask is None else mask.astype(bool)  # [B, T]
     index = None if cache is None else cache.index
     layers = range(config.num_hidden_layers)  # dict.fromkeys: each kind once, in layer order (a set's order varies)
-    masks = {kind: attention_masks(config, kind, real, None if cache is None or cache.empty else cache)
+    masks = {kind: attention_masks(config, kind, real, None if cache is None or cache.empty else cache, window)
              for kind in dict.fromkeys(config.layer_type(i) for i in layers)}
     tables = {rope: rope_tables(config, positions, rope)  # one pair per RoPE the layers use (Gemma 3 has two)
               for rope in dict.fromkeys(config.layer_rope(i) for i in layers) if rope is not None}
@@ -399,12 +415,13 @@ def run(params: Params, ids: Array, positions: Array, mask: Array | None = None,
         kv = None if cache is None else (cache.k[i], cache.v[i])
         cos, sin = tables.get(config.layer_rope(i), (None, None))
         layer_ctx = Context(config, cos, sin, *masks[config.layer_type(i)], index=index,
-                            tap=lambda name, value, i=i: tap(f"layers.{i}.{name}", value))
+                            tap=lambda name, value, i=i: tap(f"layers.{i}.{name}", value), window=window)
         x, kv = decoder_block(layer, x, kv, layer_ctx)
         if kv is not None:
             new_k.append(kv[0]), new_v.append(kv[1])
     if last_only:
-        x, T = x[:, -1:], 1
+        x = x[:, -1:] if last is None else jnp.take_along_axis(x, last[:, None, None], axis=1)  # [B, 1, D]
+        T = 1
     x = norm(x, params.norm, config)
     tap("norm", x)
     lm_head = params.embed_tokens if params.lm_head is None else params.lm_head  # [V, D]
@@ -416,7 +433,7 @@ def run(params: Params, ids: Array, positions: Array, mask: Array | None = None,
     tap("logits", logits)
     if cache is not None:
         cache = KVCache(k=tuple(new_k), v=tuple(new_v), index=cache.index + ids.shape[1],
-                        mask=jax.lax.dynamic_update_slice(cache.mask, real, (0, cache.index)))
+                        mask=write_rows(cache.mask, real, cache.index, axis=1))
     return logits, cache
 
 
@@ -437,20 +454,23 @@ def embedding(table: Matrix, ids: Array) -> Array:
     return jnp.where(((ids >= 0) & (ids < V))[..., None], rows, jnp.nan)
 
 
-def attention_masks(config: LLMConfig, kind: str, real: Array, cache: KVCache | None) -> tuple[Array, Array | None]:
-    """Who sees whom in a layer of this kind: (visible [B, T, T] over this call's keys, [B, 1 or T, S] over the
-    cache's slots, or None without a non-empty cache). Causal and padding-free; a sliding_attention layer's query
-    also sees only keys whose slot is within the last `sliding_window` slots up to its own (HF's
-    `kv_idx > q_idx - sliding_window`). Slots, not positions: in a row the real tokens sit in consecutive slots."""
+def attention_masks(config: LLMConfig, kind: str, real: Array, cache: KVCache | None,
+                    window: int | None = None) -> tuple[Array, Array | None]:
+    """Who sees whom in a layer of this kind: (visible [B, T, T] over this call's keys, [B, 1 or T, W] over the
+    cache's first W slots (all S when `window` is None), or None without a non-empty cache). Causal and padding-free;
+    a sliding_attention layer's query also sees only keys whose slot is within the last `sliding_window` slots up to
+    its own (HF's `kv_idx > q_idx - sliding_window`). Slots, not positions: in a row the real tokens sit in
+    consecutive slots."""
     B, T = real.shape
     visible = jnp.tril(jnp.ones((T, T), bool))  # [T, T]
-    cached = None if cache is None else cache.mask[:, None, :]  # [B, 1, S]
+    W = None if cache is None else window or cache.length
+    cached = None if cache is None else cache.mask[:, None, :W]  # [B, 1, W]
     if kind == "sliding_attention":
-        W = config.sliding_window
-        visible = visible & ~jnp.tril(jnp.ones((T, T), bool), -W)  # t' > t - W
+        SW = config.sliding_window
+        visible = visible & ~jnp.tril(jnp.ones((T, T), bool), -SW)  # t' > t - SW
         if cached is not None:
-            query_slots = cache.index + jnp.arange(T)  # [T]
-            cached = cached & (jnp.arange(cache.length)[None, :] > query_slots[:, None] - W)[None]  # [B, T, S]
+            query_slots = cache.index[:, None] + jnp.arange(T)  # [B, T]
+            cached = cached & (jnp.arange(W) > query_slots[..., None] - SW)  # [B, T, W]
     return visible[None] & real[:, None, :], cached
 
 

@@ -179,11 +179,11 @@ def test_prefill_decode_step_and_decode_compose_to_generate(tmp_path_factory):
     settings = jaxllm.GenerationSettings(max_new_tokens=9, length=32)
     ids, mask = jaxllm.left_pad(prompts, 16, pad_id=0)
     state = jaxllm.prefill(params, ids, mask, jax.random.key(0), settings)
-    assert int(state.step) == 1 and int(state.cache.index) == 16
+    assert int(state.step) == 1 and np.asarray(state.cache.index).tolist() == [16, 16]
     np.testing.assert_array_equal(np.asarray(state.cache.mask)[:, :16], mask.astype(bool))
     assert not np.asarray(state.cache.mask)[:, 16:].any()
     state = jaxllm.decode_step(params, state, settings)
-    assert int(state.step) == 2 and int(state.cache.index) == 17 and np.asarray(state.cache.mask)[:, 16].all()
+    assert int(state.step) == 2 and np.asarray(state.cache.index).tolist() == [17, 17] and np.asarray(state.cache.mask)[:, 16].all()
     state = jaxllm.decode(params, state, settings)
     assert int(state.step) == 9
     expected = [r.tokens for r in generate(params, prompts, 9, eos_ids=[])]
@@ -199,4 +199,5 @@ def test_compile_counts_list_every_program_before_its_first_trace():
     code = "import jaxllm; print(sorted(jaxllm.compile_counts().items()))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
     assert out.strip() == str(sorted({"forward": 0, "forward_with_intermediates": 0, "prefill": 0, "decode_step": 0,
-                                      "decode": 0}.items()))
+                                      "decode": 0, "engine_prefill": 0, "engine_decode": 0,
+                                      "engine_release": 0}.items()))
