@@ -1,0 +1,216 @@
+"""The continuous-batching engine: requests join and leave a fixed slot table; each one's tokens are what it would get
+alone (and what `generate` makes), whatever else runs beside it."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import jaxllm
+from jaxllm import parity
+from jaxllm.engine import ContextLengthError, Engine, EngineStopped, QueueFull, Request
+from jaxllm.errors import InputError
+from jaxllm.loader import load
+from jaxllm.model import compile_counts
+
+SMALL = dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-5)
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11], list(range(20, 57)), [3] * 17, list(range(100, 190))]
+
+
+@pytest.fixture(scope="module")
+def params(tmp_path_factory):
+    d = tmp_path_factory.mktemp("serving")
+    return load(parity.random_checkpoint(SMALL, d, seed=7, scale=0.3))
+
+
+@pytest.fixture(scope="module")
+def engine(params):
+    e = Engine(params, slots=3, max_context=256, decode_steps=4, prefill_chunk=32, eos_ids=[]).start()
+    yield e
+    e.stop()
+
+
+def alone(params, prompt, n):
+    return jaxllm.generate(params, prompt, n, eos_ids=[]).tokens
+
+
+def test_more_requests_than_slots_each_get_generates_tokens(params, engine):
+    """Five prompts through three slots: slots are refilled as requests finish, and each request's greedy tokens are
+    generate's for that prompt alone."""
+    limits = [12, 3, 20, 7, 15]
+    requests = [engine.submit(Request(prompt=p, max_tokens=n)) for p, n in zip(PROMPTS, limits)]
+    for r in requests:
+        assert r.finished.wait(120)
+    for r, p, n in zip(requests, PROMPTS, limits):
+        assert r.finish_reason == "length" and len(r.tokens) == n
+        assert r.tokens == alone(params, p, n), f"prompt {p[:4]}..."
+    assert engine.running == 0 and engine.waiting == 0
+
+
+def test_tokens_do_not_depend_on_the_rest_of_the_batch(params, engine):
+    """A request's greedy tokens are the same alone in the table and beside others, sampling or not."""
+    (solo,) = engine.generate([PROMPTS[2]], 16, timeout=120)
+    crowd = [Request(prompt=PROMPTS[0], max_tokens=16, temperature=1.2, seed=1),
+             Request(prompt=PROMPTS[2], max_tokens=16),
+             Request(prompt=PROMPTS[4], max_tokens=5, temperature=0.7, top_k=5, seed=2)]
+    for r in crowd:
+        engine.submit(r)
+    for r in crowd:
+        assert r.finished.wait(120)
+    assert crowd[1].tokens == solo.tokens
+
+
+def test_seeded_sampling_is_reproducible_in_any_slot(engine):
+    first = engine.generate(PROMPTS[:3], 12, temperature=0.9, top_p=0.95, seed=11, timeout=120)
+    again = engine.generate(PROMPTS[:3][::-1], 12, temperature=0.9, top_p=0.95, seed=11, timeout=120)[::-1]
+    assert [r.tokens for r in first] == [r.tokens for r in again]
+    other = engine.generate(PROMPTS[:1], 12, temperature=0.9, top_p=0.95, seed=12, timeout=120)
+    assert other[0].tokens != first[0].tokens
+
+
+def test_per_row_sampling_settings(params, engine):
+    """Rows of one batch sample under their own settings: top_k=1 and a tiny top_p are greedy, a high temperature
+    is not, and top_k=3 draws only among the three most likely tokens."""
+    greedy = alone(params, PROMPTS[0], 12)
+    rows = [Request(prompt=PROMPTS[0], max_tokens=12, temperature=1.5, top_k=1, seed=3),
+            Request(prompt=PROMPTS[0], max_tokens=12, temperature=1.5, top_p=1e-6, seed=4),
+            Request(prompt=PROMPTS[0], max_tokens=12, temperature=5.0, seed=5)]
+    for r in rows:
+        engine.submit(r)
+    for r in rows:
+        assert r.finished.wait(120)
+    assert rows[0].tokens == greedy and rows[1].tokens == greedy
+    assert rows[2].tokens != greedy
+    (k3,) = engine.generate([PROMPTS[0]], 1, temperature=5.0, top_k=3, seed=6, timeout=120)
+    logits = np.asarray(jaxllm.forward(params, np.asarray([PROMPTS[0]]), np.arange(len(PROMPTS[0]))[None]))[0, -1]
+    assert k3.tokens[0] in np.argsort(-logits)[:3]
+
+
+def test_stop_ids_end_a_request_on_the_stop_token(params, engine):
+    greedy = alone(params, PROMPTS[1], 20)
+    stop = greedy[4]
+    (r,) = engine.generate([PROMPTS[1]], 20, stop_ids=[stop], timeout=120)
+    assert r.finish_reason == "stop" and r.tokens == greedy[:greedy.index(stop) + 1]
+    (first,) = engine.generate([PROMPTS[1]], 20, stop_ids=[greedy[0]], timeout=120)  # ends at the prefill's token
+    assert first.finish_reason == "stop" and first.tokens == greedy[:1]
+
+
+def test_chunked_prefill_equals_one_chunk(params):
+    """A 90-token prompt prefilled 16 tokens at a time (interleaved with decode steps of a running request) makes
+    the tokens of a prefill in one chunk."""
+    chunked = Engine(params, slots=2, max_context=256, decode_steps=2, prefill_chunk=16, eos_ids=[]).start()
+    whole = Engine(params, slots=2, max_context=256, decode_steps=2, prefill_chunk=128, eos_ids=[]).start()
+    try:
+        running = chunked.submit(Request(prompt=PROMPTS[0], max_tokens=40))
+        time.sleep(0.2)
+        (long_chunked,) = chunked.generate([PROMPTS[4]], 20, timeout=120)
+        (long_whole,) = whole.generate([PROMPTS[4]], 20, timeout=120)
+        assert running.finished.wait(120)
+    finally:
+        chunked.stop(), whole.stop()
+    assert long_chunked.tokens == long_whole.tokens == alone(params, PROMPTS[4], 20)
+    assert running.tokens == alone(params, PROMPTS[0], 40)
+
+
+def test_decode_across_window_buckets_equals_generate(params):
+    """A request that grows past the attention window it started in (128 slots) moves to the next one and keeps
+    generate's tokens; a larger reserved context gives the same tokens."""
+    prompt = list(range(1, 120))
+    small = Engine(params, slots=2, max_context=256, decode_steps=4, eos_ids=[]).start()
+    large = Engine(params, slots=2, max_context=1024, decode_steps=4, eos_ids=[]).start()
+    try:
+        (a,) = small.generate([prompt], 30, timeout=120)
+        (b,) = large.generate([prompt], 30, timeout=120)
+    finally:
+        small.stop(), large.stop()
+    assert a.tokens == b.tokens == alone(params, prompt, 30)
+
+
+def test_new_requests_settings_and_limits_compile_nothing(engine):
+    engine.generate([PROMPTS[0]], 6, timeout=120)  # every program this shape needs is compiled
+    before = compile_counts()
+    engine.generate([PROMPTS[0][:4], PROMPTS[0]], 5, temperature=0.3, top_k=7, top_p=0.5, seed=99,
+                    stop_ids=[1, 2, 3], timeout=120)
+    engine.generate([PROMPTS[0]], 9, timeout=120)
+    assert compile_counts() == before
+
+
+def test_cancel_frees_the_slot(params, engine):
+    events = []
+    r = Request(prompt=PROMPTS[0], max_tokens=200, on_event=lambda req, tokens, reason: events.append(reason))
+    engine.submit(r)
+    deadline = time.monotonic() + 60
+    while len(r.tokens) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    engine.cancel(r)
+    assert r.finished.wait(60) and r.finish_reason == "cancelled" and events[-1] == "cancelled"
+    assert len(r.tokens) < 200
+    assert engine.running == 0
+    (after,) = engine.generate([PROMPTS[3]], 10, timeout=120)  # the freed slot serves the next request correctly
+    assert after.tokens == alone(params, PROMPTS[3], 10)
+
+
+def test_full_queue_and_bad_requests_are_refused_by_name(params):
+    e = Engine(params, slots=1, max_context=128, decode_steps=2, max_waiting=1, eos_ids=[]).start()
+    try:
+        first = e.submit(Request(prompt=PROMPTS[0], max_tokens=100))
+        deadline = time.monotonic() + 60
+        while e.waiting and time.monotonic() < deadline:  # the first takes the slot
+            time.sleep(0.01)
+        e.submit(Request(prompt=PROMPTS[0], max_tokens=10))  # waits
+        with pytest.raises(QueueFull, match="max_waiting=1"):
+            e.submit(Request(prompt=PROMPTS[0], max_tokens=10))
+        with pytest.raises(ContextLengthError, match=r"prompt \(5 tokens\) plus max_tokens \(124\)"):
+            e.submit(Request(prompt=PROMPTS[0], max_tokens=124))
+        with pytest.raises(InputError, match="token id 256 at position 1"):
+            e.submit(Request(prompt=[1, 256], max_tokens=2))
+        with pytest.raises(InputError, match="max_tokens must be a positive integer"):
+            e.submit(Request(prompt=[1], max_tokens=0))
+        with pytest.raises(InputError, match="temperature"):
+            e.submit(Request(prompt=[1], max_tokens=1, temperature=-1))
+        e.cancel(first)
+    finally:
+        e.stop(drain=True, timeout=120)
+    assert first.finish_reason == "cancelled"
+    with pytest.raises(EngineStopped):
+        e.submit(Request(prompt=[1], max_tokens=1))
+
+
+def test_stop_drains_running_and_waiting_requests(params):
+    e = Engine(params, slots=1, max_context=128, decode_steps=2, eos_ids=[]).start()
+    requests = [e.submit(Request(prompt=p, max_tokens=8)) for p in PROMPTS[:3]]
+    e.stop(drain=True, timeout=120)
+    assert [r.finish_reason for r in requests] == ["length"] * 3
+    assert [r.tokens for r in requests] == [alone(params, p, 8) for p in PROMPTS[:3]]
+
+
+def test_callbacks_see_every_token_once_from_the_engine_thread(engine):
+    seen, threads = [], set()
+
+    def on_event(req, tokens, reason):
+        seen.extend(tokens)
+        threads.add(threading.current_thread().name)
+
+    r = engine.submit(Request(prompt=PROMPTS[2], max_tokens=11, on_event=on_event))
+    assert r.finished.wait(120)
+    assert seen == r.tokens and len(seen) == 11 and threads == {"jaxllm-engine"}
+
+
+@pytest.mark.slow
+def test_real_model_engine_equals_generate(smollm2):
+    """SmolLM2 through four slots: each chat prompt's greedy tokens equal generate's for it alone."""
+    tok = smollm2.tokenizer
+    texts = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers.",
+             "Explain gravity to a child in one sentence."]
+    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": t}]), add_special_tokens=False)
+               for t in texts]
+    e = Engine(smollm2, slots=4, max_context=256, decode_steps=8).start()
+    try:
+        got = e.generate(prompts, 24, timeout=300)
+    finally:
+        e.stop()
+    for r, p in zip(got, prompts):
+        ref = jaxllm.generate(smollm2, p, 24)
+        assert r.tokens == ref.tokens, tok.decode(ref.tokens)
