@@ -24,6 +24,7 @@ from jaxllm.errors import InputError
 
 Array = jax.Array
 FORMATS = ("fp32", "bf16", "int8", "gguf")
+MATVEC_ROWS = 16  # up to this many rows, a quantized matmul runs as one matvec per row (`matmul`)
 
 
 @flax.struct.dataclass
@@ -145,8 +146,25 @@ def matmul(x: Array, w: Array, out_dtype=None) -> Array:
     loop over w that computes w's elements where it reads them, so a convert from int8, or a dequantization, on the
     weight operand costs no f32 copy of the matrix; the same dot written as dot_general(x, w) over w's axis 1 keeps
     the convert as a separate pass that writes the f32 matrix out first (measured on 40 int8 matrices of 2304 x 576:
-    2.7x slower than fp32, against 3.9x faster). The compiled HLO shows it: one kLoop fusion reading s8 (or u8) and producing the dot."""
+    2.7x slower than fp32, against 3.9x faster). The compiled HLO shows it: one kLoop fusion reading s8 (or u8) and producing the dot.
+    With a few rows (a decode step over a batch or a server's slots: 1 < M <= MATVEC_ROWS) the same dot is a GEMM
+    that XLA:CPU feeds a dequantized f32 copy of w; written as M one-row matvecs it stays fused, one pass over w."""
+    M = x.shape[0]
+    if 1 < M <= MATVEC_ROWS:
+        rows = _materialized([x[i:i + 1] for i in range(M)])
+        return jnp.concatenate([jnp.matmul(r, w.T, preferred_element_type=out_dtype) for r in rows])
     return jnp.matmul(x, w.T, preferred_element_type=out_dtype)
+
+
+def _materialized(rows: list[Array]) -> list[Array]:
+    """The rows as buffers written before the matvecs read them. XLA:CPU otherwise fuses their producers (the
+    attention output's combine, the RMSNorm) into each row's matvec, whose loop recomputes them for every output
+    element: a decode step over 8 slots of the default model in int8 ran 1.7x slower than as a GEMM. A conditional
+    is a fusion boundary (jax.lax.optimization_barrier left them fused). Its predicate is true whatever the rows
+    hold, NaN included, but XLA cannot prove it, so it keeps the conditional (with a constant predicate, or two
+    identical branches, it removes it); the other branch never runs."""
+    first = rows[0][0, 0]
+    return jax.lax.cond(jnp.isnan(first) | ~jnp.isnan(first), lambda: rows, lambda: [r + 1 for r in rows])
 
 
 def _input(x: Array, ones: Array) -> Array:
