@@ -83,7 +83,7 @@ def test_errors_are_one_readable_line(tmp_path, capsys):
     assert "required field 'model_type' is missing" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["generate", "inspect", "parity", "convert", "bench"])
+@pytest.mark.parametrize("command", ["generate", "inspect", "parity", "convert", "bench", "bench-serve", "serve"])
 def test_every_command_has_help(command):
     with pytest.raises(SystemExit) as exit_:
         build_parser().parse_args([command, "--help"])
