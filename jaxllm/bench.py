@@ -13,10 +13,17 @@ the peak memory of loading it in a fresh process.
 
     figures = bench.run(None, repeats=5, weights=("fp32", "int8", "gguf"))   # a JSON-serialisable dict
     print(bench.table(figures))
+
+The serving section loads a running OpenAI-compatible server with streamed completions, as `vllm bench serve` does
+(TTFT, inter-token latency, output tokens/s per concurrency level), or starts several servers in turn and loads each
+the same way:
+
+    print(bench.serve_table(bench.serve("http://127.0.0.1:8000", concurrency=(1, 8))))
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import math
@@ -26,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import jax
@@ -188,10 +196,23 @@ def _prefill_figures(params, reference, tokenizer, lengths, new_tokens: int, rep
 
 
 def _paired_decode(setup: Callable[[], tuple], shape: tuple[int, int], pairs: int) -> tuple[list[float], list[float]]:
-    """Seconds of `pairs` decode loops, each paired with the median of three matvecs timed right after it (a jitted
-    fp32 matrix-vector product over a matrix far beyond any cache: every byte read once per call). This machine's
-    memory is shared and the bandwidth it gives drifts by tens of percent within minutes (seen here: from 30 to
-    55 GB/s between runs), so the roofline compares each decode loop with the bandwidth of its own moment."""
+    """Seconds of `pairs` decode loops, each paired with the bandwidth probe (_bandwidth_probe: three matvecs over a
+    matrix far beyond any cache) timed right after it. This machine's memory is shared and the bandwidth it gives
+    drifts by tens of percent within minutes (seen here: from 30 to 55 GB/s between runs), so the roofline compares
+    each decode loop with the bandwidth of its own moment."""
+    probe = _bandwidth_probe(shape)
+    _seconds(_run_decode, setup)  # warm-up
+    loops, matvecs = [], []
+    for _ in range(pairs):
+        loops.append(_seconds(_run_decode, setup)[0])
+        matvecs.append(probe())
+    return loops, matvecs
+
+
+def _bandwidth_probe(shape: tuple[int, int]) -> Callable[[], float]:
+    """A function returning the median seconds of three jitted fp32 matrix-vector products over a `shape` matrix
+    (made, and the product compiled and warmed, here). The matrix lies far beyond any cache, so every byte is read
+    once per call: matrix bytes / seconds is the memory bandwidth of that moment."""
     matrix = jax.block_until_ready(jax.random.normal(jax.random.key(1), shape, jnp.float32))
     vector = jax.block_until_ready(jnp.ones(shape[1], jnp.float32))
     matvec = jax.jit(lambda a, x: a @ x)
@@ -199,12 +220,15 @@ def _paired_decode(setup: Callable[[], tuple], shape: tuple[int, int], pairs: in
     def run_matvec():
         return jax.block_until_ready(matvec(matrix, vector))
 
-    _seconds(run_matvec), _seconds(_run_decode, setup)  # warm-ups
-    loops, matvecs = [], []
-    for _ in range(pairs):
-        loops.append(_seconds(_run_decode, setup)[0])
-        matvecs.append(statistics.median(_seconds(run_matvec)[0] for _ in range(3)))
-    return loops, matvecs
+    _seconds(run_matvec)  # warm-up
+    return lambda: statistics.median(_seconds(run_matvec)[0] for _ in range(3))
+
+
+def _roofline_fractions(weight_bytes: int, step_s: list[float], matvec_s: list[float],
+                        matrix_bytes: int) -> list[float]:
+    """Each decode step's fraction of the roofline: the bandwidth it achieves reading every weight once
+    (weight bytes / step) over the bandwidth of the matvec timed right after it (matrix bytes / matvec)."""
+    return [(weight_bytes / step) / (matrix_bytes / matvec) for step, matvec in zip(step_s, matvec_s)]
 
 
 def _decode_figures(model: Model, reference, prompt: list[int], new_tokens: int, nocache_tokens: int,
@@ -287,7 +311,7 @@ def _roofline(params, decode: dict[str, Any]) -> dict[str, Any]:
     cache_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(cache))
     step_s = [loop / decode["decode_steps"] for loop in decode["paired_loop_s"]]
     matvec_s, matrix_bytes = decode["paired_matvec_s"], decode["matrix_bytes"]
-    fractions = [(weight_bytes / step) / (matrix_bytes / matvec) for step, matvec in zip(step_s, matvec_s)]
+    fractions = _roofline_fractions(weight_bytes, step_s, matvec_s, matrix_bytes)
     bytes_per_s = matrix_bytes / statistics.median(matvec_s)
     return {
         "matrix": decode["matrix"],
@@ -458,13 +482,9 @@ def _formats(model, models: dict[str, Model], prompt: list[int], settings: Setti
     compiles = {w: _compile_times(m.params, prompt, new_tokens) for w, m in models.items()}
     module, gguf = llama_cpp_gguf(model)
     llama = _llama_cpp(module, gguf, threads, prompt, new_tokens) if module is not None else None
-    matrix = jax.block_until_ready(jax.random.normal(jax.random.key(1), settings.matrix, jnp.float32))
-    vector = jnp.ones(settings.matrix[1], jnp.float32)
-    matvec = jax.jit(lambda a, x: a @ x)
-    run_matvec = lambda: jax.block_until_ready(matvec(matrix, vector))  # noqa: E731
+    probe = _bandwidth_probe(settings.matrix)
     for setup in setups.values():  # warm-ups
         _seconds(_run_decode, setup)
-    _seconds(run_matvec)
     if llama is not None:
         llama(new_tokens), llama(1)
     loops: dict[str, list[float]] = {w: [] for w in models}
@@ -476,7 +496,7 @@ def _formats(model, models: dict[str, Model], prompt: list[int], settings: Setti
             seconds, state = _seconds(_run_decode, setup)
             loops[w].append(seconds)
             outputs[w] = np.asarray(state.tokens)[0, :new_tokens].tolist()
-            matvecs[w].append(statistics.median(_seconds(run_matvec)[0] for _ in range(3)))
+            matvecs[w].append(probe())
         if llama is not None:
             seconds, llama_made = _seconds(llama, lambda: (new_tokens,))
             llama_n.append(seconds)
@@ -486,7 +506,7 @@ def _formats(model, models: dict[str, Model], prompt: list[int], settings: Setti
     for w, m in models.items():
         weight_bytes = nbytes(m.params)
         step_s = [loop / steps for loop in loops[w]]
-        fractions = [(weight_bytes / step) / (matrix_bytes / mv) for step, mv in zip(step_s, matvecs[w])]
+        fractions = _roofline_fractions(weight_bytes, step_s, matvecs[w], matrix_bytes)
         prefill = {}
         for length in settings.prefill_lengths:
             p_ids, p_mask = _prefill_inputs(_prompt_ids(m.tokenizer, length))
@@ -644,3 +664,405 @@ def formats_table(f: dict[str, Any]) -> list[str]:
     out.append("load peak: resident memory a fresh process adds while loading, over its baseline once jax is up "
                "(x: over the loaded parameter bytes)")
     return out
+
+
+# ---- serving ----------------------------------------------------------------------------------------------------
+# A load generator for OpenAI-compatible servers, measured as `vllm bench serve` measures them: N streamed completions
+# per concurrency level, each request's time to first token (TTFT), the gaps between its streamed chunks (ITL), its
+# time per output token after the first (TPOT) and its end-to-end latency; per level the output tokens/s and
+# requests/s over the level's wall time.
+
+# Common English words, each one token in the usual BPE vocabularies (with its leading space), so that a prompt of n
+# words is about n tokens; the server's usage.prompt_tokens gives the exact count.
+PROMPT_WORDS = (
+    "the of and to in is was for on that with as by at from his her they this had not are but one have all were "
+    "when there can an your which their said each she do how will up other about out many then them these so some "
+    "would make like him into time has look two more write go see number no way could people my than first water "
+    "been call who oil its now find long down day did get come made may part over new sound take only little work "
+    "know place year live me back give most very after thing our just name good sentence man think say great where "
+    "help through much before line right too mean old any same tell boy follow came want show also around form three "
+    "small set put end does another well large must big even such because turn here why ask went men read need land "
+    "different home us move try kind hand picture again change off play spell air away animal house point page letter "
+    "mother answer found study still learn should world high every near add food between own below country plant last "
+    "school father keep tree never start city earth eye light thought head under story saw left few while along might "
+    "close something seem next hard open example begin life always those both paper together got group often run"
+).split()
+
+
+def serve_prompts(n: int, prompt_tokens: int, seed: int = 0) -> list[str]:
+    """n distinct prompts of about `prompt_tokens` tokens each: words drawn from PROMPT_WORDS (each prompt its own
+    draw, so that no two are alike), one token left for the BOS a tokenizer may add."""
+    import random
+
+    draw = random.Random(seed)
+    words = max(1, prompt_tokens - 1)
+    return [" ".join(draw.choice(PROMPT_WORDS) for _ in range(words)).capitalize() for _ in range(n)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """One streamed completion: its timings (seconds from the request's start) and token counts, or its error."""
+
+    error: str | None = None
+    ttft: float | None = None  # to the first chunk that carries text
+    e2e: float | None = None  # to the end of the stream
+    gaps: tuple[float, ...] = ()  # between successive chunks that carry text
+    output_tokens: int = 0
+    prompt_tokens: int | None = None
+    from_usage: bool = False  # output_tokens from the final usage chunk (else: chunks with text counted)
+
+
+async def _stream_completion(client, url: str, body: dict[str, Any], headers: dict[str, str]) -> Outcome:
+    """POST one streamed completion and time its server-sent events: `data: {json}` lines, `data: [DONE]` last."""
+    import httpx
+
+    start = time.perf_counter()
+    ttft, last, gaps, chunks, usage = None, start, [], 0, None
+    try:
+        async with client.stream("POST", f"{url}/v1/completions", json=body, headers=headers) as response:
+            if response.status_code != 200:
+                text = (await response.aread()).decode(errors="replace")
+                return Outcome(error=f"HTTP {response.status_code}: {' '.join(text.split())[:200]}")
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue  # blank separators, comments (": ping"), event names
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if chunk.get("error"):
+                    return Outcome(error=f"error in the stream: {json.dumps(chunk['error'])[:200]}")
+                usage = chunk.get("usage") or usage
+                if any(choice.get("text") for choice in chunk.get("choices") or ()):
+                    now = time.perf_counter()
+                    if ttft is None:
+                        ttft = now - start
+                    else:
+                        gaps.append(now - last)
+                    last, chunks = now, chunks + 1
+    except (httpx.HTTPError, json.JSONDecodeError) as error:
+        return Outcome(error=f"{type(error).__name__}: {error}"[:200])
+    e2e = time.perf_counter() - start
+    if ttft is None:
+        return Outcome(error="the stream ended without text")
+    from_usage = bool(usage and usage.get("completion_tokens"))
+    return Outcome(ttft=ttft, e2e=e2e, gaps=tuple(gaps),
+                   output_tokens=int(usage["completion_tokens"]) if from_usage else chunks,
+                   prompt_tokens=int(usage["prompt_tokens"]) if usage and usage.get("prompt_tokens") else None,
+                   from_usage=from_usage)
+
+
+async def _bounded(request, timeout: float) -> Outcome:
+    """The request, or a timeout Outcome once `timeout` seconds have passed (the stream is then cancelled)."""
+    try:
+        return await asyncio.wait_for(request, timeout)
+    except asyncio.TimeoutError:
+        return Outcome(error=f"no complete answer within {timeout:g} s")
+
+
+async def _level(client, url: str, bodies: list[dict[str, Any]], headers: dict[str, str], concurrency: int,
+                 rate: float | None, timeout: float, seed: int) -> tuple[list[Outcome], float]:
+    """Every body sent with at most `concurrency` in flight; with a rate, arrivals are a Poisson process (exponential
+    gaps of mean 1 / rate, drawn from `seed`), as vLLM's --request-rate. Returns the outcomes and the wall time."""
+    import random
+
+    draw = random.Random(seed)
+    slots = asyncio.Semaphore(concurrency)
+
+    async def one(body):
+        async with slots:
+            return await _bounded(_stream_completion(client, url, body, headers), timeout)
+
+    start = time.perf_counter()
+    tasks = []
+    for i, body in enumerate(bodies):
+        if i and rate is not None and rate != math.inf:
+            await asyncio.sleep(draw.expovariate(rate))
+        tasks.append(asyncio.ensure_future(one(body)))
+    outcomes = await asyncio.gather(*tasks)
+    return list(outcomes), time.perf_counter() - start
+
+
+def _percentile_ms(seconds: list[float], q: float) -> float | None:
+    """The q-th percentile in ms, interpolated linearly (numpy's default, as vLLM's); None for no values."""
+    return _ms(float(np.percentile(seconds, q))) if seconds else None
+
+
+def _level_figures(outcomes: list[Outcome], wall: float, concurrency: int, rate: float | None) -> dict[str, Any]:
+    """A level's figures from its outcomes (latencies in ms); the failed ones are counted, not timed."""
+    done = [o for o in outcomes if o.error is None]
+    ttft = [o.ttft for o in done]
+    gaps = [g for o in done for g in o.gaps]  # every request's gaps pooled, as vLLM's ITL
+    tpot = [(o.e2e - o.ttft) / (o.output_tokens - 1) for o in done if o.output_tokens > 1]
+    e2e = [o.e2e for o in done]
+    output_tokens = sum(o.output_tokens for o in done)
+    prompts = [o.prompt_tokens for o in done if o.prompt_tokens is not None]
+    errors: dict[str, int] = {}
+    for o in outcomes:
+        if o.error is not None:
+            errors[o.error] = errors.get(o.error, 0) + 1
+    return {
+        "concurrency": concurrency,
+        "rate": rate,
+        "requests": len(outcomes),
+        "completed": len(done),
+        "failed": len(outcomes) - len(done),
+        "errors": dict(list(errors.items())[:5]),  # the first few distinct messages, with their counts
+        "wall_s": round(wall, 4),
+        "output_tokens": output_tokens,
+        "output_tokens_from_usage": sum(o.from_usage for o in done),  # requests; the others counted text chunks
+        "prompt_tokens_mean": round(statistics.mean(prompts), 1) if prompts else None,
+        "ttft_ms_p50": _percentile_ms(ttft, 50), "ttft_ms_p99": _percentile_ms(ttft, 99),
+        "ttft_ms_mean": _ms(statistics.mean(ttft)) if ttft else None,
+        "itl_ms_p50": _percentile_ms(gaps, 50), "itl_ms_p99": _percentile_ms(gaps, 99),
+        "tpot_ms_p50": _percentile_ms(tpot, 50),
+        "e2e_ms_p50": _percentile_ms(e2e, 50), "e2e_ms_p99": _percentile_ms(e2e, 99),
+        "output_tokens_per_s": round(output_tokens / wall, 3),
+        "requests_per_s": round(len(done) / wall, 3),
+    }
+
+
+async def _serve(url: str, model: str | None, requests: int, concurrency: tuple[int, ...], rate: float | None,
+                 prompt_tokens: int, output_tokens: int, api_key: str | None, timeout: float, ignore_eos: bool,
+                 extra_body: dict[str, Any] | None) -> dict[str, Any]:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    # The pool holds every level's connections; the per-request bound is _bounded's, so httpx's own is only a backstop.
+    limits = httpx.Limits(max_connections=max(concurrency), max_keepalive_connections=max(concurrency))
+    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout), limits=limits) as client:
+        if model is None:  # as vLLM: the first model the server lists (None when it lists none)
+            try:
+                listed = (await client.get(f"{url}/v1/models", headers=headers)).json().get("data") or []
+                model = listed[0]["id"] if listed else None
+            except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):
+                model = None
+        prompts = serve_prompts(requests + 1, prompt_tokens)
+
+        def body(prompt: str) -> dict[str, Any]:
+            b = {"prompt": prompt, "max_tokens": output_tokens, "temperature": 0.0, "stream": True,
+                 "stream_options": {"include_usage": True}}
+            if model is not None:
+                b["model"] = model
+            if ignore_eos:
+                b["ignore_eos"] = True  # vLLM's extension: every request makes max_tokens tokens
+            return {**b, **(extra_body or {})}
+
+        # One request first, untimed, as vLLM's initial test run: a server that cannot answer fails here, and one that
+        # compiles on its first request does so outside the figures.
+        first = await _bounded(_stream_completion(client, url, body(prompts[-1]), headers), timeout)
+        if first.error is not None:
+            raise ConnectionError(f"{url}/v1/completions: the first (untimed) request failed: {first.error}")
+        levels = []
+        for i, c in enumerate(concurrency):
+            outcomes, wall = await _level(client, url, [body(p) for p in prompts[:requests]], headers, c, rate,
+                                          timeout, seed=i)
+            levels.append(_level_figures(outcomes, wall, c, rate))
+    return {"url": url, "model": model, "levels": levels}
+
+
+def serve(url: str, model: str | None = None, requests: int = 16, concurrency: tuple[int, ...] = (1, 2, 4, 8),
+          rate: float | None = None, prompt_tokens: int = 32, output_tokens: int = 64, api_key: str | None = None,
+          timeout: float = 120.0, label: str | None = None, ignore_eos: bool = True,
+          extra_body: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Load the OpenAI-compatible server at `url` with streamed completions, as `vllm bench serve`; returns figures.
+
+    For each concurrency level, `requests` prompts of about `prompt_tokens` tokens are POSTed to /v1/completions
+    (stream, usage included, greedy, max_tokens = `output_tokens`, vLLM's ignore_eos unless `ignore_eos` is False;
+    `extra_body` is merged into each body), at most `concurrency` in flight and, with a `rate`, arriving as a
+    Poisson process of that many requests/s (level i's gaps drawn from random.Random(i)). Output tokens are the final
+    usage chunk's completion_tokens, or the chunks with text where a server sends no usage. Each request is bounded
+    by `timeout` seconds (a timeout is a failure), so a level lasts at most ceil(requests / concurrency) x timeout
+    plus its arrival gaps. One untimed request runs first; if it fails, ConnectionError."""
+    figures = asyncio.run(_serve(url.rstrip("/"), model, requests, tuple(concurrency), rate, prompt_tokens,
+                                 output_tokens, api_key, timeout, ignore_eos, extra_body))
+    figures["label"] = label or url
+    figures["settings"] = {"requests": requests, "concurrency": list(concurrency), "rate": rate,
+                           "prompt_tokens": prompt_tokens, "output_tokens": output_tokens, "timeout_s": timeout}
+    return figures
+
+
+@dataclasses.dataclass(frozen=True)
+class Server:
+    """A server the side by side starts: `command` with "{port}" where its port goes, answering `ready_path` with 200
+    once it can serve; `ignore_eos` and `extra_body` as serve's (servers that reject unknown fields)."""
+
+    label: str
+    command: tuple[str, ...]
+    ready_path: str = "/health"
+    ignore_eos: bool = True
+    extra_body: dict[str, Any] | None = None
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_ready(process: subprocess.Popen, url: str, timeout: float) -> str | None:
+    """None once GET url answers 200, else why not: the process exited, or `timeout` seconds passed."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return f"the server exited with status {process.returncode} before it was ready"
+        try:
+            if httpx.get(url, timeout=2.0).status_code == 200:
+                return None
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    return f"not ready after {timeout:g} s"
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group (it may have children), SIGKILL if it has not exited 20 s later."""
+    import signal
+
+    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        if process.poll() is not None:
+            return
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(wait)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _log_tail(log, lines: int = 8) -> str:
+    log.flush()
+    log.seek(0)
+    return "\n".join(log.read().decode(errors="replace").strip().splitlines()[-lines:])
+
+
+def compare(servers: list[Server], start_timeout: float = 600.0, **load) -> dict[str, Any]:
+    """Each server in turn: started on a free 127.0.0.1 port (its own process group, output kept), waited for
+    (at most `start_timeout` s), loaded with serve(**load), stopped. A server that does not come up, or whose first
+    request fails, is reported as skipped with the reason and the tail of its output."""
+    import tempfile
+
+    runs = []
+    for server in servers:
+        port = _free_port()
+        url = f"http://127.0.0.1:{port}"
+        command = [part.replace("{port}", str(port)) for part in server.command]
+        with tempfile.TemporaryFile() as log:
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                       start_new_session=True)
+            started = time.perf_counter()
+            try:
+                why = _wait_ready(process, url + server.ready_path, start_timeout)
+                if why is not None:
+                    runs.append({"label": server.label, "command": command, "skipped": why, "log": _log_tail(log)})
+                    continue
+                ready_s = round(time.perf_counter() - started, 1)
+                try:
+                    figures = serve(url, label=server.label, ignore_eos=server.ignore_eos,
+                                    extra_body=server.extra_body, **load)
+                except ConnectionError as error:
+                    runs.append({"label": server.label, "command": command, "skipped": str(error),
+                                 "log": _log_tail(log)})
+                    continue
+                runs.append({**figures, "command": command, "ready_s": ready_s})
+            finally:
+                _stop(process)
+    return {"runs": runs}
+
+
+def serving_servers(names: tuple[str, ...], model: str | None = None, weights: tuple[str, ...] = ("fp32",),
+                    slots: int = 8, output_tokens: int = 64,
+                    llama_cpp_python: str | None = None) -> tuple[list[Server], dict[str, str]]:
+    """The servers side by side, from `names` (jaxllm, llama-cpp-python, transformers), and the reasons those that
+    cannot run here are skipped. All run the same model: jaxllm in each of `weights`, llama-cpp-python on its GGUF,
+    `transformers serve --continuous-batching` on the HF-format directory; each with the machine's threads."""
+    import importlib.util
+    import shutil
+
+    from jaxllm.errors import InputError
+    from jaxllm.loader import open_checkpoint, resolve
+
+    threads = str(os.cpu_count() or 1)
+    servers, skipped = [], {}
+    for name in names:
+        if name == "jaxllm":
+            servers += [Server(f"jaxllm {w}", (sys.executable, "-m", "jaxllm", "serve", *(["--model", model] if model
+                               else []), "--weights", w, "--port", "{port}", "--slots", str(slots))) for w in weights]
+        elif name == "llama-cpp-python":
+            python = llama_cpp_python or os.environ.get("JAXLLM_LLAMA_CPP_PYTHON")
+            if python is None and importlib.util.find_spec("llama_cpp") is not None:
+                python = sys.executable
+            # The build's usual home: a venv of its own beside the checkout (it builds llama.cpp from source).
+            beside = Path(__file__).resolve().parents[2] / "llamacpp-venv" / "bin" / "python"
+            python = python or (str(beside) if beside.exists() else None)
+            if python is None:
+                skipped[name] = ("no Python with llama-cpp-python[server]: give --llama-cpp-python PATH (or "
+                                 "$JAXLLM_LLAMA_CPP_PYTHON)")
+                continue
+            # One request at a time, each to its end (interrupt_requests false): llama-cpp-python's server runs one
+            # sequence and would otherwise cut a stream short when the next request arrives. It ignores ignore_eos
+            # (and stream_options: no usage chunk, so its tokens are the chunks counted); a logit bias that bans the
+            # model's EOS ids makes every request run to max_tokens instead.
+            checkpoint = open_checkpoint(model, gguf=True)
+            if checkpoint.path.suffix != ".gguf":
+                skipped[name] = f"{checkpoint.path} is not a GGUF file (llama.cpp reads GGUF only)"
+                continue
+            ban_eos = {str(e): -100 for e in checkpoint.config.eos_token_ids}
+            servers.append(Server("llama-cpp-python", (python, "-m", "llama_cpp.server", "--model",
+                                  str(checkpoint.path), "--host", "127.0.0.1", "--port", "{port}",
+                                  "--n_threads", threads, "--interrupt_requests", "false", "--n_ctx", "2048"),
+                                  ready_path="/v1/models", ignore_eos=False, extra_body={"logit_bias": ban_eos}))
+        elif name == "transformers":
+            cli = shutil.which("transformers", path=str(Path(sys.executable).parent)) or shutil.which("transformers")
+            missing = [m for m in ("transformers", "fastapi", "uvicorn", "openai")
+                       if importlib.util.find_spec(m) is None]
+            if cli is None or missing:
+                skipped[name] = f"`transformers serve` needs {', '.join(missing) or 'the transformers command'}: " \
+                                f"pip install 'transformers[serving]'"
+                continue
+            # It rejects unknown fields (ignore_eos): a generation config of its own, without EOS ids, makes every
+            # request run to max_tokens instead.
+            servers.append(Server("transformers", (cli, "serve", "--continuous-batching", "--device", "cpu",
+                                  "--host", "127.0.0.1", "--port", "{port}", str(resolve(model))), ignore_eos=False,
+                                  extra_body={"generation_config": json.dumps(
+                                      {"max_new_tokens": output_tokens, "do_sample": False})}))
+        else:
+            raise InputError(f"unknown server {name!r}: expected jaxllm, llama-cpp-python or transformers")
+    return servers, skipped
+
+
+def serve_table(figures: dict[str, Any]) -> str:
+    """serve's figures, or compare's (a row per server and level), as a plain-text table."""
+    runs = figures.get("runs", [figures])
+    settings = next((r["settings"] for r in runs if "settings" in r), None)
+    out = []
+    if settings:
+        arrivals = "" if settings["rate"] is None else f", Poisson arrivals at {settings['rate']} requests/s"
+        out.append(f"Streamed completions: {settings['requests']} requests per level, prompts of ~"
+                   f"{settings['prompt_tokens']} tokens, {settings['output_tokens']} output tokens, greedy{arrivals}; "
+                   f"latencies in ms, out tok/s = output tokens / the level's wall time")
+    rows = []
+    for run in runs:
+        for level in run.get("levels", ()):
+            rows.append([run["label"], level["concurrency"], f"{level['completed']}/{level['requests']}",
+                         level["ttft_ms_p50"], level["ttft_ms_p99"], level["itl_ms_p50"], level["itl_ms_p99"],
+                         level["tpot_ms_p50"], level["e2e_ms_p50"], level["output_tokens_per_s"],
+                         level["requests_per_s"], level["output_tokens"],
+                         f"{level['output_tokens_from_usage']}/{level['completed']}"])
+    out += _rows(["server", "conc.", "done", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99", "TPOT p50", "e2e p50",
+                  "out tok/s", "req/s", "out tokens", "from usage"], rows)
+    for run in runs:
+        for level in run.get("levels", ()):
+            for error, n in level["errors"].items():
+                out.append(f"{run['label']} at concurrency {level['concurrency']}: {n} failed: {error}")
+        if "skipped" in run:
+            out.append(f"{run['label']}: skipped ({run['skipped']})")
+    for name, why in figures.get("skipped", {}).items():
+        out.append(f"{name}: skipped ({why})")
+    return "\n".join(out)

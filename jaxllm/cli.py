@@ -1,4 +1,4 @@
-"""The `jaxllm` command: generate, inspect, parity, convert, bench."""
+"""The `jaxllm` command: generate, inspect, parity, convert, bench, serve."""
 
 from __future__ import annotations
 
@@ -84,6 +84,49 @@ def build_parser() -> argparse.ArgumentParser:
                    help="jaxllm's weight formats, comma-separated (fp32,bf16,int8,gguf), measured side by side in one "
                         "run; Transformers runs in fp32. With a format other than fp32, llama.cpp runs too when "
                         "llama-cpp-python is installed")
+
+    p = sub.add_parser("bench-serve", help="load an OpenAI-compatible server with streamed completions, as `vllm bench "
+                                           "serve` does: TTFT, inter-token latency, output tokens/s per concurrency")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the server (ignored with --side-by-side)")
+    p.add_argument("--model", "-m", default=None,
+                   help="the model field of each request (default: the first the server lists at /v1/models); with "
+                        "--side-by-side, the model every server runs (default: the default model)")
+    p.add_argument("--requests", type=int, default=16, help="requests per concurrency level")
+    p.add_argument("--concurrency", default="1,2,4,8", help="the levels: most requests in flight, comma-separated")
+    p.add_argument("--rate", type=float, help="Poisson arrivals at this many requests/s (default: all at once, "
+                                              "bounded by the concurrency)")
+    p.add_argument("--prompt-tokens", type=int, default=32, help="about this many tokens in each prompt")
+    p.add_argument("--output-tokens", type=int, default=64, help="max_tokens of each request (EOS ignored)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds one request may take; then it has failed")
+    p.add_argument("--api-key", help="sent as 'Authorization: Bearer KEY'")
+    p.add_argument("--label", help="the server's name in the table (default: the URL)")
+    p.add_argument("--json", type=Path, help="write the figures here")
+    p.add_argument("--side-by-side", nargs="?", const="jaxllm,llama-cpp-python,transformers", metavar="SERVERS",
+                   help="start each server in turn on a free port, load it the same way, stop it, one table (default "
+                        "servers: jaxllm,llama-cpp-python,transformers; those that cannot run here are skipped)")
+    p.add_argument("--weights", "-w", default="fp32", help="with --side-by-side: jaxllm's weight formats, "
+                                                            "comma-separated, one server each")
+    p.add_argument("--slots", type=int, default=8, help="with --side-by-side: jaxllm serve's --slots")
+    p.add_argument("--llama-cpp-python", metavar="PYTHON", help="with --side-by-side: a Python with "
+                   "llama-cpp-python[server] (default: $JAXLLM_LLAMA_CPP_PYTHON, this one, or ../llamacpp-venv)")
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
+    _model_arg(p)
+    _weights_arg(p)
+    p.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1: this machine "
+                                                       "only; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--slots", type=int, default=8, help="requests decoded together (the engine's batch)")
+    p.add_argument("--max-context", type=int, default=2048, help="prompt + completion tokens of one request, at most")
+    p.add_argument("--decode-steps", type=int, default=8, help="decode steps per scheduler turn (tokens reach "
+                                                               "clients in bursts of up to this many)")
+    p.add_argument("--max-waiting", type=int, default=64, help="requests queued for a slot before new ones get 429")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health")
+    p.add_argument("--served-model-name", help="the name clients give as `model` (default: --model as given, or "
+                                               "the default model's name)")
+    p.add_argument("--mesh", help="shard over a mesh of devices, e.g. dp=2,tp=4 (as in generate)")
+    p.set_defaults(coordinator=None, num_processes=None, process_id=None)  # one process serves
+    _compile_cache_arg(p)
     return parser
 
 
@@ -112,6 +155,18 @@ def cmd_generate(args) -> int:
     generate(model, prompt, args.max_new_tokens, use_cache=not args.no_cache, sampling=sampling,
              key=jax.random.key(args.seed), callback=on_token)
     out.write(stream.flush() + "\n")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from jaxllm import server
+    from jaxllm.hub import DEFAULT_MODEL
+    from jaxllm.loader import load_model
+
+    model = load_model(args.model, args.weights, mesh=_mesh(args))
+    name = args.served_model_name or args.model or DEFAULT_MODEL.name
+    server.serve(model, name, host=args.host, port=args.port, api_key=args.api_key, slots=args.slots,
+                 max_context=args.max_context, decode_steps=args.decode_steps, max_waiting=args.max_waiting)
     return 0
 
 
@@ -280,6 +335,34 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_bench_serve(args) -> int:
+    from jaxllm import bench
+    from jaxllm.errors import InputError
+    from jaxllm.weights import check_format
+
+    try:
+        levels = tuple(int(c) for c in args.concurrency.split(","))
+    except ValueError:
+        levels = ()
+    if not levels or min(levels) < 1:
+        raise InputError(f"--concurrency {args.concurrency!r}: expected positive integers, comma-separated")
+    load = dict(requests=args.requests, concurrency=levels, rate=args.rate, prompt_tokens=args.prompt_tokens,
+                output_tokens=args.output_tokens, api_key=args.api_key, timeout=args.timeout)
+    if args.side_by_side:
+        weights = tuple(check_format(w.strip()) for w in args.weights.split(","))
+        servers, skipped = bench.serving_servers(tuple(n.strip() for n in args.side_by_side.split(",")), args.model,
+                                                 weights, args.slots, args.output_tokens, args.llama_cpp_python)
+        figures = bench.compare(servers, **load)
+        figures["skipped"] = skipped
+    else:
+        figures = bench.serve(args.url, model=args.model, label=args.label, **load)
+    print(bench.serve_table(figures))
+    if args.json:
+        _write_json(args.json, figures)
+        print(f"figures written to {args.json}")
+    return 0
+
+
 def _write_json(path: Path, data) -> None:
     """Write to a temporary file beside `path`, then rename: an interrupted run never leaves half a report."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -289,7 +372,7 @@ def _write_json(path: Path, data) -> None:
 
 
 COMMANDS = {"generate": cmd_generate, "inspect": cmd_inspect, "parity": cmd_parity, "convert": cmd_convert,
-            "bench": cmd_bench}
+            "bench": cmd_bench, "bench-serve": cmd_bench_serve, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:
