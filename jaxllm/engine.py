@@ -205,7 +205,7 @@ class Request:
     top_k: int = 0
     top_p: float = 1.0
     seed: int | None = None  # None: a random one
-    stop_ids: Sequence[int] = ()
+    stop_ids: Sequence[int] | None = None  # None: the engine's EOS ids; () runs to max_tokens
     on_event: Callback | None = None
     # Filled in by the engine:
     id: int = dataclasses.field(default_factory=lambda: next(_ids))
@@ -330,7 +330,7 @@ class Engine:
         Sampling(r.temperature, r.top_k, r.top_p)  # names a bad setting
         if r.top_k > vocab:
             raise InputError(f"top_k ({r.top_k}) is larger than the vocabulary ({vocab})")
-        stop = {int(t) for t in r.stop_ids}
+        stop = {int(t) for t in (self.eos_ids if r.stop_ids is None else r.stop_ids)}
         if len(stop) > MAX_STOP_IDS or any(not 0 <= t < vocab for t in stop):
             raise InputError(f"stop ids must be at most {MAX_STOP_IDS} ids in [0, {vocab}), found {sorted(stop)}")
         r.stop_ids = tuple(sorted(stop))
@@ -425,7 +425,7 @@ class Engine:
             return
         # Every running row's cache holds prompt + made - 1 tokens; K more steps must fit in the window.
         longest = max(len(r.prompt) + len(r.tokens) - 1 for r in live) + self.decode_steps
-        window = min(bucket(longest, MIN_WINDOW), self.length)
+        window = min(bucket(longest, MIN_WINDOW), self.length)  # one of _warmup's windows
         self._table, out = _decode_program(self.params, self._table, steps=self.decode_steps, window=window)
         out = to_host(out)
         for r in live:
@@ -468,15 +468,24 @@ class Engine:
             log.exception("on_event of request %s failed", r.id)
 
     def _warmup(self) -> None:
-        """Compile the programs a short request uses (prefill of one chunk bucket, decode at the smallest window)
-        by running them on a free slot."""
+        """Compile, by running them on a free slot, the programs that requests will need: the first chunk's prefill at
+        every length bucket, and the decode loop at every attention window (a stream crossing into a window
+        compiled on the spot would stall for the compile). Later chunks of long prompts compile on first use."""
         table = self._table
         admission = Admission(slot=np.int32(0), limit=np.int32(1), stop=np.full(MAX_STOP_IDS, -1, np.int32),
                               temperature=np.float32(0), top_k=np.int32(0), top_p=np.float32(1), seed=np.uint32(0))
-        for C in sorted({bucket(16), bucket(64)}):
+        for C in _doubling(bucket(1), min(self.prefill_chunk, bucket(self.max_context))):
             table, _ = _prefill_program(self.params, table, np.zeros((1, C), np.int32), np.int32(0), np.int32(1),
                                         admission, window=C, final=True)
         table = _release_program(table, jnp.ones(self.slots, bool))
-        table, _ = _decode_program(self.params, table, steps=self.decode_steps,
-                                   window=min(MIN_WINDOW, self.length))
+        for window in _doubling(min(MIN_WINDOW, self.length), self.length):
+            table, _ = _decode_program(self.params, table, steps=self.decode_steps, window=window)
         self._table = jax.block_until_ready(table)
+
+
+def _doubling(first: int, last: int) -> list[int]:
+    """first, 2·first, ... up to the last power of two below `last`, then `last`."""
+    out = [first]
+    while out[-1] * 2 < last:
+        out.append(out[-1] * 2)
+    return out + [last] if last > first else out
