@@ -1066,3 +1066,102 @@ def serve_table(figures: dict[str, Any]) -> str:
     for name, why in figures.get("skipped", {}).items():
         out.append(f"{name}: skipped ({why})")
     return "\n".join(out)
+
+
+# ---- the engine in-process: decode cost per step, and a long prompt joining running streams --------------------
+
+
+def engine_steps(models: dict[str, Model], contexts: tuple[int, ...] = (512, 8192), slots: int = 8,
+                 prompt_tokens: int = 100, steps: int = 48, rounds: int = 3) -> dict[str, Any]:
+    """Decode ms per step with every slot busy on a ~prompt_tokens context, for each weight format and reserved
+    --max-context, the engines measured in alternating rounds. A round fills every slot, then times the token
+    deliveries from the moment all slots decode until the first request ends (prefill excluded)."""
+    from jaxllm.engine import Engine, Request
+
+    prompts = [list(np.random.default_rng(row).integers(100, 1000, prompt_tokens)) for row in range(slots)]
+    engines = {(w, S): Engine(m, slots=slots, max_context=S, eos_ids=[]).start() for w, m in models.items()
+               for S in contexts}
+    times: dict[tuple[str, int], list[float]] = {key: [] for key in engines}
+    try:
+        for _ in range(rounds):
+            for key, engine in engines.items():
+                stamps: list[tuple[float, int]] = []
+                record = lambda r, tokens, reason: stamps.append((time.perf_counter(), len(tokens)))  # noqa: E731
+                requests = [engine.submit(Request(prompt=p, max_tokens=steps, on_event=record)) for p in prompts]
+                for r in requests:
+                    r.finished.wait(600)
+                started = max(r.first_token_at for r in requests)
+                ended = min(t for t, _ in stamps[-slots:])  # the last deliveries: each slot's final burst
+                made = sum(n for t, n in stamps if started < t <= ended)
+                times[key].append((ended - started) / max(made / slots, 1))
+    finally:
+        for engine in engines.values():
+            engine.stop()
+    rows = [{"weights": w, "max_context": S, "slots": slots, "ms_per_step": _ms(statistics.median(times[w, S])),
+             "ms_per_step_range": [_ms(min(times[w, S])), _ms(max(times[w, S]))],
+             "tokens_per_s": round(slots / statistics.median(times[w, S]), 1),
+             "cache_bytes": engines[w, S].cache_bytes} for w, S in engines]
+    first = rows[0]["ms_per_step"]
+    for row in rows:
+        row["vs_first"] = round(row["ms_per_step"] / first, 3)
+    return {"prompt_tokens": prompt_tokens, "rounds": rounds, "rows": rows}
+
+
+def prefill_join(model: Model, chunks: tuple[int, ...] = (256, 2048), long_prompt: int = 2000, streams: int = 3,
+                 decode_steps: int = 4) -> dict[str, Any]:
+    """While `streams` requests decode, a `long_prompt`-token prompt joins: the running streams' gaps between tokens
+    over the join (a burst's first token waited since the stream's previous delivery, the rest none), with the long
+    prompt prefilled `chunk` tokens at a time between decode calls (the largest chunk: in one piece)."""
+    from jaxllm.engine import Engine, Request
+
+    rng = np.random.default_rng(0)
+    long_ids = rng.integers(100, 1000, long_prompt).tolist()
+    out = []
+    for chunk in chunks:
+        engine = Engine(model, slots=streams + 1, max_context=long_prompt + 256, decode_steps=decode_steps,
+                        prefill_chunk=chunk, eos_ids=[]).start()
+        try:
+            engine.generate([long_ids], 2)  # the long prompt's later-chunk programs compiled outside the figures
+            stamps: dict[int, list[tuple[float, int]]] = {i: [] for i in range(streams)}
+
+            def record(i):
+                return lambda r, tokens, reason: stamps[i].append((time.perf_counter(), len(tokens)))
+
+            running = [engine.submit(Request(prompt=rng.integers(100, 1000, 60).tolist(), max_tokens=200,
+                                             on_event=record(i))) for i in range(streams)]
+            while any(r.first_token_at is None for r in running):
+                time.sleep(0.01)
+            time.sleep(1.0)
+            joined = engine.submit(Request(prompt=long_ids, max_tokens=4))
+            joined.finished.wait(600)
+            start, end = joined.submitted_at, joined.first_token_at
+            for r in running:
+                engine.cancel(r)
+        finally:
+            engine.stop()
+        gaps = []
+        for deliveries in stamps.values():
+            for (t0, _), (t1, n) in zip(deliveries, deliveries[1:]):
+                if t1 >= start and t0 <= end:
+                    gaps += [t1 - t0] + [0.0] * (n - 1)
+        out.append({"prefill_chunk": chunk, "join_s": round(end - start, 3), "tokens_during_join": len(gaps),
+                    "gap_p50_ms": _ms(float(np.percentile(gaps, 50))), "gap_p99_ms": _ms(float(np.percentile(gaps, 99))),
+                    "gap_max_ms": _ms(max(gaps))})
+    return {"long_prompt": long_prompt, "streams": streams, "decode_steps": decode_steps, "rows": out}
+
+
+def engine_table(steps: dict[str, Any] | None, join: dict[str, Any] | None) -> str:
+    out = []
+    if steps:
+        out.append(f"engine decode, every slot busy on a ~{steps['prompt_tokens']}-token context "
+                   f"(medians of {steps['rounds']} alternating rounds):")
+        out += _rows(["weights", "max-context", "slots", "ms/step", "range", "tok/s", "vs first", "KV cache"],
+                     [[r["weights"], r["max_context"], r["slots"], r["ms_per_step"], r["ms_per_step_range"],
+                       r["tokens_per_s"], r["vs_first"], f"{r['cache_bytes'] / 2**20:,.0f} MiB"] for r in steps["rows"]])
+    if join:
+        out.append(f"a {join['long_prompt']}-token prompt joins {join['streams']} running streams "
+                   f"(decode calls of {join['decode_steps']} steps); the streams' gaps between tokens during the join:")
+        out += _rows(["prefill chunk", "join s", "tokens", "gap p50 ms", "gap p99 ms", "gap max ms"],
+                     [[r["prefill_chunk"], r["join_s"], r["tokens_during_join"], r["gap_p50_ms"], r["gap_p99_ms"],
+                       r["gap_max_ms"]] for r in join["rows"]])
+    return "\n".join(out)

@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", "-w", default="fp32", help="with --side-by-side: jaxllm's weight formats, "
                                                             "comma-separated, one server each")
     p.add_argument("--slots", type=int, default=8, help="with --side-by-side: jaxllm serve's --slots")
+    p.add_argument("--engine", action="store_true", help="instead, measure the engine in this process: decode "
+                   "ms/step with every slot busy for each --weights at --max-context 512 and 8192, and the running "
+                   "streams' gaps while a 2,000-token prompt joins, prefilled in chunks and in one piece")
     p.add_argument("--llama-cpp-python", metavar="PYTHON", help="with --side-by-side: a Python with "
                    "llama-cpp-python[server] (default: $JAXLLM_LLAMA_CPP_PYTHON, this one, or ../llamacpp-venv)")
 
@@ -120,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-context", type=int, default=2048, help="prompt + completion tokens of one request, at most")
     p.add_argument("--decode-steps", type=int, default=8, help="decode steps per scheduler turn (tokens reach "
                                                                "clients in bursts of up to this many)")
+    p.add_argument("--prefill-chunk", type=int, default=256, help="a long prompt is prefilled this many tokens at a "
+                                                                   "time, between decode steps of the running requests")
     p.add_argument("--max-waiting", type=int, default=64, help="requests queued for a slot before new ones get 429")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health")
     p.add_argument("--served-model-name", help="the name clients give as `model` (default: --model as given, or "
@@ -166,7 +171,8 @@ def cmd_serve(args) -> int:
     model = load_model(args.model, args.weights, mesh=_mesh(args))
     name = args.served_model_name or args.model or DEFAULT_MODEL.name
     server.serve(model, name, host=args.host, port=args.port, api_key=args.api_key, slots=args.slots,
-                 max_context=args.max_context, decode_steps=args.decode_steps, max_waiting=args.max_waiting)
+                 max_context=args.max_context, decode_steps=args.decode_steps, prefill_chunk=args.prefill_chunk,
+                 max_waiting=args.max_waiting)
     return 0
 
 
@@ -348,6 +354,17 @@ def cmd_bench_serve(args) -> int:
         raise InputError(f"--concurrency {args.concurrency!r}: expected positive integers, comma-separated")
     load = dict(requests=args.requests, concurrency=levels, rate=args.rate, prompt_tokens=args.prompt_tokens,
                 output_tokens=args.output_tokens, api_key=args.api_key, timeout=args.timeout)
+    if args.engine:
+        from jaxllm.loader import load_model
+
+        weights = tuple(check_format(w.strip()) for w in args.weights.split(","))
+        models = {w: load_model(args.model, w) for w in weights}
+        figures = {"steps": bench.engine_steps(models, slots=args.slots),
+                   "prefill_join": bench.prefill_join(next(iter(models.values())))}
+        print(bench.engine_table(figures["steps"], figures["prefill_join"]))
+        if args.json:
+            _write_json(args.json, figures)
+        return 0
     if args.side_by_side:
         weights = tuple(check_format(w.strip()) for w in args.weights.split(","))
         servers, skipped = bench.serving_servers(tuple(n.strip() for n in args.side_by_side.split(",")), args.model,

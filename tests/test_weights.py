@@ -221,3 +221,24 @@ def test_int8_on_a_gguf_quantizes_the_dequantized_weights(block_file):
     params = load(block_file, "int8")
     assert all(isinstance(w, Int8) or w.dtype == np.float32 for _, w in matrices(params))
     assert dataclasses.is_dataclass(params.layers[0].qkv_proj)
+
+
+@pytest.mark.parametrize("weights", ["int8", "gguf"])
+def test_decode_over_several_rows_writes_no_f32_copy_of_a_matrix(formats, weights):
+    """A decode step over 8 rows (a server's slots) multiplies each quantized matrix with its dequantization fused
+    into the matvecs: no buffer the compiled program writes holds a matrix as f32 (the int8 matrices whose input
+    carries outliers are parameters in fp32 from the start)."""
+    import re
+
+    from jaxllm.generate import DECODE_COMPILER_OPTIONS, next_logits
+    from jaxllm.model import KVCache
+
+    params = formats[weights].params
+    cache = KVCache.zeros(params.config, 8, 256).replace(empty=False)
+    step = jax.jit(lambda p, c, last: next_logits(p, c, last))
+    hlo = step.lower(params, cache, np.zeros(8, np.int32)).compile(DECODE_COMPILER_OPTIONS).as_text()
+    shapes = {",".join(map(str, m.shape)) for _, m in matrices(params) if is_quantized(m)}
+    # Buffers are what the computations outside fusions produce (a fusion's own intermediates are never written out).
+    unfused = [c for c in hlo.split("\n\n") if not c.lstrip().startswith("%fused")]
+    buffers = set(re.findall(r"= f32\[([\d,]+)\]\{[\d,]*\} (?!parameter)\w", "\n".join(unfused)))
+    assert shapes and buffers and not shapes & buffers, shapes & buffers
