@@ -159,7 +159,9 @@ def _decode_slots(params: Params, slots: Slots, steps: int, window: int) -> tupl
         slots, out, i, _ = carry
         live = ~slots.done
         logits, cache = next_logits(params, slots.cache, slots.last, live, window)
-        token = jnp.where(live, _sample_next(logits, slots), -1)  # [N]
+        # Rows that make no token draw greedily: a finished request's temperature must not keep the sort running.
+        token = jnp.where(live, _sample_next(logits, slots.replace(temperature=jnp.where(live, slots.temperature, 0))),
+                          -1)  # [N]
         made = slots.made + live
         finished = live & (jnp.any(token[:, None] == slots.stop, axis=-1) | (made >= slots.limit))
         slots = slots.replace(cache=cache, last=jnp.where(live, token, slots.last), made=made,
@@ -264,6 +266,13 @@ class Engine:
     def waiting(self) -> int:
         return len(self._waiting)
 
+    @property
+    def cache_bytes(self) -> int:
+        """The KV cache's memory: every slot reserves max_context positions (rounded up to whole prefill chunks)."""
+        c = self.params.config
+        return (2 * c.num_hidden_layers * self.slots * c.num_key_value_heads * c.head_dim * self.length
+                * jnp.dtype(self.params.dtype).itemsize)
+
     def start(self, warmup: bool = True) -> "Engine":
         """Allocate the slot table, compile the programs a short request needs, start the scheduler thread."""
         if self._thread is not None:
@@ -282,8 +291,10 @@ class Engine:
         with self._wake:
             if self._stopping or self._thread is None:
                 raise EngineStopped("the engine is not running (start() it, or it is stopping)")
-            if len(self._waiting) >= self.max_waiting:
-                raise QueueFull(f"{len(self._waiting)} requests are waiting for a slot (max_waiting={self.max_waiting})")
+            free = sum(r is None for r in self._running)  # those waiting for the scheduler to admit them
+            if len(self._waiting) >= self.max_waiting + free:
+                raise QueueFull(f"{len(self._waiting) - free} requests are waiting for a slot "
+                                f"(max_waiting={self.max_waiting})")
             request.submitted_at = time.perf_counter()
             self._waiting.append(request)
             self._wake.notify()
@@ -314,6 +325,8 @@ class Engine:
         return requests
 
     def _check(self, r: Request) -> None:
+        if r.submitted_at:
+            raise InputError(f"request {r.id} was submitted already; make a new Request")
         vocab = self.params.config.vocab_size
         prompt = list(r.prompt) if isinstance(r.prompt, Sequence | np.ndarray) else None
         if not prompt or any(isinstance(t, bool) or not isinstance(t, int | np.integer) for t in prompt):
@@ -362,6 +375,7 @@ class Engine:
             log.exception("the engine's scheduler failed")
             with self._wake:
                 self._stopping = True
+                self._table = None  # handed to the call that failed: nothing more runs on it
                 pending = [*self._waiting, *filter(None, self._running)]
                 self._waiting.clear()
             for r in pending:

@@ -123,7 +123,8 @@ def filter_logits(logits: Array, temperature: Array, top_k: Array, top_p: Array)
     sorted_logits = jnp.where(in_top_k, sorted_logits, -jnp.inf)
     probs = jax.nn.softmax(sorted_logits, axis=-1)
     # Keep a token while the mass before it is below top_p, so the most likely token always survives.
-    keep = in_top_k & ((jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None])
+    # (top_p 1.0 keeps all: an fp32 running sum can reach 1.0 before the last tokens.)
+    keep = in_top_k & (((jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]) | (top_p[:, None] >= 1))
     threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)  # [B, 1]
     return jnp.where(logits < threshold, -jnp.inf, logits)
 
@@ -148,6 +149,8 @@ def next_logits(params: Params, cache: KVCache, last: Array, live: Array | None 
     written at the row's own next slot -> (logits [B, V] fp32, cache). Rows where `live` [B] is False write a masked
     slot and keep their index; `window` limits attention to the cache's first W slots."""
     positions = jnp.sum(cache.mask, axis=-1, dtype=jnp.int32)[:, None]  # [B, 1]
+    if live is not None:  # idle rows at position 0: dynamic and longrope scaling read the batch's largest position
+        positions = jnp.where(live[:, None], positions, 0)
     logits, new = run(params, last[:, None], positions, None if live is None else live[:, None], cache, window=window)
     if live is not None:
         new = new.replace(index=jnp.where(live, new.index, cache.index))

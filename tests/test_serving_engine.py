@@ -214,3 +214,46 @@ def test_real_model_engine_equals_generate(smollm2):
     for r, p in zip(got, prompts):
         ref = jaxllm.generate(smollm2, p, 24)
         assert r.tokens == ref.tokens, tok.decode(ref.tokens)
+
+
+def test_a_request_is_submitted_once_and_free_slots_take_requests_without_a_queue(params):
+    e = Engine(params, slots=2, max_context=128, decode_steps=2, max_waiting=0, eos_ids=[]).start()
+    try:
+        first, second = e.submit(Request(prompt=PROMPTS[0], max_tokens=30)), e.submit(Request(prompt=PROMPTS[1], max_tokens=3))
+        with pytest.raises(InputError, match="submitted already"):
+            e.submit(first)
+        assert second.finished.wait(60)
+        assert second.tokens == alone(params, PROMPTS[1], 3)
+        e.cancel(first)
+    finally:
+        e.stop()
+
+
+def test_top_p_of_one_keeps_every_token():
+    """An fp32 running sum reaches 1.0 before the end of a large vocabulary: top_p=1.0 must still cut nothing."""
+    import jax.numpy as jnp
+
+    from jaxllm.generate import filter_logits
+
+    logits = 3 * jnp.asarray(np.random.default_rng(0).standard_normal((2, 151_936)), jnp.float32)
+    kept = filter_logits(logits, jnp.ones(2), jnp.zeros(2, jnp.int32), jnp.ones(2))
+    assert bool(jnp.all(jnp.isfinite(kept)))
+
+
+def test_idle_slots_do_not_scale_a_requests_rope(tmp_path_factory):
+    """Dynamic RoPE scales by the longest position in the step: a slot whose long request has finished must not
+    change the next short request's tokens."""
+    d = tmp_path_factory.mktemp("dynamic")
+    config = {**SMALL, "max_position_embeddings": 64,
+              "rope_parameters": dict(rope_type="dynamic", factor=2.0, rope_theta=10000.0)}
+    dynamic = load(parity.random_checkpoint(config, d, seed=3, scale=0.3))
+    e = Engine(dynamic, slots=2, max_context=256, decode_steps=4, eos_ids=[]).start()
+    try:
+        holder = e.submit(Request(prompt=[1, 2], max_tokens=200))  # slot 0, so that the long request takes slot 1
+        e.generate([list(range(1, 100))], 20, timeout=120)  # leaves slot 1 at position ~120, past 64
+        e.cancel(holder)
+        assert holder.finished.wait(60)
+        (short,) = e.generate([PROMPTS[0]], 12, timeout=120)  # slot 0, beside the idle slot 1
+    finally:
+        e.stop()
+    assert short.tokens == alone(dynamic, PROMPTS[0], 12)
