@@ -192,3 +192,19 @@ def test_quantized_weights_on_a_mesh_equal_one_device(checkpoint, tmp_path, weig
     prompts = ids[:, :5].tolist()
     assert ([r.tokens for r in generate(params, prompts, 8, eos_ids=())]
             == [r.tokens for r in generate(one, prompts, 8, eos_ids=())])
+
+
+@pytest.mark.parametrize("dp, tp", [(2, 4)])
+def test_serving_engine_on_a_mesh_equals_one_device(checkpoint, dp, tp):
+    """`jaxllm serve --mesh`: the engine's slots decode over sharded parameters and make one device's tokens."""
+    from jaxllm.engine import Engine
+
+    prompts = [[5, 6, 7, 8, 9], [10, 11], list(range(20, 57))]
+    one = load(checkpoint)
+    engine = Engine(load(checkpoint, mesh=make_mesh(dp=dp, tp=tp)), slots=4, max_context=128, decode_steps=4,
+                    eos_ids=[]).start()
+    try:
+        got = [r.tokens for r in engine.generate(prompts, 10, timeout=300)]
+    finally:
+        engine.stop()
+    assert got == [generate(one, p, 10, eos_ids=[]).tokens for p in prompts]
