@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.errors import InputError, JaxLLMError
-from jaxllm.generate import DECODE_COMPILER_OPTIONS, Sampling, bucket, next_logits, sample_rows, to_host
+from jaxllm.generate import DECODE_COMPILER_OPTIONS, Sampling, bucket, end_ids, next_logits, sample_rows, to_host
 from jaxllm.model import KVCache, Model, Params, program, run
 
 Array = jax.Array
@@ -240,9 +240,7 @@ class Engine:
         self.model, self.params = model, model.params
         self.slots, self.max_context, self.decode_steps, self.max_waiting = slots, max_context, decode_steps, max_waiting
         self.prefill_chunk = bucket(prefill_chunk)
-        if eos_ids is None:
-            eos_ids = getattr(model.tokenizer, "eos_ids", None) or config.eos_token_ids
-        self.eos_ids = tuple(sorted({int(e) for e in eos_ids}))
+        self.eos_ids = end_ids(model, eos_ids)
         # Cache slots: a whole number of chunks (a prompt's last, padded chunk stays inside its row).
         self.length = -(-max_context // self.prefill_chunk) * self.prefill_chunk
         self._table: Slots | None = None

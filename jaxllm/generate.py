@@ -98,6 +98,13 @@ class GenerationResult:
     finish_reason: str  # "eos" or "length"
 
 
+def end_ids(model: Model, eos_ids: Sequence[int] | None = None) -> tuple[int, ...]:
+    """The ids that end a generation, sorted: `eos_ids` if given, else the tokenizer's, else the config's."""
+    if eos_ids is None:
+        eos_ids = getattr(model.tokenizer, "eos_ids", None) or model.params.config.eos_token_ids
+    return tuple(sorted({int(e) for e in eos_ids}))
+
+
 def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
     """The next power of two >= n (at least `minimum`): the padded length a program is compiled for."""
     return max(minimum, 1 << (max(n, 1) - 1).bit_length())
@@ -108,6 +115,8 @@ def sample(logits: Array, key: Array, sampling: Sampling) -> Array:
     if sampling.temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     B = logits.shape[0]
+    if sampling.top_k == 0 and sampling.top_p >= 1.0:  # nothing to filter: no sort
+        return jax.random.categorical(key, logits.astype(jnp.float32) / sampling.temperature, axis=-1).astype(jnp.int32)
     filtered = filter_logits(logits, jnp.full(B, sampling.temperature, jnp.float32), jnp.full(B, sampling.top_k),
                              jnp.full(B, sampling.top_p, jnp.float32))
     return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
@@ -317,9 +326,7 @@ def generate(model: Model | Params, prompts, max_new_tokens: int = 20, *, use_ca
     prompts_ids, single = _as_batch(model, prompts)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int | np.integer) or max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be a positive integer, found {max_new_tokens!r}")
-    if eos_ids is None:
-        eos_ids = getattr(tokenizer, "eos_ids", None) or config.eos_token_ids
-    eos_ids = tuple(sorted({int(e) for e in eos_ids}))
+    eos_ids = end_ids(model, eos_ids)
     longest = max(map(len, prompts_ids))
     if longest + max_new_tokens > config.max_position_embeddings and config.rope.rope_type != "dynamic":
         raise InputError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
