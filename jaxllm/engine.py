@@ -460,12 +460,8 @@ class Engine:
         with self._wake:
             if r.slot is not None and self._running[r.slot] is r:
                 self._running[r.slot] = None
-            if r in self._admitting:
+            if r in self._admitting:  # its slot is marked done until the final chunk: nothing to release
                 self._admitting.remove(r)
-                if r.slot is not None and self._table is not None:  # a half-prefilled slot: mark it free
-                    free = np.zeros(self.slots, bool)
-                    free[r.slot] = True
-                    self._table = _release_program(self._table, jnp.asarray(free))
         r.finish_reason = reason
         self._call(r, tokens or [], reason)
         r.finished.set()
