@@ -32,21 +32,38 @@ FAMILIES: dict[str, dict[str, Any]] = {
                         rope_local_base_freq=10_000.0, sliding_window_pattern=6),
     "smollm3": dict(max_position_embeddings=32768, tie_word_embeddings=True, rope_theta=2_000_000.0,
                     use_sliding_window=False, sliding_window=None, no_rope_layer_interval=4),
+    # Mixtures of experts (model/experts.py); DeepSeek's attention is latent (model/latent.py).
+    "mixtral": dict(max_position_embeddings=131072, sliding_window=None, rope_theta=1_000_000.0, rms_norm_eps=1e-5,
+                    num_local_experts=8, num_experts_per_tok=2),
+    "qwen2_moe": dict(max_position_embeddings=32768, sliding_window=4096, use_sliding_window=False,
+                      max_window_layers=28, num_experts=60, num_experts_per_tok=4, moe_intermediate_size=1408,
+                      shared_expert_intermediate_size=5632, norm_topk_prob=False, decoder_sparse_step=1,
+                      mlp_only_layers=[]),
+    "qwen3_moe": dict(max_position_embeddings=32768, sliding_window=4096, use_sliding_window=False,
+                      max_window_layers=28, num_local_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+                      norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[]),
+    "olmoe": dict(max_position_embeddings=4096, rms_norm_eps=1e-5, num_experts=64, num_experts_per_tok=8,
+                  norm_topk_prob=False),
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 GEMMA = ("gemma2", "gemma3_text")  # (1 + weight) norms, sqrt(D)-scaled embeddings, four norms per block
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
-BIAS_FLAGS = ("llama", "qwen3", "gemma2", "gemma3_text", "smollm3")  # families whose q/k/v/o bias follows attention_bias
+BIAS_FLAGS = ("llama", "qwen3", "gemma2", "gemma3_text", "smollm3", "qwen3_moe", "olmoe")  # families whose q/k/v/o bias follows attention_bias
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")  # the MLP gate's: SwiGLU, Gemma's GeGLU (tanh), exact GeGLU
 LAYER_TYPES = ("full_attention", "sliding_attention")
 MAX_SIZE = 2**31 - 1  # the largest size, count or position a config may give
 FLOAT32_TINY, FLOAT32_MAX = 1.1754943508222875e-38, 3.4028234663852886e38  # float32's smallest normal and largest
 # Transformers silently defaults these to Llama-7B sizes; a checkpoint without them is broken, not 7B.
 REQUIRED_SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-# Fields of things jaxllm does not run; present with a value other than null/0/false, they are refused by name.
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")  # their MLPs are experts (all or some layers)
+# The fields that count a config's experts, by the names HF's config classes use (Qwen3-MoE's attribute_map maps
+# num_experts to num_local_experts; DeepSeek says n_routed_experts).
+EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")
+# Fields of things jaxllm does not run; present with a value other than null/0/false, they are refused by name
+# (the mixture-of-experts ones outside MOE_FAMILIES, whose Transformers classes would ignore them).
+MOE_FIELDS = {"num_experts": "mixture of experts", "num_local_experts": "mixture of experts",
+              "n_routed_experts": "mixture of experts", "moe_intermediate_size": "mixture of experts"}
 UNSUPPORTED_FIELDS = {
-    "num_experts": "mixture of experts", "num_local_experts": "mixture of experts",
-    "n_routed_experts": "mixture of experts", "moe_intermediate_size": "mixture of experts",
     "vision_config": "a multimodal model", "audio_config": "a multimodal model", "text_config": "a multimodal model",
     "use_bidirectional_attention": "bidirectional attention",
 }
@@ -113,6 +130,19 @@ class LLMConfig:
     query_pre_attn_scalar: float | None = None  # Gemma: scores are scaled by this ** -0.5 instead of head_dim ** -0.5
     attn_logit_softcapping: float | None = None  # Gemma 2: scores become cap * tanh(scores / cap) before the mask
     final_logit_softcapping: float | None = None  # Gemma 2 and 3: logits become cap * tanh(logits / cap)
+    # Mixture of experts (model/experts.py): in a layer whose `moe_layers` entry is true, a router picks k of E expert
+    # MLPs per token and weights their outputs; gate_up_proj/down_proj then hold the shared expert, if any.
+    num_experts: int = 0  # E (0: every layer's MLP is dense)
+    num_experts_per_tok: int = 0  # k
+    moe_intermediate_size: int = 0  # an expert's F
+    shared_expert_intermediate_size: int = 0  # the width of an MoE layer's shared expert MLP (0: none)
+    moe_layers: tuple[bool, ...] = ()  # one per layer: its MLP is experts; (): none is
+    router: str = "softmax_topk"  # the routing rule, a name in model.experts.ROUTERS
+    norm_topk_prob: bool = False  # the k chosen weights are renormalised to sum to 1
+    shared_expert_gated: bool = False  # Qwen2-MoE: the shared expert's output times sigmoid(x · shared_expert_gate)
+    # OLMoE: q_norm and k_norm over the whole projection (N·H and K·H) before the head split; clip_qkv clamps q, k, v.
+    qk_norm_full: bool = False
+    clip_qkv: float | None = None
 
     @property
     def num_groups(self) -> int:
@@ -122,6 +152,10 @@ class LLMConfig:
     @property
     def query_scale(self) -> float:
         return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    def is_moe(self, i: int) -> bool:
+        """Layer i's MLP is a mixture of experts."""
+        return bool(self.moe_layers) and self.moe_layers[i]
 
     def layer_type(self, i: int) -> str:
         return self.layer_types[i] if self.layer_types else "full_attention"
@@ -161,7 +195,8 @@ class LLMConfig:
         if not isinstance(model_type, str) or model_type not in FAMILIES:
             raise ConfigError(f"{source}: model_type {model_type!r} is not supported; jaxllm runs "
                               f"{', '.join(SUPPORTED_MODEL_TYPES)}")
-        for name, what in UNSUPPORTED_FIELDS.items():
+        refused = UNSUPPORTED_FIELDS if model_type in MOE_FAMILIES else {**MOE_FIELDS, **UNSUPPORTED_FIELDS}
+        for name, what in refused.items():
             if data.get(name) not in (None, 0, False, {}):
                 raise ConfigError(f"{source}: field '{name}' = {json.dumps(data[name], default=repr)[:80]} describes "
                                   f"{what}, which jaxllm does not run")
@@ -208,7 +243,7 @@ class LLMConfig:
             tie_word_embeddings=fields.boolean("tie_word_embeddings", False),
             # Only some families' modules read these flags; the others fix their biases (Qwen2: q, k, v only).
             attention_bias=model_type in BIAS_FLAGS and fields.boolean("attention_bias", False),
-            qkv_bias=model_type == "qwen2",
+            qkv_bias=model_type == "qwen2" or model_type == "qwen2_moe" and fields.boolean("qkv_bias", True),
             mlp_bias=model_type in ("llama", "smollm3") and fields.boolean("mlp_bias", False),
             eos_token_ids=fields.token_ids("eos_token_id"),
             rope=rope,
@@ -219,20 +254,55 @@ class LLMConfig:
             layer_types=layer_types,
             local_rope=local_rope,
             no_rope_layers=no_rope_layers,
-            qk_norm=model_type in ("qwen3", "gemma3_text"),
+            qk_norm=model_type in ("qwen3", "gemma3_text", "qwen3_moe", "olmoe"),
             gemma_norms=gemma,
             embed_scale=math.sqrt(shape["hidden_size"]) if gemma else 1.0,
             query_pre_attn_scalar=fields.positive_number("query_pre_attn_scalar") if gemma else None,
             **softcaps,
+            **_experts(fields, model_type, layers),
         )
+
+
+def _experts(fields: "_Fields", model_type: str, layers: int) -> dict[str, Any]:
+    """The mixture-of-experts fields of LLMConfig, as each family's HF config class and decoder layer read them."""
+    data = fields.data
+    if model_type not in MOE_FAMILIES:
+        return {}
+    count = next((name for name in EXPERT_COUNT_FIELDS if data.get(name) is not None), None)
+    if count is None:
+        raise fields.fail(f"a {model_type} config needs the number of experts ('{EXPERT_COUNT_FIELDS[0]}')")
+    E = fields.positive_int(count)
+    k = fields.positive_int("num_experts_per_tok")
+    if k > E:
+        raise fields.fail(f"num_experts_per_tok ({k}) must be at most the number of experts ({E})")
+    # Mixtral and OLMoE size their experts with intermediate_size; the Qwen MoEs with moe_intermediate_size.
+    width = fields.positive_int("moe_intermediate_size" if model_type in ("qwen2_moe", "qwen3_moe")
+                                else "intermediate_size")
+    moe = [True] * layers
+    if model_type in ("qwen2_moe", "qwen3_moe"):  # HF: not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0
+        step = fields.positive_int("decoder_sparse_step", 1)
+        only = data.get("mlp_only_layers") or []
+        if not isinstance(only, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in only):
+            raise fields._refuse("mlp_only_layers", "a list of layer numbers", only)
+        moe = [i not in only and (i + 1) % step == 0 for i in range(layers)]
+    shared = fields.positive_int("shared_expert_intermediate_size", None) if model_type == "qwen2_moe" else None
+    clip = data.get("clip_qkv") if model_type == "olmoe" else None
+    return dict(num_experts=E, num_experts_per_tok=k, moe_intermediate_size=width, moe_layers=tuple(moe),
+                router="softmax_topk",
+                # Mixtral always renormalises; the others when norm_topk_prob says so.
+                norm_topk_prob=model_type == "mixtral" or fields.boolean("norm_topk_prob", False),
+                shared_expert_intermediate_size=shared or 0, shared_expert_gated=bool(shared),
+                qk_norm_full=model_type == "olmoe",
+                clip_qkv=None if clip is None else fields.positive_number("clip_qkv"))
 
 
 def _layer_kinds(fields: "_Fields", model_type: str, layers: int) -> tuple[int | None, tuple[str, ...], tuple[int, ...]]:
     """(sliding_window, layer_types, no_rope_layers) as each family's HF config class derives them."""
     data = fields.data
-    window = fields.positive_int("sliding_window", None) if data.get("sliding_window") is not None else None
-    if model_type in ("qwen2", "qwen3") and not fields.boolean("use_sliding_window", False):
-        window = None  # Qwen keeps sliding_window in its config but applies it only with use_sliding_window
+    if model_type in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe") and not fields.boolean("use_sliding_window", False):
+        window = None  # Qwen keeps sliding_window in its config (Qwen2-MoE saves 0) but applies it only with use_sliding_window
+    else:
+        window = fields.positive_int("sliding_window", None) if data.get("sliding_window") is not None else None
     no_rope = ()
     if model_type == "smollm3":
         interval = fields.positive_int("no_rope_layer_interval", 4)
@@ -240,7 +310,7 @@ def _layer_kinds(fields: "_Fields", model_type: str, layers: int) -> tuple[int |
                         or [int((i + 1) % interval != 0) for i in range(layers)])
         if not fields.boolean("use_sliding_window", False):
             window = None
-    if model_type in ("mistral", "phi3"):  # one window for every layer (Mistral's config ignores layer_types)
+    if model_type in ("mistral", "phi3", "mixtral", "qwen3_moe"):  # one window for every layer (ignoring layer_types)
         types = ["sliding_attention" if window is not None else "full_attention"] * layers
     else:
         types = _per_layer(fields, "layer_types", layers, LAYER_TYPES, "an attention type")
@@ -248,6 +318,10 @@ def _layer_kinds(fields: "_Fields", model_type: str, layers: int) -> tuple[int |
             if model_type in ("qwen2", "qwen3"):
                 first = fields.positive_int("max_window_layers", 28) if window is not None else layers
                 types = ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
+            elif model_type == "qwen2_moe":  # Qwen2MoeConfig: every other layer below max_window_layers
+                first = fields.positive_int("max_window_layers", 28)
+                types = ["sliding_attention" if window is not None and (i + 1) % 2 and i < first else "full_attention"
+                         for i in range(layers)]
             elif model_type == "gemma2":
                 types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(layers)]
             elif model_type == "gemma3_text":
@@ -260,7 +334,8 @@ def _layer_kinds(fields: "_Fields", model_type: str, layers: int) -> tuple[int |
                 types = ["sliding_attention" if window is not None else "full_attention"] * layers
     if "sliding_attention" in types and window is None:
         raise fields.fail("field 'layer_types' names sliding_attention layers but 'sliding_window' is null"
-                          + (" or use_sliding_window is false" if model_type in ("qwen2", "qwen3", "smollm3") else ""))
+                          + (" or use_sliding_window is false" if model_type in ("qwen2", "qwen3", "smollm3", "qwen2_moe",
+                                                                                 "qwen3_moe") else ""))
     if "sliding_attention" not in types:
         window = None
     return window, tuple(types) if "sliding_attention" in types else (), no_rope if 0 in no_rope else ()

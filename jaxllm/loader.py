@@ -48,6 +48,7 @@ class Entry:
     axis: int = 0  # the field's axis the parts are stacked along
     where: tuple[slice, ...] | None = None  # this entry's part of the field; None: the whole field
     select: tuple[int, int] | None = None  # rows [start, stop) of the HF tensor; None: all of it
+    expert: int | None = None  # the expert whose part this is: parts stack along `axis` per expert, then experts on axis 0
 
     @property
     def target(self) -> str:
@@ -101,8 +102,14 @@ def layer_table(c: LLMConfig, i: int) -> list[Entry]:
     rows = [Entry(p + "input_layernorm.weight", "input_layernorm", (D,), "D"), *qkv(".weight"),
             Entry(p + "self_attn.o_proj.weight", "o_proj", (D, N * H), "D, N·H"),
             Entry(p + "post_attention_layernorm.weight", "post_attention_layernorm", (D,), "D")]
-    rows += [*gate_up(".weight"), Entry(p + "mlp.down_proj.weight", "down_proj", (D, F), "D, F")]
-    if c.qk_norm:
+    if c.is_moe(i):
+        rows += expert_table(c, i)
+    else:
+        rows += [*gate_up(".weight"), Entry(p + "mlp.down_proj.weight", "down_proj", (D, F), "D, F")]
+    if c.qk_norm_full:  # OLMoE norms the whole projection
+        rows += [Entry(p + "self_attn.q_norm.weight", "q_norm", (N * H,), "N·H"),
+                 Entry(p + "self_attn.k_norm.weight", "k_norm", (K * H,), "K·H")]
+    elif c.qk_norm:
         rows += [Entry(p + "self_attn.q_norm.weight", "q_norm", (H,), "H"),
                  Entry(p + "self_attn.k_norm.weight", "k_norm", (H,), "H")]
     if c.gemma_norms:
@@ -114,6 +121,39 @@ def layer_table(c: LLMConfig, i: int) -> list[Entry]:
         rows.append(Entry(p + "self_attn.o_proj.bias", "o_bias", (D,), "D"))
     if c.mlp_bias:
         rows += [*gate_up(".bias"), Entry(p + "mlp.down_proj.bias", "down_bias", (D,), "D")]
+    return rows
+
+
+# Where each family keeps an MoE layer's router, experts and shared expert: (module, router, expert's gate, up and
+# down, shared expert or None). The experts are stored one by one as experts.{e}.<name>.weight.
+MOE_NAMES = {
+    "mixtral": ("block_sparse_moe", "gate", ("w1", "w3", "w2"), None),
+    "qwen2_moe": ("mlp", "gate", ("gate_proj", "up_proj", "down_proj"), "shared_expert"),
+    "qwen3_moe": ("mlp", "gate", ("gate_proj", "up_proj", "down_proj"), None),
+    "olmoe": ("mlp", "gate", ("gate_proj", "up_proj", "down_proj"), None),
+}
+
+
+def expert_table(c: LLMConfig, i: int) -> list[Entry]:
+    """HF names of MoE layer i: the router [E, D], each expert's gate and up [F, D] stacked into experts_gate_up
+    [E, F, 2, D] (expert e's gate rows at [e, :, 0], up rows at [e, :, 1]) and its down [D, F] into experts_down
+    [E, D, F]; the shared expert (if any) into gate_up_proj / down_proj like a dense MLP, and its gate [1, D]."""
+    D, E, F = c.hidden_size, c.num_experts, c.moe_intermediate_size
+    module, router, (gate, up, down), shared = MOE_NAMES[c.model_type]
+    p = f"model.layers.{i}.{module}."
+    rows = [Entry(p + f"{router}.weight", "router", (E, D), "E, D")]
+    for e in range(E):
+        x = f"{p}experts.{e}."
+        rows += [Entry(x + f"{name}.weight", "experts_gate_up", (F, D), "F, D", (1, F, 1, D), 2,
+                       (slice(e, e + 1), slice(None), slice(j, j + 1)), expert=e) for j, name in enumerate((gate, up))]
+        rows.append(Entry(x + f"{down}.weight", "experts_down", (D, F), "D, F", (1, D, F), 0, (slice(e, e + 1),)))
+    if shared is not None:
+        Fs = c.shared_expert_intermediate_size
+        rows += _stacked("gate_up_proj", [(p + f"{shared}.{n}_proj.weight", (Fs, D), "F, D", (Fs, 1, D), None)
+                                          for n in ("gate", "up")], 1)
+        rows.append(Entry(p + f"{shared}.down_proj.weight", "down_proj", (D, Fs), "D, F"))
+    if c.shared_expert_gated:
+        rows.append(Entry(p + "shared_expert_gate.weight", "shared_expert_gate", (1, D), "1, D"))
     return rows
 
 
@@ -228,7 +268,8 @@ class Checkpoint:
         return {name: shape for name, (shape, _) in self.tensors.items()}
 
 
-MATRICES = ("embed_tokens", "lm_head", "qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # quantized by "int8"/"gguf"
+MATRICES = ("embed_tokens", "lm_head", "qkv_proj", "o_proj", "gate_up_proj", "down_proj", "experts_gate_up",
+            "experts_down")  # quantized by "int8"/"gguf"
 
 
 def build_params(checkpoint: Checkpoint, weights: str = "fp32", mesh: Mesh | None = None) -> Params:
@@ -283,6 +324,12 @@ def build_params(checkpoint: Checkpoint, weights: str = "fp32", mesh: Mesh | Non
                 tensor = tensor if e.select is None else take_rows(tensor, *e.select)
                 parts.append(tensor if e.shape is None else reshape_rows(tensor, e.shape[:-1]) if blocks
                              else tensor.reshape(e.shape))
+            if entries[0].expert is not None:  # each expert's parts along `axis`, then the experts along axis 0
+                experts: dict[int, list] = {}
+                for e, part in zip(entries, parts):
+                    experts.setdefault(e.expert, []).append(part)
+                parts = [group[0] if len(group) == 1 else stack(group, entries[0].axis) for group in experts.values()]
+                entries = [dataclasses.replace(entries[0], axis=0)]
             # Stacked and converted on the host: no XLA program to compile (or look up) per tensor shape.
             value = parts[0] if len(parts) == 1 else stack(parts, entries[0].axis)
             if weights == "int8" and field in MATRICES and not wide:
@@ -456,8 +503,8 @@ def _named_errors(file: Path):
 
 
 def _open_gguf(path: Path) -> Checkpoint:
-    """A .gguf file, read once: dequantized to fp32 and re-oriented to HF's layout tensor by tensor (jaxllm.convert)."""
-    from jaxllm.convert import read_gguf
+    """A .gguf file, read once: dequantized to fp32 and re-oriented to HF's layout tensor by tensor (jaxllm.gguf_reader)."""
+    from jaxllm.gguf_reader import read_gguf
 
     gguf = read_gguf(path)
     config = LLMConfig.from_dict(gguf.config, source=str(path))

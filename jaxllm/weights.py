@@ -7,7 +7,7 @@
     gguf   Blocks: a GGUF file's quantized tensors kept in their stored blocks (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K),
            dequantized inside the jitted matmul
 
-A quantized matrix is a small pytree that stands where a float [*out, in] array would: model._linear and
+A quantized matrix is a small pytree that stands where a float [*out, in] array would: model.ops.linear and
 model.embedding dispatch on its type, so the forward reads the same for every format. Matrices keep HF's [out, in]
 orientation and multiply as x @ w.T (`matmul`), the form in which XLA:CPU fuses the convert or dequantization of w
 into the decode matvec.

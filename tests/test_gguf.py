@@ -13,7 +13,8 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from jaxllm import hub
-from jaxllm.convert import HF_NAMES, convert_gguf, read_gguf
+from jaxllm.convert import convert_gguf
+from jaxllm.gguf_reader import HF_NAMES, read_gguf
 from jaxllm.errors import CheckpointError, ConfigError, ModelNotFoundError
 
 from gguf_util import TYPES, N, K, tensor_shapes, write_gguf

@@ -15,7 +15,7 @@ from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
 from gguf_util import Q, bpe_tokenizer_metadata, spm_tokenizer_metadata, write_gguf_file
 from jaxllm import parity
-from jaxllm.convert import read_gguf
+from jaxllm.gguf_reader import read_gguf
 from jaxllm.errors import TokenizerError
 from jaxllm.loader import load
 from jaxllm.tokenizer import Tokenizer as JaxllmTokenizer

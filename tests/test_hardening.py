@@ -20,7 +20,8 @@ from test_gguf import write_gguf
 from jaxllm import hub, parity
 from jaxllm.cli import main
 from jaxllm.config import LLMConfig
-from jaxllm.convert import MARKER, convert_gguf, locked, read_gguf
+from jaxllm.convert import MARKER, convert_gguf, locked
+from jaxllm.gguf_reader import read_gguf
 from jaxllm.errors import CheckpointError, ConfigError, InputError, TokenizerError
 from jaxllm.generate import Sampling, generate
 from jaxllm.loader import load, load_model, open_checkpoint

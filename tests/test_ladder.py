@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import jaxllm.model as model_lib
+import jaxllm.model.attention as attention_lib
 from jaxllm import parity
 from jaxllm.loader import layer_table
 
@@ -55,7 +55,7 @@ def interleaved_rope(x, cos, sin):
 
 
 def test_interleaved_rope_is_caught_at_q_rope(smollm2, smollm2_reference, ids, monkeypatch, fresh_jit):
-    monkeypatch.setattr(model_lib, "apply_rope", interleaved_rope)
+    monkeypatch.setattr(attention_lib, "apply_rope", interleaved_rope)
     assert first_divergent(smollm2.params, ids, smollm2_reference) == "layers.0.q_rope"
 
 
@@ -70,7 +70,7 @@ def tiled_kv_attention(q, k, v, allowed, cached=None, scale=None, softcap=None):
 
 
 def test_kv_heads_in_wrong_order_are_caught_at_attention(smollm2, smollm2_reference, ids, monkeypatch, fresh_jit):
-    monkeypatch.setattr(model_lib, "attention", tiled_kv_attention)
+    monkeypatch.setattr(attention_lib, "attention", tiled_kv_attention)
     assert first_divergent(smollm2.params, ids, smollm2_reference) == "layers.0.attn"
 
 

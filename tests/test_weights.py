@@ -11,7 +11,7 @@ import pytest
 
 from gguf_util import Q, write_gguf
 from jaxllm import cli, load, load_model, parity
-from jaxllm.convert import read_gguf
+from jaxllm.gguf_reader import read_gguf
 from jaxllm.errors import InputError
 from jaxllm.generate import generate, left_pad, positions_from_mask
 from jaxllm.loader import MATRICES

@@ -1,0 +1,288 @@
+"""The forward pass of LLaMA and the families that differ from it in a few switches (config.py), as pure
+functions over a parameter pytree: the parameters, one decoder block, the top-level forward and its jitted entry
+points here; each kind of sublayer in its own module (attention.py: grouped-query attention; mlp.py: the dense MLP;
+rope.py; cache.py; ops.py: norms, linear layers and the context every block shares). Each switch is an `if` on a
+config field or on a parameter that only some families have, next to the line of Transformers it mirrors.
+
+Shape letters (../shared/STYLE.md): B batch, T query positions, S key positions, D hidden, N query heads,
+K key/value heads, G = N // K, H head_dim, F intermediate, V vocab, L layers, E experts, k experts chosen per token.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+from typing import Callable
+
+import chex
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxllm.config import LLMConfig
+from jaxllm.errors import InputError
+# Re-exported: the names callers import from jaxllm.model.
+from jaxllm.model.attention import LayerCache, attention_block, attention_masks
+from jaxllm.model.cache import KVCache, write_rows
+from jaxllm.model.experts import experts_mlp
+from jaxllm.model.mlp import ACTIVATIONS, gated_mlp
+from jaxllm.model.ops import Array, Context, Matrix, Tap, linear, no_tap, norm
+from jaxllm.model.rope import rope_inv_freq, rope_tables
+from jaxllm.weights import is_quantized
+
+
+@flax.struct.dataclass
+class Layer:
+    """One decoder block. Matrices keep HF's [out, in] orientation, and the projections that read the same input are
+    stacked in one array (HF's q/k/v, and gate/up): with one token per step every output is a dot over a contiguous
+    row, and one large matvec runs faster on CPU than two or three small ones (a decode step measured 5-10% faster
+    side by side). `out` is laid out so that tensor parallelism shards a leading axis and each device's block holds
+    whole heads: q, k and v grouped by key/value head, gate and up side by side for each f."""
+
+    input_layernorm: Array  # [D]
+    qkv_proj: Matrix  # [K, G + 2, H, D]: for kv head j, HF's q heads j·G .. j·G + G - 1, then k head j, then v head j
+    o_proj: Matrix  # [D, N·H]
+    post_attention_layernorm: Array  # [D]
+    # The dense MLP; in an experts layer, the shared expert (Qwen2-MoE, DeepSeek) or None.
+    gate_up_proj: Matrix | None = None  # [F, 2, D]: gate_up_proj[f] is row f of HF's gate_proj, then of up_proj
+    down_proj: Matrix | None = None  # [D, F]
+    qkv_bias: Array | None = None  # [K, G + 2, H]   (attention_bias, qkv_bias)
+    o_bias: Array | None = None  # [D]   (attention_bias)
+    gate_up_bias: Array | None = None  # [F, 2]   (mlp_bias)
+    down_bias: Array | None = None  # [D]
+    q_norm: Array | None = None  # [H]   (qk_norm)
+    k_norm: Array | None = None  # [H]
+    # Gemma's sandwich: post_attention_layernorm norms the attention output, pre_feedforward_layernorm is the MLP's
+    # input norm (Llama's post_attention_layernorm role) and post_feedforward_layernorm norms the MLP output.
+    pre_feedforward_layernorm: Array | None = None  # [D]
+    post_feedforward_layernorm: Array | None = None  # [D]
+    # Mixture of experts (model/experts.py), F here an expert's width (moe_intermediate_size). Expert-major, each
+    # expert's rows one contiguous block: a token reads only its k experts' blocks, and E splits over devices.
+    router: Array | None = None  # [E, D]: HF's gate (router) weight
+    experts_gate_up: Matrix | None = None  # [E, F, 2, D]: for expert e, rows f of its gate_proj and up_proj
+    experts_down: Matrix | None = None  # [E, D, F]
+    shared_expert_gate: Array | None = None  # [1, D]   (Qwen2-MoE)
+
+
+@flax.struct.dataclass
+class Params:
+    """The whole model: arrays are pytree leaves, the config rides along as static data."""
+
+    embed_tokens: Matrix  # [V, D]
+    layers: tuple[Layer, ...]  # L of them
+    norm: Array  # [D]
+    lm_head: Matrix | None  # [V, D]; None when tied to embed_tokens
+    config: LLMConfig = flax.struct.field(pytree_node=False)
+
+    @property
+    def dtype(self):
+        """The activations' dtype: the norms' (bfloat16 with bf16 weights; float32 with fp32, int8 and gguf)."""
+        return self.norm.dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """What generation from text needs: the parameter pytree and a tokenizer (None: token ids in and out)."""
+
+    params: Params
+    tokenizer: object | None = None
+
+
+def decoder_block(layer: Layer, x: Array, kv: LayerCache | None, ctx: Context) -> tuple[Array, LayerCache | None]:
+    """Pre-norm residual block: h = x + attn(norm(x)), out = h + mlp(norm(h)). x [B, T, D] -> [B, T, D].
+    Gemma norms both sublayers' outputs too: h = x + norm(attn(norm(x))), out = h + norm(mlp(norm(h)))."""
+    config = ctx.config
+    normed = norm(x, layer.input_layernorm, config)
+    chex.assert_equal_shape([x, normed])
+    ctx.tap("input_layernorm", normed)
+    attn, kv = attention_block(layer, normed, kv, ctx)
+    mlp_norm = layer.post_attention_layernorm  # Llama's name for the MLP's input norm
+    if layer.pre_feedforward_layernorm is not None:  # Gemma's, where post_attention_layernorm norms the attention
+        attn, mlp_norm = norm(attn, layer.post_attention_layernorm, config), layer.pre_feedforward_layernorm
+        ctx.tap("post_attention_layernorm", attn)
+    h = x + attn
+    ctx.tap("attn_residual", h)
+    normed = norm(h, mlp_norm, config)
+    ctx.tap("pre_feedforward_layernorm" if layer.pre_feedforward_layernorm is not None else "post_attention_layernorm",
+            normed)
+    update = experts_mlp(layer, normed, config, ctx.tap) if layer.router is not None else gated_mlp(
+        layer, normed, config, ctx.tap)
+    if layer.post_feedforward_layernorm is not None:
+        update = norm(update, layer.post_feedforward_layernorm, config)
+        ctx.tap("post_feedforward_layernorm", update)
+    out = h + update
+    chex.assert_equal_shape([x, out])
+    ctx.tap("block", out)
+    return out, kv
+
+
+def run(params: Params, ids: Array, positions: Array, mask: Array | None = None, cache: KVCache | None = None,
+        *, tap: Tap = no_tap, last_only: bool = False, last: Array | None = None,
+        window: int | None = None) -> tuple[Array, KVCache | None]:
+    """The forward pass, un-jitted: ids [B, T], positions [B, T] -> (logits [B, T, V], updated cache or None).
+
+    `mask` [B, T] marks this call's real tokens (None: all). Query t sees this call's tokens t' <= t that are real
+    and, with a cache, every slot the cache marks real (in a sliding layer, within its window); this call's tokens
+    go into each row's slots cache.index[b] onwards; `window` W (static) limits what attention reads of the cache to
+    slots [0, W), which must hold every filled slot.
+    `last_only` computes logits [B, 1, V] for the last position alone: a prefill needs no more, and the LM head is
+    a fifth of a 135M model's work; `last` [B] (with last_only) names each row's position to take instead of T - 1.
+    """
+    config = params.config
+    B, T = ids.shape
+    D, V = config.hidden_size, config.vocab_size
+    x = embed(params, ids)
+    chex.assert_shape(x, (B, T, D))
+    tap("embed", x)
+    real = jnp.ones((B, T), bool) if mask is None else mask.astype(bool)  # [B, T]
+    index = None if cache is None else cache.index
+    layers = range(config.num_hidden_layers)  # dict.fromkeys: each kind once, in layer order (a set's order varies)
+    masks = {kind: attention_masks(config, kind, real, None if cache is None or cache.empty else cache, window)
+             for kind in dict.fromkeys(config.layer_type(i) for i in layers)}
+    tables = {rope: rope_tables(config, positions, rope)  # one pair per RoPE the layers use (Gemma 3 has two)
+              for rope in dict.fromkeys(config.layer_rope(i) for i in layers) if rope is not None}
+    chex.assert_shape([t for pair in tables.values() for t in pair], (B, T, config.rotary_dim or config.head_dim))
+    new_k, new_v = [], []
+    for i, layer in enumerate(params.layers):
+        kv = None if cache is None else (cache.k[i], cache.v[i])
+        cos, sin = tables.get(config.layer_rope(i), (None, None))
+        layer_ctx = Context(config, cos, sin, *masks[config.layer_type(i)], index=index,
+                            tap=lambda name, value, i=i: tap(f"layers.{i}.{name}", value), window=window)
+        x, kv = decoder_block(layer, x, kv, layer_ctx)
+        if kv is not None:
+            new_k.append(kv[0]), new_v.append(kv[1])
+    if last_only:
+        x = x[:, -1:] if last is None else jnp.take_along_axis(x, last[:, None, None], axis=1)  # [B, 1, D]
+        T = 1
+    x = norm(x, params.norm, config)
+    tap("norm", x)
+    lm_head = params.embed_tokens if params.lm_head is None else params.lm_head  # [V, D]
+    logits = linear(x, lm_head, jnp.float32)
+    if config.final_logit_softcapping is not None:  # Gemma 2 and 3
+        tap("lm_head", logits)
+        logits = jnp.tanh(logits / config.final_logit_softcapping) * config.final_logit_softcapping
+    chex.assert_shape(logits, (B, T, V))
+    tap("logits", logits)
+    if cache is not None:
+        cache = KVCache(k=tuple(new_k), v=tuple(new_v), index=cache.index + ids.shape[1],
+                        mask=write_rows(cache.mask, real, cache.index, axis=1))
+    return logits, cache
+
+
+def embed(params: Params, ids: Array) -> Array:
+    """ids [B, T] -> [B, T, D]: the embedding rows, times Gemma's sqrt(D) (rounded to the model dtype first, as HF's
+    embed_scale is)."""
+    x = embedding(params.embed_tokens, ids)
+    return x if params.config.embed_scale == 1.0 else x * jnp.asarray(params.config.embed_scale, x.dtype)
+
+
+def embedding(table: Matrix, ids: Array) -> Array:
+    """Rows of the embedding table [V, D] for ids [B, T] -> [B, T, D]. An id outside [0, V) gives a row of NaN (so NaN
+    logits) rather than being clamped silently to a real token."""
+    if not is_quantized(table):
+        return jnp.take(table, ids, axis=0, mode="fill", fill_value=jnp.nan)
+    V = table.shape[0]
+    rows = table.rows(jnp.clip(ids, 0, V - 1))
+    return jnp.where(((ids >= 0) & (ids < V))[..., None], rows, jnp.nan)
+
+
+# ---- jitted entry points ---------------------------------------------------------------------------------------
+
+_TRACES: collections.Counter[str] = collections.Counter()
+
+
+def program(fn: Callable, name: str | None = None, **jit_kwargs) -> Callable:
+    """jax.jit(fn, **jit_kwargs), counted: every trace of the program adds one to compile_counts()[name].
+    (A trace precedes every compile in this process; the persistent compilation cache may then load the result.)"""
+    name = name or fn.__name__
+    _TRACES[name] += 0  # listed from the start, at 0 until its first trace
+
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        _TRACES[name] += 1
+        return fn(*args, **kwargs)
+
+    return jax.jit(traced, **jit_kwargs)
+
+
+def compile_counts() -> dict[str, int]:
+    """How many times each jitted entry point has been traced (so compiled) in this process, by name."""
+    return dict(_TRACES)
+
+
+def _logits(params, ids, positions, mask):
+    return run(params, ids, positions, mask)[0]
+
+
+def _intermediates(params, ids, positions, mask):
+    acts: dict[str, Array] = {}
+    logits, _ = run(params, ids, positions, mask, tap=acts.__setitem__)
+    return logits, acts
+
+
+_forward = program(_logits, "forward")
+_forward_with_intermediates = program(_intermediates, "forward_with_intermediates")
+
+
+def check_inputs(config: LLMConfig, ids, positions, attention_mask=None) -> None:
+    """Clear errors for bad input before it reaches XLA. Values are checked only when concrete (not under jit)."""
+    ids_shape, pos_shape = np.shape(ids), np.shape(positions)
+    if len(ids_shape) != 2:
+        raise InputError(f"ids must be [B, T], found shape {ids_shape}")
+    if pos_shape != ids_shape:
+        raise InputError(f"positions must have the shape of ids {ids_shape}, found {pos_shape}")
+    if attention_mask is not None and np.shape(attention_mask) != ids_shape:
+        raise InputError(f"attention_mask must have the shape of ids {ids_shape}, found {np.shape(attention_mask)}")
+    for name, value in (("ids", ids), ("positions", positions)):
+        dtype = value.dtype if hasattr(value, "dtype") else np.asarray(value).dtype
+        if not jnp.issubdtype(dtype, jnp.integer):
+            raise InputError(f"{name} must be integers, found dtype {dtype}")
+    if isinstance(ids, jax.core.Tracer) or isinstance(positions, jax.core.Tracer):
+        return
+    ids_np, pos_np = np.asarray(ids), np.asarray(positions)
+    bad = (ids_np < 0) | (ids_np >= config.vocab_size)
+    if bad.any():
+        b, t = map(int, np.argwhere(bad)[0])
+        raise InputError(f"token id {int(ids_np[b, t])} at [{b}, {t}] is outside the vocabulary [0, {config.vocab_size})")
+    if (pos_np < 0).any():
+        raise InputError(f"positions must be non-negative, found {int(pos_np.min())}")
+    if (pos_np > np.iinfo(np.int32).max).any():  # they run as int32: larger ones would wrap to small positions
+        raise InputError(f"positions must fit in int32 (at most {np.iinfo(np.int32).max}), found {int(pos_np.max())}")
+
+
+def mesh_of(params: Params) -> Mesh | None:
+    """The mesh the parameters lie on (jaxllm.load(..., mesh=...)), or None on a single device."""
+    sharding = getattr(jax.tree_util.tree_leaves(params.embed_tokens)[0], "sharding", None)
+    return sharding.mesh if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1 else None
+
+
+def place_batch(params: Params, *arrays):
+    """Inputs [B, ...] as device arrays; on a mesh, split over its dp axis when dp divides B (else replicated), so
+    that data parallelism runs each dp row on its own part of the batch and of the KV cache."""
+    mesh = mesh_of(params)
+    if mesh is None:
+        return tuple(None if a is None else jnp.asarray(a) for a in arrays)
+    return tuple(None if a is None else jax.device_put(a if isinstance(a, jax.Array) else np.asarray(a), NamedSharding(
+        mesh, P("dp") if np.shape(a)[0] % mesh.shape["dp"] == 0 else P())) for a in arrays)
+
+
+def _checked(params: Params, ids, positions, attention_mask) -> tuple:
+    """check_inputs, then everything as arrays, ready for a jitted entry point."""
+    check_inputs(params.config, ids, positions, attention_mask)
+    return params, *place_batch(params, ids, positions, attention_mask)
+
+
+def forward(params: Params, ids: Array, positions: Array, attention_mask: Array | None = None) -> Array:
+    """Jitted forward: ids [B, T] int, positions [B, T] int, optional attention_mask [B, T] (1 = real token)
+    -> logits [B, T, V]. Positions are honoured as given (RoPE), the causal mask goes by index."""
+    return _forward(*_checked(params, ids, positions, attention_mask))
+
+
+def forward_with_intermediates(params: Params, ids: Array, positions: Array, attention_mask: Array | None = None):
+    """The same forward, also returning every tapped intermediate by name (a dict: jit returns its keys sorted)."""
+    return _forward_with_intermediates(*_checked(params, ids, positions, attention_mask))
+

@@ -1,0 +1,125 @@
+"""Grouped-query attention: the block (projections, q/k norms, RoPE, the cache write), the attention itself and
+the masks of who sees whom."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from jaxllm.config import LLMConfig
+from jaxllm.model.cache import KVCache, write_rows
+from jaxllm.model.ops import Array, Context, bias, linear, norm
+from jaxllm.model.rope import apply_rope
+
+
+def attention(q: Array, k: Array, v: Array, visible: Array, cached: tuple[Array, Array, Array] | None = None,
+              scale: float | None = None, softcap: float | None = None) -> Array:
+    """Grouped-query attention. q [B, T, N, H], k/v [B, K, T, H] (this call's keys), visible [B, T, T] -> [B, T, N, H].
+
+    `cached` = (keys [B, K, H, S], values [B, K, S, H], visible [B, 1 or T, S]) adds the keys of earlier calls; one
+    softmax runs over both sets. Reading the cache as it was before this call's write lets XLA update it in place.
+    Scores are q·k times `scale` (default H ** -0.5), then soft-capped to softcap * tanh(scores / softcap) if given.
+
+    Query head n reads key/value head n // G (HF's repeat_kv order). The G query heads that share a key/value head
+    are folded into the query rows, so each key/value head is one [T·G, H] x [H, S] matmul and K/V are never
+    copied G times (half the time of a 5-axis einsum at T = 512).
+    """
+    B, T, N, H = q.shape
+    K = k.shape[1]
+    G = N // K
+    q = q.reshape(B, T, K, G, H).transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, H)
+    # (keys, values, visible, the keys' H axis): rows of R = T·G are ordered (t, g)
+    parts = [(k, v, visible, 3)]  # keys [B, K, T, H]
+    if cached is not None:
+        parts.insert(0, (*cached, 2))  # keys [B, K, H, S]
+
+    def scores(keys: Array, seen: Array, h_axis: int) -> Array:  # [B, K, T, G, S] in fp32
+        s = _batched_dot(q, keys, 3, h_axis)  # BKRH,BKSH->BKRS or BKRH,BKHS->BKRS
+        s = s.astype(jnp.float32).reshape(B, K, T, G, -1) * (H**-0.5 if scale is None else scale)
+        if softcap is not None:
+            s = jnp.tanh(s / softcap) * softcap
+        # A finite minimum (not -inf) keeps fully masked rows, e.g. left padding, free of NaN, as in HF.
+        return jnp.where(seen[:, None, :, None, :], s, jnp.finfo(jnp.float32).min)
+
+    probs = jax.nn.softmax(jnp.concatenate([scores(kk, a, h_axis) for kk, _, a, h_axis in parts], axis=-1), axis=-1)
+    probs = probs.astype(v.dtype).reshape(B, K, T * G, -1)  # fp32 softmax, as HF
+    out, start = 0, 0
+    for _, vv, _, _ in parts:
+        out = out + _batched_dot(probs[..., start:start + vv.shape[2]], vv, 3, 2)  # BKRS,BKSH->BKRH
+        start += vv.shape[2]
+    return out.reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4).reshape(B, T, N, H)
+
+
+def _batched_dot(a: Array, b: Array, a_axis: int, b_axis: int) -> Array:
+    """a [B, K, R, X] · b over a's axis a_axis and b's b_axis, batched over B and K: [B, K, R, the rest of b]."""
+    return jax.lax.dot_general(a, b, (((a_axis,), (b_axis,)), ((0, 1), (0, 1))))
+
+
+if TYPE_CHECKING:
+    from jaxllm.model import Layer
+
+LayerCache = tuple[Array, Array]  # one layer's keys [B, K, H, S] and values [B, K, S, H]
+
+
+def attention_block(layer: Layer, x: Array, kv: LayerCache | None, ctx: Context) -> tuple[Array, LayerCache | None]:
+    """x [B, T, D] (already normed) -> attention output [B, T, D] before the residual add, and the layer's cache
+    with this call's keys and values written at slots ctx.index .. ctx.index + T - 1."""
+    B, T, _ = x.shape
+    config = ctx.config
+    N, K, H, G = config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.num_groups
+    qkv = bias(linear(x, layer.qkv_proj), layer.qkv_bias)  # [B, T, K, G + 2, H]: one matmul for all three
+    q, k, v = qkv[:, :, :, :G].reshape(B, T, N, H), qkv[:, :, :, G], qkv[:, :, :, G + 1]  # head n = j·G + g
+    chex.assert_shape(q, (B, T, N, H))
+    chex.assert_shape([k, v], (B, T, K, H))
+    ctx.tap("q_proj", q), ctx.tap("k_proj", k), ctx.tap("v_proj", v)
+    if config.qk_norm_full:  # OLMoE: the whole projection normed (N·H and K·H), before the head split
+        q = norm(q.reshape(B, T, N * H), layer.q_norm, config).reshape(B, T, N, H)
+        k = norm(k.reshape(B, T, K * H), layer.k_norm, config).reshape(B, T, K, H)
+        ctx.tap("q_norm", q), ctx.tap("k_norm", k)
+    elif layer.q_norm is not None:  # Qwen3, Gemma 3: each head normed over H
+        q, k = norm(q, layer.q_norm, config), norm(k, layer.k_norm, config)
+        ctx.tap("q_norm", q), ctx.tap("k_norm", k)
+    if config.clip_qkv is not None:  # OLMoE: q, k and v clamped to [-clip_qkv, clip_qkv] after the norms
+        q, k, v = (jnp.clip(t, -config.clip_qkv, config.clip_qkv) for t in (q, k, v))
+    if ctx.cos is not None:  # SmolLM3's no-RoPE layers skip it
+        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+    ctx.tap("q_rope", q), ctx.tap("k_rope", k)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
+    cached = None
+    if ctx.cached_visible is not None:  # the filled part of the cache alone: a step's cost follows what is filled
+        W = ctx.window or kv[0].shape[-1]
+        cached = (kv[0][..., :W], kv[1][:, :, :W], ctx.cached_visible)  # [B, K, H, W], [B, K, W, H], [B, 1 or T, W]
+    out = attention(q, k, v, ctx.visible, cached, config.query_scale, config.attn_logit_softcapping)
+    if kv is not None:
+        kv = (write_rows(kv[0], k.transpose(0, 1, 3, 2), ctx.index, axis=3), write_rows(kv[1], v, ctx.index, axis=2))
+    chex.assert_shape(out, (B, T, N, H))
+    ctx.tap("attn", out)
+    # Heads merged first: an einsum contracting (N, H) together makes XLA re-lay the weight out on every call.
+    out = bias(linear(out.reshape(B, T, N * H), layer.o_proj), layer.o_bias)
+    ctx.tap("o_proj", out)
+    return out, kv
+
+
+def attention_masks(config: LLMConfig, kind: str, real: Array, cache: KVCache | None,
+                    window: int | None = None) -> tuple[Array, Array | None]:
+    """Who sees whom in a layer of this kind: (visible [B, T, T] over this call's keys, [B, 1 or T, W] over the
+    cache's first W slots (all S when `window` is None), or None without a non-empty cache). Causal and padding-free;
+    a sliding_attention layer's query also sees only keys whose slot is within the last `sliding_window` slots up to
+    its own (HF's `kv_idx > q_idx - sliding_window`). Slots, not positions: in a row the real tokens sit in
+    consecutive slots."""
+    B, T = real.shape
+    visible = jnp.tril(jnp.ones((T, T), bool))  # [T, T]
+    W = None if cache is None else window or cache.length
+    cached = None if cache is None else cache.mask[:, None, :W]  # [B, 1, W]
+    if kind == "sliding_attention":
+        SW = config.sliding_window
+        visible = visible & ~jnp.tril(jnp.ones((T, T), bool), -SW)  # t' > t - SW
+        if cached is not None:
+            query_slots = cache.index[:, None] + jnp.arange(T)  # [B, T]
+            cached = cached & (jnp.arange(W) > query_slots[..., None] - SW)  # [B, T, W]
+    return visible[None] & real[:, None, :], cached
+
+
