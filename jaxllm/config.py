@@ -44,21 +44,50 @@ FAMILIES: dict[str, dict[str, Any]] = {
                       norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[]),
     "olmoe": dict(max_position_embeddings=4096, rms_norm_eps=1e-5, num_experts=64, num_experts_per_tok=8,
                   norm_topk_prob=False),
+    # DeepSeek: head_dim is qk_rope_head_dim (HF's config sets it so: RoPE rotates those dims alone).
+    "deepseek_v2": dict(max_position_embeddings=2048, first_k_dense_replace=0,
+                        kv_lora_rank=512, q_lora_rank=1536, n_group=None, n_routed_experts=64, n_shared_experts=2,
+                        qk_nope_head_dim=128, qk_rope_head_dim=64, routed_scaling_factor=1.0, topk_group=None,
+                        topk_method="greedy", norm_topk_prob=False, v_head_dim=128, num_experts_per_tok=None,
+                        moe_intermediate_size=1407),
+    "deepseek_v3": dict(moe_intermediate_size=2048, n_shared_experts=1, n_routed_experts=256,
+                        routed_scaling_factor=2.5, kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64,
+                        v_head_dim=128, qk_nope_head_dim=128, n_group=8, topk_group=4, num_experts_per_tok=8,
+                        first_k_dense_replace=3, norm_topk_prob=True, max_position_embeddings=4096,
+                        rope_interleave=True, num_nextn_predict_layers=1),
+    # gpt-oss's default RoPE is YaRN; given as v4's rope_scaling so that a config's own rope_parameters or
+    # rope_scaling replaces it whole, as in GptOssConfig.
+    "gpt_oss": dict(max_position_embeddings=131072, rms_norm_eps=1e-5, head_dim=64, sliding_window=128,
+                    num_local_experts=128, num_experts_per_tok=4, attention_bias=True, rope_theta=150000.0,
+                    rope_scaling=dict(rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=False,
+                                      original_max_position_embeddings=4096),
+                    swiglu_alpha=1.702, swiglu_limit=7.0),
+    "granitemoe": dict(max_position_embeddings=2048, rms_norm_eps=1e-6, num_local_experts=8, num_experts_per_tok=2,
+                       embedding_multiplier=1.0, logits_scaling=1.0, residual_multiplier=1.0,
+                       attention_multiplier=1.0),
 }
+DEEPSEEK = ("deepseek_v2", "deepseek_v3")  # multi-head latent attention (model/latent.py) and DeepSeek's routers
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 GEMMA = ("gemma2", "gemma3_text")  # (1 + weight) norms, sqrt(D)-scaled embeddings, four norms per block
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
-BIAS_FLAGS = ("llama", "qwen3", "gemma2", "gemma3_text", "smollm3", "qwen3_moe", "olmoe")  # families whose q/k/v/o bias follows attention_bias
+BIAS_FLAGS = ("llama", "qwen3", "gemma2", "gemma3_text", "smollm3", "qwen3_moe", "olmoe", "gpt_oss", "granitemoe")  # families whose q/k/v/o bias follows attention_bias
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")  # the MLP gate's: SwiGLU, Gemma's GeGLU (tanh), exact GeGLU
 LAYER_TYPES = ("full_attention", "sliding_attention")
 MAX_SIZE = 2**31 - 1  # the largest size, count or position a config may give
 FLOAT32_TINY, FLOAT32_MAX = 1.1754943508222875e-38, 3.4028234663852886e38  # float32's smallest normal and largest
 # Transformers silently defaults these to Llama-7B sizes; a checkpoint without them is broken, not 7B.
 REQUIRED_SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")  # their MLPs are experts (all or some layers)
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss",
+                "granitemoe")  # their MLPs are experts (all or some layers)
 # The fields that count a config's experts, by the names HF's config classes use (Qwen3-MoE's attribute_map maps
 # num_experts to num_local_experts; DeepSeek says n_routed_experts).
 EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")
+# model_type -> (the field its HF config class reads for E, the alias its attribute_map maps onto it, or None).
+EXPERT_COUNT = {"mixtral": ("num_local_experts", "num_experts"), "qwen2_moe": ("num_experts", None),
+                "qwen3_moe": ("num_local_experts", "num_experts"), "olmoe": ("num_experts", "num_local_experts"),
+                "deepseek_v2": ("n_routed_experts", "num_experts"),
+                "deepseek_v3": ("n_routed_experts", "num_local_experts"),
+                "gpt_oss": ("num_local_experts", "num_experts"), "granitemoe": ("num_local_experts", None)}
 # Fields of things jaxllm does not run; present with a value other than null/0/false, they are refused by name
 # (the mixture-of-experts ones outside MOE_FAMILIES, whose Transformers classes would ignore them).
 MOE_FIELDS = {"num_experts": "mixture of experts", "num_local_experts": "mixture of experts",
@@ -143,6 +172,34 @@ class LLMConfig:
     # OLMoE: q_norm and k_norm over the whole projection (N·H and K·H) before the head split; clip_qkv clamps q, k, v.
     qk_norm_full: bool = False
     clip_qkv: float | None = None
+    # DeepSeek's mixture: group-limited routing (E experts in n_group groups, the best topk_group groups kept) and the
+    # chosen weights times routed_scaling_factor.
+    routed_scaling_factor: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    # DeepSeek's multi-head latent attention (model/latent.py) when kv_lora_rank > 0: keys and values come from a
+    # latent of kv_lora_rank (C) dims per token plus one RoPE key of head_dim (R) dims that every head shares; each
+    # head's query and key have qk_nope_head_dim unrotated dims and R rotated ones, its value v_head_dim dims.
+    kv_lora_rank: int = 0  # C (0: grouped-query attention)
+    q_lora_rank: int = 0  # the query's own latent (q_a_proj, q_b_proj); 0: a plain q_proj
+    qk_nope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = False  # RoPE rotates pairs (2i, 2i + 1), as DeepSeek's checkpoints lay q and k out
+    latent_scale: float = 0.0  # MLA's score scale: (qk_nope_head_dim + R) ** -0.5, times YaRN's mscale² (HF)
+    num_nextn_predict_layers: int = 0  # DeepSeek-V3's multi-token-prediction layers, stored after the last; unused
+    # Granite: scores scaled by attention_multiplier instead of head_dim ** -0.5; each sublayer's output times
+    # residual_multiplier before its residual add; logits divided by logits_scaling (embed_scale holds its
+    # embedding_multiplier).
+    attention_multiplier: float | None = None
+    residual_multiplier: float = 1.0
+    logits_scaling: float = 1.0
+    # gpt-oss: a learned logit per query head joins each softmax and is dropped after it (self_attn.sinks); the
+    # router and the experts carry biases; the experts' SwiGLU is clamped (gate to at most swiglu_limit, up to
+    # ±swiglu_limit) and reads gate·sigmoid(swiglu_alpha·gate)·(up + 1).
+    attention_sinks: bool = False
+    moe_bias: bool = False
+    swiglu_limit: float | None = None
+    swiglu_alpha: float = 1.702
 
     @property
     def num_groups(self) -> int:
@@ -150,7 +207,14 @@ class LLMConfig:
         return self.num_attention_heads // self.num_key_value_heads
 
     @property
+    def qk_rope_head_dim(self) -> int:
+        """R: MLA's rotated dims per head, HF's head_dim for DeepSeek."""
+        return self.head_dim
+
+    @property
     def query_scale(self) -> float:
+        if self.attention_multiplier is not None:  # Granite
+            return self.attention_multiplier
         return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     def is_moe(self, i: int) -> bool:
@@ -200,6 +264,12 @@ class LLMConfig:
             if data.get(name) not in (None, 0, False, {}):
                 raise ConfigError(f"{source}: field '{name}' = {json.dumps(data[name], default=repr)[:80]} describes "
                                   f"{what}, which jaxllm does not run")
+        # E under both of a family's names: HF's classes differ on which wins (Qwen3-MoE's field, the others' alias).
+        both = [name for name in EXPERT_COUNT.get(model_type, ()) if name and data.get(name) is not None]
+        if len(both) == 2 and data[both[0]] != data[both[1]]:
+            raise ConfigError(f"{source}: fields '{both[0]}' ({json.dumps(data[both[0]], default=repr)[:20]}) and "
+                              f"'{both[1]}' ({json.dumps(data[both[1]], default=repr)[:20]}) both give the number of "
+                              "experts, and disagree")
         fields = _Fields({**FAMILIES[model_type], **data}, source)  # fields the config leaves out: HF's defaults
         data = fields.data
         for name in REQUIRED_SHAPE_FIELDS:
@@ -210,6 +280,8 @@ class LLMConfig:
         kv_heads = fields.positive_int("num_key_value_heads", heads)
         if heads % kv_heads:
             raise fields.fail(f"num_attention_heads ({heads}) must be divisible by num_key_value_heads ({kv_heads})")
+        if model_type in DEEPSEEK:  # HF's DeepSeek configs set head_dim to qk_rope_head_dim, whatever it said
+            data["head_dim"] = fields.positive_int("qk_rope_head_dim")
         if data.get("head_dim") is not None:  # an explicit head_dim wins over hidden_size // heads, as in HF
             head_dim = fields.positive_int("head_dim")
         elif shape["hidden_size"] % heads:
@@ -256,10 +328,14 @@ class LLMConfig:
             no_rope_layers=no_rope_layers,
             qk_norm=model_type in ("qwen3", "gemma3_text", "qwen3_moe", "olmoe"),
             gemma_norms=gemma,
-            embed_scale=math.sqrt(shape["hidden_size"]) if gemma else 1.0,
+            embed_scale=math.sqrt(shape["hidden_size"]) if gemma else (
+                fields.positive_number("embedding_multiplier") if model_type == "granitemoe" else 1.0),
             query_pre_attn_scalar=fields.positive_number("query_pre_attn_scalar") if gemma else None,
             **softcaps,
             **_experts(fields, model_type, layers),
+            **_granite_multipliers(fields, model_type),
+            attention_sinks=model_type == "gpt_oss",
+            **_latent(fields, model_type, rope, heads, kv_heads),
         )
 
 
@@ -268,32 +344,109 @@ def _experts(fields: "_Fields", model_type: str, layers: int) -> dict[str, Any]:
     data = fields.data
     if model_type not in MOE_FAMILIES:
         return {}
-    count = next((name for name in EXPERT_COUNT_FIELDS if data.get(name) is not None), None)
-    if count is None:
-        raise fields.fail(f"a {model_type} config needs the number of experts ('{EXPERT_COUNT_FIELDS[0]}')")
+    field, alias = EXPERT_COUNT[model_type]
+    count = alias if alias is not None and data.get(alias) is not None else field  # the alias wins, as in HF
+    if data.get(count) is None:
+        raise fields.fail(f"a {model_type} config needs the number of experts ('{field}')")
     E = fields.positive_int(count)
     k = fields.positive_int("num_experts_per_tok")
     if k > E:
         raise fields.fail(f"num_experts_per_tok ({k}) must be at most the number of experts ({E})")
+    if model_type in DEEPSEEK:
+        return _deepseek_experts(fields, model_type, layers, E)
     # Mixtral and OLMoE size their experts with intermediate_size; the Qwen MoEs with moe_intermediate_size.
     width = fields.positive_int("moe_intermediate_size" if model_type in ("qwen2_moe", "qwen3_moe")
                                 else "intermediate_size")
     moe = [True] * layers
     if model_type in ("qwen2_moe", "qwen3_moe"):  # HF: not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0
         step = fields.positive_int("decoder_sparse_step", 1)
-        only = data.get("mlp_only_layers") or []
-        if not isinstance(only, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in only):
-            raise fields._refuse("mlp_only_layers", "a list of layer numbers", only)
+        only = data.get("mlp_only_layers")
+        only = [] if only is None else only
+        if not isinstance(only, list) or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < layers
+                                             for i in only):
+            raise fields._refuse("mlp_only_layers", f"a list of layer numbers from 0 to {layers - 1}", only)
         moe = [i not in only and (i + 1) % step == 0 for i in range(layers)]
     shared = fields.positive_int("shared_expert_intermediate_size", None) if model_type == "qwen2_moe" else None
     clip = data.get("clip_qkv") if model_type == "olmoe" else None
     return dict(num_experts=E, num_experts_per_tok=k, moe_intermediate_size=width, moe_layers=tuple(moe),
-                router="softmax_topk",
+                # Granite and gpt-oss: softmax over the top k logits; the others pick the top k of a full softmax.
+                router="topk_softmax" if model_type in ("gpt_oss", "granitemoe") else "softmax_topk",
                 # Mixtral always renormalises; the others when norm_topk_prob says so.
                 norm_topk_prob=model_type == "mixtral" or fields.boolean("norm_topk_prob", False),
                 shared_expert_intermediate_size=shared or 0, shared_expert_gated=bool(shared),
                 qk_norm_full=model_type == "olmoe",
-                clip_qkv=None if clip is None else fields.positive_number("clip_qkv"))
+                clip_qkv=None if clip is None else fields.positive_number("clip_qkv"),
+                **(dict(moe_bias=True, swiglu_limit=fields.positive_number("swiglu_limit"),
+                        swiglu_alpha=fields.positive_number("swiglu_alpha")) if model_type == "gpt_oss" else {}))
+
+
+def _granite_multipliers(fields: "_Fields", model_type: str) -> dict[str, Any]:
+    """Granite's scores, residual branches and logits multipliers (its embedding_multiplier is embed_scale)."""
+    if model_type != "granitemoe":
+        return {}
+    return {name: fields.positive_number(name) for name in ("attention_multiplier", "residual_multiplier",
+                                                            "logits_scaling")}
+
+
+def _deepseek_experts(fields: "_Fields", model_type: str, layers: int, E: int) -> dict[str, Any]:
+    """DeepSeek's MoE, as DeepseekV2/V3DecoderLayer and their TopkRouter read it: layers from first_k_dense_replace on
+    are experts (the earlier ones a dense MLP of intermediate_size); n_shared_experts ungated experts of
+    moe_intermediate_size run as one MLP of their summed width (HF's shared_experts); V2 routes greedily or
+    group-limited by topk_method, V3 always group-limited (its topk_method, "noaux_tc", is not read)."""
+    data = fields.data
+    first, n_shared = (_count(fields, name) for name in ("first_k_dense_replace", "n_shared_experts"))
+    width = fields.positive_int("moe_intermediate_size")
+    router, grouped = "deepseek_v3", True
+    if model_type == "deepseek_v2":
+        method = data.get("topk_method")
+        if method not in ("greedy", "group_limited_greedy"):  # HF's router has no other branch
+            raise fields._refuse("topk_method", '"greedy" or "group_limited_greedy"', method)
+        router, grouped = f"deepseek_v2_{method}", method == "group_limited_greedy"
+    n_group, topk_group = (fields.positive_int(name) for name in ("n_group", "topk_group")) if grouped else (1, 1)
+    if E % n_group or topk_group > n_group:
+        raise fields.fail(f"n_group ({n_group}) must divide the {E} experts, and topk_group ({topk_group}) be at most "
+                          "n_group")
+    if model_type == "deepseek_v3" and E // n_group < 2:  # a group scores as the sum of its two best
+        raise fields.fail(f"each of the n_group ({n_group}) groups needs two experts or more; there are {E}")
+    return dict(num_experts=E, num_experts_per_tok=fields.positive_int("num_experts_per_tok"),
+                moe_intermediate_size=width, moe_layers=tuple(i >= first for i in range(layers)), router=router,
+                # V2's router never renormalises (HF's DeepseekV2TopkRouter ignores norm_topk_prob).
+                norm_topk_prob=model_type == "deepseek_v3" and fields.boolean("norm_topk_prob", True),
+                shared_expert_intermediate_size=width * n_shared,
+                routed_scaling_factor=fields.positive_number("routed_scaling_factor", 1.0),
+                n_group=n_group, topk_group=topk_group)
+
+
+def _count(fields: "_Fields", name: str) -> int:
+    """A field that may be 0 (or absent: 0)."""
+    value = fields.data.get(name)
+    return 0 if value in (None, 0) else fields.positive_int(name)
+
+
+def _latent(fields: "_Fields", model_type: str, rope: RopeConfig, heads: int, kv_heads: int) -> dict[str, Any]:
+    """DeepSeek's multi-head latent attention fields, as DeepseekV2/V3Attention reads them."""
+    if model_type not in DEEPSEEK:
+        return {}
+    data = fields.data
+    if kv_heads != heads:  # each head's key and value come out of kv_b_proj; HF's repeat_kv would fail
+        raise fields.fail(f"num_key_value_heads ({kv_heads}) must equal num_attention_heads ({heads}) in a "
+                          f"{model_type} model: latent attention gives every head its own key and value")
+    for name, what in (("attention_bias", "biases on the latent attention's projections"),
+                       ("mlp_bias", "MLP biases"), ("quantization_config", "a quantized (e.g. FP8) checkpoint")):
+        if data.get(name) not in (None, False, {}):
+            raise fields.fail(f"field '{name}' = {json.dumps(data[name], default=repr)[:80]} describes {what}, "
+                              f"which jaxllm does not run for {model_type}")
+    nope = fields.positive_int("qk_nope_head_dim")
+    scale = (nope + fields.positive_int("qk_rope_head_dim")) ** -0.5
+    if rope.rope_type != "default" and rope.mscale_all_dim:  # HF's yarn_apply_mscale: mscale² on the scores
+        mscale = 1.0 if rope.factor <= 1 else 0.1 * rope.mscale_all_dim * math.log(rope.factor) + 1.0
+        scale = scale * mscale * mscale
+    mtp = "num_nextn_predict_layers" if data.get("num_nextn_predict_layers") is not None else "num_mtp_layers"
+    return dict(kv_lora_rank=fields.positive_int("kv_lora_rank"), q_lora_rank=_count(fields, "q_lora_rank"),
+                qk_nope_head_dim=nope, v_head_dim=fields.positive_int("v_head_dim"), latent_scale=scale,
+                # V2 always rotates interleaved pairs (complex multiplication); V3 when rope_interleave says so.
+                rope_interleave=model_type == "deepseek_v2" or fields.boolean("rope_interleave", True),
+                num_nextn_predict_layers=_count(fields, mtp) if model_type == "deepseek_v3" else 0)
 
 
 def _layer_kinds(fields: "_Fields", model_type: str, layers: int) -> tuple[int | None, tuple[str, ...], tuple[int, ...]]:
@@ -301,6 +454,8 @@ def _layer_kinds(fields: "_Fields", model_type: str, layers: int) -> tuple[int |
     data = fields.data
     if model_type in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe") and not fields.boolean("use_sliding_window", False):
         window = None  # Qwen keeps sliding_window in its config (Qwen2-MoE saves 0) but applies it only with use_sliding_window
+    elif model_type == "granitemoe":  # Granite's attention is always full (HF: "no sliding")
+        window = None
     else:
         window = fields.positive_int("sliding_window", None) if data.get("sliding_window") is not None else None
     no_rope = ()
@@ -310,7 +465,7 @@ def _layer_kinds(fields: "_Fields", model_type: str, layers: int) -> tuple[int |
                         or [int((i + 1) % interval != 0) for i in range(layers)])
         if not fields.boolean("use_sliding_window", False):
             window = None
-    if model_type in ("mistral", "phi3", "mixtral", "qwen3_moe"):  # one window for every layer (ignoring layer_types)
+    if model_type in ("mistral", "phi3", "mixtral", "qwen3_moe", "granitemoe"):  # one window for every layer (ignoring layer_types)
         types = ["sliding_attention" if window is not None else "full_attention"] * layers
     else:
         types = _per_layer(fields, "layer_types", layers, LAYER_TYPES, "an attention type")
@@ -322,7 +477,7 @@ def _layer_kinds(fields: "_Fields", model_type: str, layers: int) -> tuple[int |
                 first = fields.positive_int("max_window_layers", 28)
                 types = ["sliding_attention" if window is not None and (i + 1) % 2 and i < first else "full_attention"
                          for i in range(layers)]
-            elif model_type == "gemma2":
+            elif model_type in ("gemma2", "gpt_oss"):
                 types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(layers)]
             elif model_type == "gemma3_text":
                 pattern = fields.positive_int("sliding_window_pattern", 6)

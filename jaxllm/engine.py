@@ -37,6 +37,7 @@ import numpy as np
 from jaxllm.errors import InputError, JaxLLMError
 from jaxllm.generate import DECODE_COMPILER_OPTIONS, Sampling, bucket, end_ids, next_logits, sample_rows, to_host
 from jaxllm.model import KVCache, Model, Params, program, run
+from jaxllm.model.cache import token_bytes
 
 Array = jax.Array
 log = logging.getLogger("jaxllm.engine")
@@ -267,9 +268,7 @@ class Engine:
     @property
     def cache_bytes(self) -> int:
         """The KV cache's memory: every slot reserves max_context positions (rounded up to whole prefill chunks)."""
-        c = self.params.config
-        return (2 * c.num_hidden_layers * self.slots * c.num_key_value_heads * c.head_dim * self.length
-                * jnp.dtype(self.params.dtype).itemsize)
+        return self.slots * self.length * token_bytes(self.params.config, self.params.dtype)
 
     def start(self, warmup: bool = True) -> "Engine":
         """Allocate the slot table, compile the programs a short request needs, start the scheduler thread."""

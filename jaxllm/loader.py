@@ -22,9 +22,11 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from safetensors import safe_open
 
+from jaxllm import mxfp4
 from jaxllm.config import LLMConfig
 from jaxllm.errors import CheckpointError, InputError
 from jaxllm.model import Layer, Model, Params
+from jaxllm.model.experts import FP32_ROUTERS
 from jaxllm.tokenizer import Tokenizer, read_tokenizer_files
 from jaxllm.weights import BLOCK_FORMATS, Blocks, Int8, check_format, quantize_int8, reshape_rows, stack, take_rows
 
@@ -38,7 +40,8 @@ MAX_LISTED = 50  # tensors named per kind of problem in one error
 class Entry:
     """One row of the HF-name → pytree table: where a tensor goes and the shape HF stores. Tensors that share a
     field (q/k/v, gate/up) are each reshaped to `shape` and stacked along `axis` in table order; `where` says which
-    part of the field is theirs. `select` takes rows of a fused HF tensor (Phi-3's qkv_proj, gate_up_proj)."""
+    part of the field is theirs. `select` takes rows of a fused HF tensor (Phi-3's qkv_proj, gate_up_proj);
+    `permute` reorders the axes of the reshaped tensor into the field's (a layer's experts fused in one tensor)."""
 
     hf_name: str
     field: str  # Params field, or Layer field for per-layer entries
@@ -49,6 +52,7 @@ class Entry:
     where: tuple[slice, ...] | None = None  # this entry's part of the field; None: the whole field
     select: tuple[int, int] | None = None  # rows [start, stop) of the HF tensor; None: all of it
     expert: int | None = None  # the expert whose part this is: parts stack along `axis` per expert, then experts on axis 0
+    permute: tuple[int, ...] | None = None  # after the reshape to `shape`: its axes in the field's order
 
     @property
     def target(self) -> str:
@@ -70,11 +74,12 @@ def _stacked(field: str, parts: list[tuple[str, tuple[int, ...], str, tuple[int,
     return entries
 
 
-def layer_table(c: LLMConfig, i: int) -> list[Entry]:
+def layer_table(c: LLMConfig, i: int, stacked_experts: bool = False) -> list[Entry]:
     """HF names of layer i and where they go. Matrices stay [out, in] as nn.Linear stores them, with `out` split so
     that the rows a device needs under tensor parallelism are one block (SHARDING below): q/k/v grouped by key/value
     head, qkv_proj [K, G + 2, H, D] (head n = j·G + g of q is qkv_proj[j, g], k and v of head j are qkv_proj[j, G]
-    and [j, G + 1]); gate and up side by side for each f, gate_up_proj [F, 2, D] (a device's block of F holds both)."""
+    and [j, G + 1]); gate and up side by side for each f, gate_up_proj [F, 2, D] (a device's block of F holds both).
+    `stacked_experts`: an MoE layer's experts are stored stacked (expert_table)."""
     D, F, N, K, H, G = (c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
                         c.num_groups)
     p = f"model.layers.{i}."
@@ -99,11 +104,12 @@ def layer_table(c: LLMConfig, i: int) -> list[Entry]:
         return _stacked(field, [(p + f"mlp.{n}_proj" + suffix, (F, *cols), "F" + col_letters, (F, 1, *cols), None)
                                 for n in ("gate", "up")], 1)
 
-    rows = [Entry(p + "input_layernorm.weight", "input_layernorm", (D,), "D"), *qkv(".weight"),
-            Entry(p + "self_attn.o_proj.weight", "o_proj", (D, N * H), "D, N·H"),
+    attention = latent_table(c, i) if c.kv_lora_rank else [
+        *qkv(".weight"), Entry(p + "self_attn.o_proj.weight", "o_proj", (D, N * H), "D, N·H")]
+    rows = [Entry(p + "input_layernorm.weight", "input_layernorm", (D,), "D"), *attention,
             Entry(p + "post_attention_layernorm.weight", "post_attention_layernorm", (D,), "D")]
     if c.is_moe(i):
-        rows += expert_table(c, i)
+        rows += expert_table(c, i, stacked_experts)
     else:
         rows += [*gate_up(".weight"), Entry(p + "mlp.down_proj.weight", "down_proj", (D, F), "D, F")]
     if c.qk_norm_full:  # OLMoE norms the whole projection
@@ -119,30 +125,91 @@ def layer_table(c: LLMConfig, i: int) -> list[Entry]:
         rows += qkv(".bias")
     if c.attention_bias:
         rows.append(Entry(p + "self_attn.o_proj.bias", "o_bias", (D,), "D"))
+    if c.attention_sinks:
+        rows.append(Entry(p + "self_attn.sinks", "sinks", (N,), "N"))
     if c.mlp_bias:
         rows += [*gate_up(".bias"), Entry(p + "mlp.down_proj.bias", "down_bias", (D,), "D")]
     return rows
 
 
+def latent_table(c: LLMConfig, i: int) -> list[Entry]:
+    """HF names of layer i's latent attention (DeepSeek; model/latent.py), with C = kv_lora_rank, R = head_dim,
+    P = qk_nope_head_dim, U = v_head_dim, Q = q_lora_rank. Per-head projections are split into [N, rows per head, in]
+    as HF's view splits their output: q_proj / q_b_proj [N, P + R, *], kv_b_proj [N, P + U, C]."""
+    D, N, C, R, P, U, Q = (c.hidden_size, c.num_attention_heads, c.kv_lora_rank, c.head_dim, c.qk_nope_head_dim,
+                           c.v_head_dim, c.q_lora_rank)
+    p = f"model.layers.{i}.self_attn."
+    if Q:
+        rows = [Entry(p + "q_a_proj.weight", "q_a_proj", (Q, D), "Q, D"),
+                Entry(p + "q_a_layernorm.weight", "q_a_layernorm", (Q,), "Q"),
+                Entry(p + "q_b_proj.weight", "q_b_proj", (N * (P + R), Q), "N·(P + R), Q", (N, P + R, Q))]
+    else:
+        rows = [Entry(p + "q_proj.weight", "q_proj", (N * (P + R), D), "N·(P + R), D", (N, P + R, D))]
+    return rows + [Entry(p + "kv_a_proj_with_mqa.weight", "kv_a_proj_with_mqa", (C + R, D), "C + R, D"),
+                   Entry(p + "kv_a_layernorm.weight", "kv_a_layernorm", (C,), "C"),
+                   Entry(p + "kv_b_proj.weight", "kv_b_proj", (N * (P + U), C), "N·(P + U), C", (N, P + U, C)),
+                   Entry(p + "o_proj.weight", "o_proj", (D, N * U), "D, N·U")]
+
+
 # Where each family keeps an MoE layer's router, experts and shared expert: (module, router, expert's gate, up and
-# down, shared expert or None). The experts are stored one by one as experts.{e}.<name>.weight.
+# down, shared expert or None). The experts are stored one by one as experts.{e}.<name>.weight, or stacked (GGUF) as
+# experts.<name>.weight with the experts first.
 MOE_NAMES = {
     "mixtral": ("block_sparse_moe", "gate", ("w1", "w3", "w2"), None),
     "qwen2_moe": ("mlp", "gate", ("gate_proj", "up_proj", "down_proj"), "shared_expert"),
     "qwen3_moe": ("mlp", "gate", ("gate_proj", "up_proj", "down_proj"), None),
     "olmoe": ("mlp", "gate", ("gate_proj", "up_proj", "down_proj"), None),
+    "deepseek_v2": ("mlp", "gate", ("gate_proj", "up_proj", "down_proj"), "shared_experts"),
+    "deepseek_v3": ("mlp", "gate", ("gate_proj", "up_proj", "down_proj"), "shared_experts"),
 }
 
 
-def expert_table(c: LLMConfig, i: int) -> list[Entry]:
+def _gpt_oss_experts(p: str, D: int, E: int, F: int) -> list[Entry]:
+    """gpt-oss's router (weight and bias) and its experts, each kind fused in one [in, out] tensor (GptOssExperts
+    computes x @ gate_up_proj[e]): gate_up_proj [E, D, 2F] with gate and up interleaved (column 2f is gate f,
+    2f + 1 up f), so its transpose is experts_gate_up; down_proj [E, F, D] transposes to experts_down."""
+    x = p + "mlp.experts."
+    return [Entry(p + "mlp.router.weight", "router", (E, D), "E, D"),
+            Entry(p + "mlp.router.bias", "router_bias", (E,), "E"),
+            Entry(x + "gate_up_proj", "experts_gate_up", (E, D, 2 * F), "E, D, 2F", (E, D, F, 2), permute=(0, 2, 3, 1)),
+            Entry(x + "gate_up_proj_bias", "experts_gate_up_bias", (E, 2 * F), "E, 2F", (E, F, 2)),
+            Entry(x + "down_proj", "experts_down", (E, F, D), "E, F, D", permute=(0, 2, 1)),
+            Entry(x + "down_proj_bias", "experts_down_bias", (E, D), "E, D")]
+
+
+def _granite_experts(p: str, D: int, E: int, F: int) -> list[Entry]:
+    """Granite's router and experts as its checkpoints name them (Transformers 5 renames them on load):
+    input_linear [E, 2F, D] holds each expert's gate rows then its up rows (HF's .chunk(2)), output_linear [E, D, F]
+    is experts_down as it is."""
+    p += "block_sparse_moe."
+    return [Entry(p + "router.layer.weight", "router", (E, D), "E, D"),
+            Entry(p + "input_linear.weight", "experts_gate_up", (E, 2 * F, D), "E, 2F, D", (E, 2, F, D),
+                  permute=(0, 2, 1, 3)),
+            Entry(p + "output_linear.weight", "experts_down", (E, D, F), "E, D, F")]
+
+
+# Families that keep each kind of a layer's expert weights fused in one tensor: layer prefix, D, E, F -> entries.
+FUSED_EXPERTS: dict[str, Callable[[str, int, int, int], list[Entry]]] = {
+    "gpt_oss": _gpt_oss_experts, "granitemoe": _granite_experts,
+}
+
+
+def expert_table(c: LLMConfig, i: int, stacked: bool = False) -> list[Entry]:
     """HF names of MoE layer i: the router [E, D], each expert's gate and up [F, D] stacked into experts_gate_up
     [E, F, 2, D] (expert e's gate rows at [e, :, 0], up rows at [e, :, 1]) and its down [D, F] into experts_down
-    [E, D, F]; the shared expert (if any) into gate_up_proj / down_proj like a dense MLP, and its gate [1, D]."""
+    [E, D, F]; the shared expert (if any) into gate_up_proj / down_proj like a dense MLP, and its gate [1, D].
+    `stacked`: each projection's experts are one tensor, [E, F, D] for gate and up, [E, D, F] for down."""
     D, E, F = c.hidden_size, c.num_experts, c.moe_intermediate_size
+    if c.model_type in FUSED_EXPERTS:
+        return FUSED_EXPERTS[c.model_type](f"model.layers.{i}.", D, E, F)
     module, router, (gate, up, down), shared = MOE_NAMES[c.model_type]
     p = f"model.layers.{i}.{module}."
     rows = [Entry(p + f"{router}.weight", "router", (E, D), "E, D")]
-    for e in range(E):
+    if stacked:
+        rows += _stacked("experts_gate_up", [(f"{p}experts.{name}.weight", (E, F, D), "E, F, D", (E, F, 1, D), None)
+                                             for name in (gate, up)], 2)
+        rows.append(Entry(f"{p}experts.{down}.weight", "experts_down", (E, D, F), "E, D, F"))
+    for e in range(0 if stacked else E):
         x = f"{p}experts.{e}."
         rows += [Entry(x + f"{name}.weight", "experts_gate_up", (F, D), "F, D", (1, F, 1, D), 2,
                        (slice(e, e + 1), slice(None), slice(j, j + 1)), expert=e) for j, name in enumerate((gate, up))]
@@ -154,6 +221,8 @@ def expert_table(c: LLMConfig, i: int) -> list[Entry]:
         rows.append(Entry(p + f"{shared}.down_proj.weight", "down_proj", (D, Fs), "D, F"))
     if c.shared_expert_gated:
         rows.append(Entry(p + "shared_expert_gate.weight", "shared_expert_gate", (1, D), "1, D"))
+    if c.router == "deepseek_v3":  # a buffer beside the router weight, added to the scores for choosing
+        rows.append(Entry(p + f"{router}.e_score_correction_bias", "router_correction_bias", (E,), "E"))
     return rows
 
 
@@ -180,6 +249,9 @@ SHARDING = {
     "o_proj": P(None, "tp"),  # [D, N·H]
     "gate_up_proj": P("tp", None, None), "gate_up_bias": P("tp", None),  # [F, 2, D], [F, 2]
     "down_proj": P(None, "tp"),  # [D, F]
+    # Experts split whole over tp, E / tp a device (model.experts.sharded_experts); the router is replicated.
+    "experts_gate_up": P("tp", None, None, None), "experts_down": P("tp", None, None),  # [E, F, 2, D], [E, D, F]
+    "experts_gate_up_bias": P("tp", None, None), "experts_down_bias": P("tp", None),  # [E, F, 2], [E, D]
 }
 
 
@@ -262,6 +334,7 @@ class Checkpoint:
     # GGUF: HF name -> the matrix in its stored block format (weights.Blocks, numpy), for tensors stored in one of
     # weights.BLOCK_FORMATS; None for other checkpoints.
     read_blocks: Callable[[str], Blocks] | None = dataclasses.field(repr=False, default=None)
+    stacked_experts: bool = False  # GGUF: each MoE projection's experts in one tensor (loader.expert_table)
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -291,12 +364,14 @@ def build_params(checkpoint: Checkpoint, weights: str = "fp32", mesh: Mesh | Non
     if sum(i < config.num_hidden_layers for i in stored_layers) < config.num_hidden_layers:  # whole layers absent
         raise CheckpointError(f"{checkpoint.path}: the config has {config.num_hidden_layers} layers, the checkpoint "
                               f"holds tensors of {len(stored_layers)} (numbered {_ranges(stored_layers)})")
-    tables = [layer_table(config, i) for i in range(config.num_hidden_layers)]
+    tables = [layer_table(config, i, checkpoint.stacked_experts) for i in range(config.num_hidden_layers)]
     expected = {e.hf_name: e for e in model_table(config)} | {e.hf_name: e for t in tables for e in t}
     missing = [f"{n} (expected {list(e.hf_shape)})" for n, e in expected.items() if n not in shapes]
     tolerated = {"lm_head.weight"} if config.tie_word_embeddings else set()  # tied: a stored copy is ignored, as in HF
-    unexpected = [f"{n} {list(s)}" for n, s in shapes.items()
-                  if n not in expected and n not in tolerated and not n.endswith(IGNORED_SUFFIXES)]
+    # DeepSeek-V3's multi-token-prediction layers follow the last one; Transformers ignores them, and so do we.
+    mtp = tuple(f"model.layers.{config.num_hidden_layers + j}." for j in range(config.num_nextn_predict_layers))
+    unexpected = [f"{n} {list(s)}" for n, s in shapes.items() if n not in expected and n not in tolerated
+                  and not n.endswith(IGNORED_SUFFIXES) and not n.startswith(mtp)]
     misshaped = [f"{n}: expected {list(e.hf_shape)}, found {list(shapes[n])}"
                  for n, e in expected.items() if n in shapes and tuple(shapes[n]) != e.hf_shape]
     if missing or unexpected or misshaped:
@@ -308,6 +383,9 @@ def build_params(checkpoint: Checkpoint, weights: str = "fp32", mesh: Mesh | Non
     read_floats = functools.lru_cache(maxsize=1)(lambda name: np.asarray(checkpoint.read(name)))  # a fused tensor once
     read_blocks = functools.lru_cache(maxsize=1)(checkpoint.read_blocks) if weights == "gguf" else None
 
+    # DeepSeek's routers run in fp32 on fp32 weights (HF's _keep_in_fp32_modules_strict), whatever `weights` says.
+    fp32_fields = ("router", "router_correction_bias") if config.router in FP32_ROUTERS else ()
+
     def fields(table: list[Entry], wide: bool = False) -> dict[str, Any]:
         """The fields of this table's tensors, placed; `wide`: in fp32 whatever `weights` says."""
         by_field: dict[str, list[Entry]] = {}
@@ -317,13 +395,15 @@ def build_params(checkpoint: Checkpoint, weights: str = "fp32", mesh: Mesh | Non
         for field, entries in by_field.items():
             stored = {checkpoint.tensors[e.hf_name][1] for e in entries}
             blocks = (read_blocks is not None and not wide and field in MATRICES and len(stored) == 1
-                      and stored <= set(BLOCK_FORMATS))
+                      and stored <= set(BLOCK_FORMATS) and all(e.permute is None for e in entries))
             parts = []
             for e in entries:
                 tensor = read_blocks(e.hf_name) if blocks else read_floats(e.hf_name)
                 tensor = tensor if e.select is None else take_rows(tensor, *e.select)
                 parts.append(tensor if e.shape is None else reshape_rows(tensor, e.shape[:-1]) if blocks
                              else tensor.reshape(e.shape))
+                if e.permute is not None:
+                    parts[-1] = np.ascontiguousarray(parts[-1].transpose(e.permute))
             if entries[0].expert is not None:  # each expert's parts along `axis`, then the experts along axis 0
                 experts: dict[int, list] = {}
                 for e, part in zip(entries, parts):
@@ -334,7 +414,7 @@ def build_params(checkpoint: Checkpoint, weights: str = "fp32", mesh: Mesh | Non
             value = parts[0] if len(parts) == 1 else stack(parts, entries[0].axis)
             if weights == "int8" and field in MATRICES and not wide:
                 value = quantize_int8(value)
-            out[field] = _place(value, dtype, field, mesh)
+            out[field] = _place(value, jnp.float32 if field in fp32_fields else dtype, field, mesh)
         return out
 
     top = fields(model_table(config))
@@ -376,9 +456,10 @@ def outlier_inputs(params: Params) -> list[tuple[int | None, str]]:
     x, inputs = embed(params, ids), {}
     for i, layer in enumerate(params.layers):
         x, taps = block(layer, x, config.layer_type(i), config.layer_rope(i))
-        inputs |= {(i, "qkv_proj"): taps["input_layernorm"], (i, "o_proj"): taps["attn"],
-                   (i, "gate_up_proj"): taps[mlp_input],
-                   (i, "down_proj"): ACTIVATIONS[config.hidden_act](taps["gate_proj"]) * taps["up_proj"]}
+        inputs |= {(i, "qkv_proj"): taps["input_layernorm"], (i, "o_proj"): taps["attn"]}
+        if "gate_proj" in taps:  # a dense MLP (an experts layer's matrices stay int8: no per-expert calibration)
+            inputs |= {(i, "gate_up_proj"): taps[mlp_input],
+                       (i, "down_proj"): ACTIVATIONS[config.hidden_act](taps["gate_proj"]) * taps["up_proj"]}
     inputs[(None, "lm_head" if params.lm_head is not None else "embed_tokens")] = norm(x, params.norm, config)
     ratio = {key: float(jnp.max(jnp.abs(x)) / jnp.maximum(jnp.mean(jnp.abs(x)), 1e-30)) for key, x in inputs.items()}
     return [key for key, r in ratio.items() if r > OUTLIER_RATIO]
@@ -438,7 +519,7 @@ def _pickle_refusal(path: Path) -> CheckpointError:
     )
 
 
-SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2"}
+SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "U8": "u1"}  # U8: MXFP4's blocks and scales
 
 
 def _data_offsets(file: Path) -> dict[str, tuple[int, int, int]]:
@@ -451,13 +532,16 @@ def _data_offsets(file: Path) -> dict[str, tuple[int, int, int]]:
 
 def _open_safetensors(directory: Path) -> Checkpoint:
     config = LLMConfig.from_json(directory / "config.json")
+    quantization = json.loads((directory / "config.json").read_text()).get("quantization_config") or {}
+    mxfp4_packed = isinstance(quantization, dict) and quantization.get("quant_method") == "mxfp4"
     tensors, stored_in = {}, {}  # stored_in: name -> files
     for f in safetensors_files(directory):
         with _named_errors(f):
             h = safe_open(f, framework="numpy")
             for name in h.keys():
                 sl = h.get_slice(name)
-                if sl.get_dtype() not in FLOAT_DTYPES:
+                packed = mxfp4_packed and sl.get_dtype() == "U8" and name.endswith(mxfp4.SUFFIXES)
+                if sl.get_dtype() not in FLOAT_DTYPES and not packed:
                     raise CheckpointError(f"{f}: tensor {name} has dtype {sl.get_dtype()}; expected one of {FLOAT_DTYPES}")
                 stored_in.setdefault(name, []).append(f)
                 tensors[name] = (tuple(sl.get_shape()), sl.get_dtype())
@@ -465,12 +549,23 @@ def _open_safetensors(directory: Path) -> Checkpoint:
     if repeated:
         raise CheckpointError(f"{directory}: tensor(s) stored in more than one file: " +
                               "; ".join(f"{name} in {', '.join(f.name for f in files)}" for name, files in repeated.items()))
+    # Each MXFP4 pair X_blocks [..., out, G, 16] and X_scales [..., out, G] is listed as the fp32 tensor X that
+    # Transformers' model holds, [..., in, out] with in = G·32, and read dequantized (jaxllm/mxfp4.py).
+    packed = {name.removesuffix("_blocks") for name, (_, dtype) in tensors.items()
+              if dtype == "U8" and name.endswith("_blocks") and name.removesuffix("_blocks") + "_scales" in tensors}
+    listed = {name: entry for name, entry in tensors.items()
+              if name.removesuffix("_blocks").removesuffix("_scales") not in packed}
+    for name in sorted(packed):
+        *rows, out, G, nbytes = tensors[name + "_blocks"][0]
+        listed[name] = ((*rows, G * nbytes * 2, out), "MXFP4")
 
     offsets: dict[Path, dict] = {}
 
     def read(name: str) -> np.ndarray:
         """The tensor as numpy (BF16 widened to float32, exactly), read with plain file reads: a memory map would
         keep every page it touched resident until the file is closed, adding the whole file to a load's peak."""
+        if name in packed:
+            return mxfp4.dequantize(read(name + "_blocks"), read(name + "_scales")).swapaxes(-1, -2)
         file = stored_in[name][0]
         if file not in offsets:
             offsets[file] = _data_offsets(file)
@@ -487,7 +582,7 @@ def _open_safetensors(directory: Path) -> Checkpoint:
             array = (array.astype(np.uint32) << 16).view(np.float32)
         return array.reshape(shape)
 
-    return Checkpoint(directory, config, tensors, read=read, tokenizer_files=lambda: read_tokenizer_files(directory))
+    return Checkpoint(directory, config, listed, read=read, tokenizer_files=lambda: read_tokenizer_files(directory))
 
 
 @contextlib.contextmanager
@@ -511,7 +606,7 @@ def _open_gguf(path: Path) -> Checkpoint:
     tensors = {name: (shape, gguf.stored_type(name)) for name, shape in gguf.shapes.items()}
     return Checkpoint(path, config, tensors, read=gguf.read,
                       tokenizer_files=lambda: {"config.json": gguf.config, **gguf.tokenizer_files()},
-                      read_blocks=gguf.read_blocks)
+                      read_blocks=gguf.read_blocks, stacked_experts=gguf.stacked_experts)
 
 
 def open_checkpoint(model: str | Path | None = None, gguf: bool = False) -> Checkpoint:

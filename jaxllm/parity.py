@@ -50,6 +50,8 @@ def reference_model(path: str | Path, dtype: str = "float32", attention: str = "
     torch, transformers = torch_and_transformers()
     path = Path(path)
     kwargs = dict(dtype=getattr(torch, dtype), attn_implementation=attention)
+    if _is_moe(path):  # Transformers 5 runs experts through grouped_mm by default; the eager loop is the reference
+        kwargs["experts_implementation"] = "eager"
     if path.suffix == ".gguf":
         kwargs["gguf_file"], path = path.name, path.parent
     else:
@@ -58,6 +60,22 @@ def reference_model(path: str | Path, dtype: str = "float32", attention: str = "
         safetensors_files(path)  # a CheckpointError for a folder whose weights are only pickles
         kwargs["use_safetensors"] = True
     return transformers.AutoModelForCausalLM.from_pretrained(str(path), **kwargs).eval()
+
+
+def _is_moe(path: Path) -> bool:
+    """The checkpoint's config names experts (read without validating: the reference may run what jaxllm refuses)."""
+    from jaxllm.config import EXPERT_COUNT_FIELDS
+
+    if path.suffix == ".gguf":
+        from jaxllm.gguf_reader import read_gguf
+
+        config = read_gguf(path).config
+    else:
+        try:
+            config = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError):
+            return False
+    return any(config.get(name) for name in EXPERT_COUNT_FIELDS)
 
 
 def reference_logits(model, ids, positions, attention_mask=None) -> np.ndarray:
@@ -127,6 +145,9 @@ def random_checkpoint(config: dict[str, Any] | str | Path, out_dir: str | Path, 
             for name, p in model.named_parameters():
                 noise = torch.randn(p.shape, generator=generator) * scale
                 p.copy_(1.0 + 0.1 * noise / scale if "norm" in name else noise)
+            for name, b in model.named_buffers():  # DeepSeek-V3's router bias is a buffer the choice reads
+                if name.endswith("e_score_correction_bias"):
+                    b.copy_(torch.randn(b.shape, generator=generator) * scale)
     model = model.to(getattr(torch, dtype))
     out_dir = Path(out_dir)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
@@ -307,22 +328,29 @@ def summary(report: dict[str, Any]) -> str:
 LADDER_RELATIVE_TOLERANCE = 1e-4
 
 
-def layer_rungs(config: LLMConfig) -> list[str]:
-    """One layer's rungs in forward order: jaxllm's tap names (model.py), captured on the Transformers side by hooks
-    on the modules of the same names. The family's own components appear where its forward runs them."""
+def layer_rungs(config: LLMConfig, i: int = 0) -> list[str]:
+    """Layer i's rungs in forward order: jaxllm's tap names (model/), captured on the Transformers side by hooks
+    on the modules of the same names. The family's own components appear where its forward runs them: an experts
+    layer's MLP is its router logits, the chosen experts and their weights, the routed experts' sum and the shared
+    expert (before its gate)."""
     attention = ["input_layernorm", "q_proj", "k_proj", "v_proj", *(["q_norm", "k_norm"] if config.qk_norm else []),
                  "q_rope", "k_rope", "attn", "o_proj"]
+    if config.kv_lora_rank:  # latent attention (model/latent.py): the query, the normed latent, the heads' output
+        attention = ["input_layernorm", "q", "kv_latent", "attn", "o_proj"]
+    mlp = ["gate_proj", "up_proj", "mlp"]
+    if config.is_moe(i):
+        mlp = ["router_logits", "chosen_experts", "routing_weights", "experts",
+               *(["shared_expert"] if config.shared_expert_intermediate_size else []), "mlp"]
     if config.gemma_norms:
-        return [*attention, "post_attention_layernorm", "attn_residual", "pre_feedforward_layernorm", "gate_proj",
-                "up_proj", "mlp", "post_feedforward_layernorm", "block"]
-    return [*attention, "attn_residual", "post_attention_layernorm", "gate_proj", "up_proj", "mlp", "block"]
+        return [*attention, "post_attention_layernorm", "attn_residual", "pre_feedforward_layernorm", *mlp,
+                "post_feedforward_layernorm", "block"]
+    return [*attention, "attn_residual", "post_attention_layernorm", *mlp, "block"]
 
 
 def rung_names(config: LLMConfig) -> list[str]:
     """Every rung of the ladder, in forward order; `lm_head` (the logits before soft-capping) only for Gemma 2."""
-    per_layer = layer_rungs(config)
-    return ["embed", *(f"layers.{i}.{r}" for i in range(config.num_hidden_layers) for r in per_layer), "norm",
-            *(["lm_head"] if config.final_logit_softcapping is not None else []), "logits"]
+    return ["embed", *(f"layers.{i}.{r}" for i in range(config.num_hidden_layers) for r in layer_rungs(config, i)),
+            "norm", *(["lm_head"] if config.final_logit_softcapping is not None else []), "logits"]
 
 
 def reference_intermediates(model, ids, positions) -> dict[str, np.ndarray]:
@@ -332,22 +360,31 @@ def reference_intermediates(model, ids, positions) -> dict[str, np.ndarray]:
     (Gemma 3 makes one pair per layer type)."""
     torch, _ = torch_and_transformers()
     config = model.config
-    rotate = sys.modules[type(model.model.layers[0].self_attn).__module__].apply_rotary_pos_emb
+    rotate = getattr(sys.modules[type(model.model.layers[0].self_attn).__module__], "apply_rotary_pos_emb", None)
     H = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     N, K = config.num_attention_heads, config.num_key_value_heads
     acts: dict[str, Any] = {}
     tables: dict[str | None, tuple] = {}
 
-    def save(name, heads=False, use_input=False, split=None, transpose=False):
+    B, T = np.shape(ids)
+
+    def save(name, heads=False, use_input=False, split=None, transpose=False, tokens=False):
         def hook(module, args, output):
             value = args[0] if use_input else output
             value = value[0] if isinstance(value, tuple) else value
             value = value.transpose(1, 2) if transpose else value
+            value = value.reshape(B, T, -1) if tokens else value  # an experts module's [B·T, ...] rows
             if split is not None:  # a fused module: (names, sizes along the last axis)
                 for part_name, part in zip(split[0], value.split(split[1], dim=-1)):
                     acts[part_name] = part.reshape(*part.shape[:2], -1, H) if heads else part
             else:
                 acts[name] = value.reshape(*value.shape[:2], -1, H) if heads and value.dim() == 3 else value
+        return hook
+
+    def save_router(p):
+        def hook(module, args, output):  # HF's routers return (router logits, top-k weights, top-k indices)
+            for name, value in zip(("router_logits", "routing_weights", "chosen_experts"), output):
+                acts[p + name] = value.reshape(B, T, -1)
         return hook
 
     def save_rope(module, args, kwargs, cos_sin):
@@ -360,21 +397,33 @@ def reference_intermediates(model, ids, positions) -> dict[str, np.ndarray]:
     if getattr(config, "final_logit_softcapping", None) is not None:
         hooks.append(model.lm_head.register_forward_hook(save("lm_head")))
     for i, layer in enumerate(inner.layers):
-        p, attn, mlp = f"layers.{i}.", layer.self_attn, layer.mlp
-        if hasattr(attn, "qkv_proj"):
+        # Granite's MLP is block_sparse_moe
+        p, attn, mlp = f"layers.{i}.", layer.self_attn, getattr(layer, "mlp", None) or layer.block_sparse_moe
+        if hasattr(attn, "kv_a_layernorm"):  # latent attention: q from q_proj or q_b_proj, heads split below
+            hooks += [(attn.q_proj or attn.q_b_proj).register_forward_hook(save(p + "q")),
+                      attn.kv_a_layernorm.register_forward_hook(save(p + "kv_latent"))]
+        elif hasattr(attn, "qkv_proj"):
             names = (p + "q_proj", p + "k_proj", p + "v_proj")
             hooks.append(attn.qkv_proj.register_forward_hook(save(None, True, split=(names, [N * H, K * H, K * H]))))
         else:
             hooks += [getattr(attn, n).register_forward_hook(save(p + n, heads=True)) for n in ("q_proj", "k_proj", "v_proj")]
-        if hasattr(mlp, "gate_up_proj"):
+        moe = getattr(layer, "block_sparse_moe", None) or mlp
+        if hasattr(moe, "experts"):  # an experts layer: (router logits, weights, chosen) from the router
+            router = getattr(moe, "gate", None) or moe.router
+            hooks += [router.register_forward_hook(save_router(p)),
+                      moe.experts.register_forward_hook(save(p + "experts", tokens=True))]
+            shared = getattr(moe, "shared_expert", None) or getattr(moe, "shared_experts", None)
+            if shared is not None:
+                hooks.append(shared.register_forward_hook(save(p + "shared_expert", tokens=True)))
+        elif hasattr(mlp, "gate_up_proj"):
             half = mlp.gate_up_proj.out_features // 2
             hooks.append(mlp.gate_up_proj.register_forward_hook(save(None, split=((p + "gate_proj", p + "up_proj"), [half, half]))))
         else:
             hooks += [getattr(mlp, n).register_forward_hook(save(p + n)) for n in ("gate_proj", "up_proj")]
         for n in ("q_norm", "k_norm") if hasattr(attn, "q_norm") else ():
             # Qwen3 norms [B, T, heads, H]; Gemma 3 norms after moving the heads forward, [B, heads, T, H].
-            hooks.append(getattr(attn, n).register_forward_hook(
-                save(p + n, transpose=config.model_type == "gemma3_text")))
+            hooks.append(getattr(attn, n).register_forward_hook(  # OLMoE's norm the whole [B, T, N·H]
+                save(p + n, heads=True, transpose=config.model_type == "gemma3_text")))
         # The MLP's input norm: Gemma's pre_feedforward_layernorm, Llama's post_attention_layernorm.
         mlp_norm = getattr(layer, "pre_feedforward_layernorm", None)
         if mlp_norm is not None:
@@ -397,8 +446,13 @@ def reference_intermediates(model, ids, positions) -> dict[str, np.ndarray]:
     finally:
         for h in hooks:
             h.remove()
+    if getattr(config, "embedding_multiplier", 1.0) != 1.0:  # Granite scales after its embed_tokens, jaxllm within
+        acts["embed"] = acts["embed"] * config.embedding_multiplier
     for i, layer in enumerate(inner.layers):
         p = f"layers.{i}."
+        if hasattr(layer.self_attn, "kv_a_layernorm"):  # per-head tensors of latent attention: [B, T, N, dims]
+            acts[p + "q"], acts[p + "attn"] = (acts[p + n].reshape(B, T, N, -1) for n in ("q", "attn"))
+            continue
         q, k = (acts.get(p + n + "_norm", acts[p + n + "_proj"]).transpose(1, 2) for n in ("q", "k"))  # [B, heads, T, H]
         if getattr(layer.self_attn, "use_rope", True):  # SmolLM3's no-RoPE layers leave q and k as they are
             layer_types = getattr(config, "layer_types", None)
@@ -406,6 +460,19 @@ def reference_intermediates(model, ids, positions) -> dict[str, np.ndarray]:
             q, k = rotate(q, k, cos, sin)
         acts[p + "q_rope"], acts[p + "k_rope"] = q.transpose(1, 2), k.transpose(1, 2)
     return {name: value.detach().double().numpy() for name, value in acts.items()}
+
+
+def _experts_in_order(acts: dict[str, Any]) -> dict[str, Any]:
+    """Each token's chosen experts (and their weights alike) in ascending expert order: a token's choices are a set,
+    and DeepSeek's group-limited routers take their top k unsorted (HF's topk(sorted=False))."""
+    for name in [n for n in acts if n.endswith("chosen_experts")]:
+        chosen = np.asarray(acts[name])
+        order = np.argsort(chosen, axis=-1, kind="stable")
+        acts[name] = np.take_along_axis(chosen, order, -1)
+        weights = name[:-len("chosen_experts")] + "routing_weights"
+        if weights in acts:
+            acts[weights] = np.take_along_axis(np.asarray(acts[weights]), order, -1)
+    return acts
 
 
 def ladder(model, ids, positions=None, reference=None, tolerance: float = LADDER_RELATIVE_TOLERANCE) -> dict[str, Any]:
@@ -428,6 +495,7 @@ def ladder(model, ids, positions=None, reference=None, tolerance: float = LADDER
     ref = reference_intermediates(reference, ids, positions)
     with jax.default_matmul_precision("highest"):
         _, ours = forward_with_intermediates(model, ids, positions)
+    ours, ref = _experts_in_order(dict(ours)), _experts_in_order(ref)
     rungs = []
     for name in rung_names(model.config):
         a, b = np.asarray(ours[name], np.float64), ref[name]

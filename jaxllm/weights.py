@@ -52,7 +52,8 @@ class Int8:
 
     def rows(self, ids: Array) -> Array:
         """Rows `ids` (any shape, in range) dequantized: [*ids.shape, in] f32 (an embedding lookup)."""
-        return jnp.take(self.values, ids, axis=0).astype(jnp.float32) * jnp.take(self.scale, ids)[..., None] / self.in_scale
+        scale = jnp.take(self.scale, ids, axis=0)  # [*ids.shape, *out[1:]]
+        return jnp.take(self.values, ids, axis=0).astype(jnp.float32) * scale[..., None] / self.in_scale
 
 
 # GGUF block formats kept as stored: the fields each holds, per row. `block` is the number of weights one `scale`

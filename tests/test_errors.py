@@ -65,7 +65,7 @@ def test_non_positive_or_non_integer_shape_field_is_named(tmp_path, value):
 
 @pytest.mark.parametrize("changes, message", [
     (dict(num_key_value_heads=3), r"num_attention_heads \(4\) must be divisible by num_key_value_heads \(3\)"),
-    (dict(model_type="qwen2_moe"), r"model_type 'qwen2_moe' is not supported; jaxllm runs llama, mistral"),
+    (dict(model_type="jamba"), r"model_type 'jamba' is not supported; jaxllm runs llama, mistral"),
     (dict(model_type="gemma3"), r"model_type 'gemma3' is Gemma 3's multimodal model"),
     (dict(model_type=...), r"required field 'model_type' is missing"),
     (dict(hidden_act="gelu_new"), r"hidden_act 'gelu_new' is not supported"),

@@ -59,7 +59,7 @@ def test_interleaved_rope_is_caught_at_q_rope(smollm2, smollm2_reference, ids, m
     assert first_divergent(smollm2.params, ids, smollm2_reference) == "layers.0.q_rope"
 
 
-def tiled_kv_attention(q, k, v, allowed, cached=None, scale=None, softcap=None):
+def tiled_kv_attention(q, k, v, allowed, cached=None, scale=None, softcap=None, sinks=None):
     """GQA with K/V heads repeated in the wrong order: query head n reads kv head n % K (HF uses n // G)."""
     B, T, N, H = q.shape
     G = N // k.shape[1]

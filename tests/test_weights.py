@@ -27,7 +27,7 @@ def matrices(params):
     """(name, matrix) for every matrix field of a Params."""
     out = [("embed_tokens", params.embed_tokens)] + ([("lm_head", params.lm_head)] if params.lm_head is not None else [])
     return out + [(f"layers.{i}.{f}", getattr(layer, f)) for i, layer in enumerate(params.layers)
-                  for f in MATRICES if hasattr(layer, f)]
+                  for f in MATRICES if getattr(layer, f, None) is not None]
 
 
 @pytest.fixture(scope="module")

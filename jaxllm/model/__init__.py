@@ -1,7 +1,8 @@
 """The forward pass of LLaMA and the families that differ from it in a few switches (config.py), as pure
 functions over a parameter pytree: the parameters, one decoder block, the top-level forward and its jitted entry
-points here; each kind of sublayer in its own module (attention.py: grouped-query attention; mlp.py: the dense MLP;
-rope.py; cache.py; ops.py: norms, linear layers and the context every block shares). Each switch is an `if` on a
+points here; each kind of sublayer in its own module (attention.py: grouped-query attention; latent.py: DeepSeek's
+latent attention; mlp.py: the dense MLP; experts.py: mixtures of experts; rope.py; cache.py; ops.py: norms, linear
+layers and the context every block shares). Each switch is an `if` on a
 config field or on a parameter that only some families have, next to the line of Transformers it mirrors.
 
 Shape letters (../shared/STYLE.md): B batch, T query positions, S key positions, D hidden, N query heads,
@@ -29,13 +30,14 @@ from jaxllm.errors import InputError
 from jaxllm.model.attention import LayerCache, attention_block, attention_masks
 from jaxllm.model.cache import KVCache, write_rows
 from jaxllm.model.experts import experts_mlp
+from jaxllm.model.latent import latent_attention_block
 from jaxllm.model.mlp import ACTIVATIONS, gated_mlp
 from jaxllm.model.ops import Array, Context, Matrix, Tap, linear, no_tap, norm
 from jaxllm.model.rope import rope_inv_freq, rope_tables
 from jaxllm.weights import is_quantized
 
 
-@flax.struct.dataclass
+@flax.struct.dataclass(kw_only=True)  # keyword-only: fields in forward order, optional ones among them
 class Layer:
     """One decoder block. Matrices keep HF's [out, in] orientation, and the projections that read the same input are
     stacked in one array (HF's q/k/v, and gate/up): with one token per step every output is a dot over a contiguous
@@ -44,8 +46,9 @@ class Layer:
     whole heads: q, k and v grouped by key/value head, gate and up side by side for each f."""
 
     input_layernorm: Array  # [D]
-    qkv_proj: Matrix  # [K, G + 2, H, D]: for kv head j, HF's q heads j·G .. j·G + G - 1, then k head j, then v head j
-    o_proj: Matrix  # [D, N·H]
+    # None in a latent-attention layer (DeepSeek), whose projections are the latent ones below.
+    qkv_proj: Matrix | None = None  # [K, G + 2, H, D]: for kv head j, HF's q heads j·G .. j·G + G - 1, then k head j, then v head j
+    o_proj: Matrix  # [D, N·H]   (latent attention: [D, N·v_head_dim])
     post_attention_layernorm: Array  # [D]
     # The dense MLP; in an experts layer, the shared expert (Qwen2-MoE, DeepSeek) or None.
     gate_up_proj: Matrix | None = None  # [F, 2, D]: gate_up_proj[f] is row f of HF's gate_proj, then of up_proj
@@ -66,6 +69,20 @@ class Layer:
     experts_gate_up: Matrix | None = None  # [E, F, 2, D]: for expert e, rows f of its gate_proj and up_proj
     experts_down: Matrix | None = None  # [E, D, F]
     shared_expert_gate: Array | None = None  # [1, D]   (Qwen2-MoE)
+    router_correction_bias: Array | None = None  # [E]: DeepSeek-V3's e_score_correction_bias, for choosing alone
+    # Multi-head latent attention (model/latent.py; DeepSeek), with C = kv_lora_rank, R = qk_rope_head_dim (head_dim),
+    # Q = q_lora_rank, Hq = qk_nope_head_dim + R, Hk = qk_nope_head_dim, Hv = v_head_dim.
+    q_proj: Matrix | None = None  # [N, Hq, D]   (q_lora_rank 0)
+    q_a_proj: Matrix | None = None  # [Q, D]
+    q_a_layernorm: Array | None = None  # [Q]
+    q_b_proj: Matrix | None = None  # [N, Hq, Q]
+    kv_a_proj_with_mqa: Matrix | None = None  # [C + R, D]: the latent, then the RoPE key every head shares
+    kv_a_layernorm: Array | None = None  # [C]
+    kv_b_proj: Matrix | None = None  # [N, Hk + Hv, C]: head n's key (unrotated part), then its value
+    router_bias: Array | None = None  # [E]   (gpt-oss: moe_bias)
+    experts_gate_up_bias: Array | None = None  # [E, F, 2]
+    experts_down_bias: Array | None = None  # [E, D]
+    sinks: Array | None = None  # [N]: gpt-oss's per-head logit that joins each softmax (attention_sinks)
 
 
 @flax.struct.dataclass
@@ -99,12 +116,15 @@ def decoder_block(layer: Layer, x: Array, kv: LayerCache | None, ctx: Context) -
     normed = norm(x, layer.input_layernorm, config)
     chex.assert_equal_shape([x, normed])
     ctx.tap("input_layernorm", normed)
-    attn, kv = attention_block(layer, normed, kv, ctx)
+    # DeepSeek's layers attend through a latent (latent.py); the others with grouped-query attention.
+    attend = latent_attention_block if layer.kv_a_proj_with_mqa is not None else attention_block
+    attn, kv = attend(layer, normed, kv, ctx)
     mlp_norm = layer.post_attention_layernorm  # Llama's name for the MLP's input norm
     if layer.pre_feedforward_layernorm is not None:  # Gemma's, where post_attention_layernorm norms the attention
         attn, mlp_norm = norm(attn, layer.post_attention_layernorm, config), layer.pre_feedforward_layernorm
         ctx.tap("post_attention_layernorm", attn)
-    h = x + attn
+    residual = config.residual_multiplier  # Granite scales each branch before its residual add
+    h = x + (attn if residual == 1.0 else attn * residual)
     ctx.tap("attn_residual", h)
     normed = norm(h, mlp_norm, config)
     ctx.tap("pre_feedforward_layernorm" if layer.pre_feedforward_layernorm is not None else "post_attention_layernorm",
@@ -114,7 +134,7 @@ def decoder_block(layer: Layer, x: Array, kv: LayerCache | None, ctx: Context) -
     if layer.post_feedforward_layernorm is not None:
         update = norm(update, layer.post_feedforward_layernorm, config)
         ctx.tap("post_feedforward_layernorm", update)
-    out = h + update
+    out = h + (update if residual == 1.0 else update * residual)
     chex.assert_equal_shape([x, out])
     ctx.tap("block", out)
     return out, kv
@@ -165,6 +185,8 @@ def run(params: Params, ids: Array, positions: Array, mask: Array | None = None,
     if config.final_logit_softcapping is not None:  # Gemma 2 and 3
         tap("lm_head", logits)
         logits = jnp.tanh(logits / config.final_logit_softcapping) * config.final_logit_softcapping
+    if config.logits_scaling != 1.0:  # Granite: HF's logits / logits_scaling
+        logits = logits / config.logits_scaling
     chex.assert_shape(logits, (B, T, V))
     tap("logits", logits)
     if cache is not None:

@@ -16,12 +16,14 @@ from jaxllm.model.rope import apply_rope
 
 
 def attention(q: Array, k: Array, v: Array, visible: Array, cached: tuple[Array, Array, Array] | None = None,
-              scale: float | None = None, softcap: float | None = None) -> Array:
+              scale: float | None = None, softcap: float | None = None, sinks: Array | None = None) -> Array:
     """Grouped-query attention. q [B, T, N, H], k/v [B, K, T, H] (this call's keys), visible [B, T, T] -> [B, T, N, H].
 
     `cached` = (keys [B, K, H, S], values [B, K, S, H], visible [B, 1 or T, S]) adds the keys of earlier calls; one
     softmax runs over both sets. Reading the cache as it was before this call's write lets XLA update it in place.
     Scores are q·k times `scale` (default H ** -0.5), then soft-capped to softcap * tanh(scores / softcap) if given.
+    `sinks` [N] (gpt-oss): head n's sink logit joins its softmax as one more key and is dropped after it, so a query
+    may give part of its attention to nothing.
 
     Query head n reads key/value head n // G (HF's repeat_kv order). The G query heads that share a key/value head
     are folded into the query rows, so each key/value head is one [T·G, H] x [H, S] matmul and K/V are never
@@ -44,7 +46,12 @@ def attention(q: Array, k: Array, v: Array, visible: Array, cached: tuple[Array,
         # A finite minimum (not -inf) keeps fully masked rows, e.g. left padding, free of NaN, as in HF.
         return jnp.where(seen[:, None, :, None, :], s, jnp.finfo(jnp.float32).min)
 
-    probs = jax.nn.softmax(jnp.concatenate([scores(kk, a, h_axis) for kk, _, a, h_axis in parts], axis=-1), axis=-1)
+    logits = jnp.concatenate([scores(kk, a, h_axis) for kk, _, a, h_axis in parts], axis=-1)  # [B, K, T, G, S]
+    if sinks is None:
+        probs = jax.nn.softmax(logits, axis=-1)
+    else:  # HF's eager_attention_forward: cat([scores, sinks]), softmax, probs[..., :-1]; head n = j·G + g
+        sink = jnp.broadcast_to(sinks.astype(jnp.float32).reshape(1, K, 1, G, 1), (B, K, T, G, 1))
+        probs = jax.nn.softmax(jnp.concatenate([logits, sink], axis=-1), axis=-1)[..., :-1]
     probs = probs.astype(v.dtype).reshape(B, K, T * G, -1)  # fp32 softmax, as HF
     out, start = 0, 0
     for _, vv, _, _ in parts:
@@ -74,16 +81,18 @@ def attention_block(layer: Layer, x: Array, kv: LayerCache | None, ctx: Context)
     q, k, v = qkv[:, :, :, :G].reshape(B, T, N, H), qkv[:, :, :, G], qkv[:, :, :, G + 1]  # head n = j·G + g
     chex.assert_shape(q, (B, T, N, H))
     chex.assert_shape([k, v], (B, T, K, H))
+    if config.clip_qkv is not None:  # OLMoE clamps v here and q, k after their norms (in place: HF's taps see it)
+        v = jnp.clip(v, -config.clip_qkv, config.clip_qkv)
     ctx.tap("q_proj", q), ctx.tap("k_proj", k), ctx.tap("v_proj", v)
     if config.qk_norm_full:  # OLMoE: the whole projection normed (N·H and K·H), before the head split
         q = norm(q.reshape(B, T, N * H), layer.q_norm, config).reshape(B, T, N, H)
         k = norm(k.reshape(B, T, K * H), layer.k_norm, config).reshape(B, T, K, H)
-        ctx.tap("q_norm", q), ctx.tap("k_norm", k)
     elif layer.q_norm is not None:  # Qwen3, Gemma 3: each head normed over H
         q, k = norm(q, layer.q_norm, config), norm(k, layer.k_norm, config)
+    if config.clip_qkv is not None:
+        q, k = jnp.clip(q, -config.clip_qkv, config.clip_qkv), jnp.clip(k, -config.clip_qkv, config.clip_qkv)
+    if layer.q_norm is not None:
         ctx.tap("q_norm", q), ctx.tap("k_norm", k)
-    if config.clip_qkv is not None:  # OLMoE: q, k and v clamped to [-clip_qkv, clip_qkv] after the norms
-        q, k, v = (jnp.clip(t, -config.clip_qkv, config.clip_qkv) for t in (q, k, v))
     if ctx.cos is not None:  # SmolLM3's no-RoPE layers skip it
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
     ctx.tap("q_rope", q), ctx.tap("k_rope", k)
@@ -92,7 +101,7 @@ def attention_block(layer: Layer, x: Array, kv: LayerCache | None, ctx: Context)
     if ctx.cached_visible is not None:  # the filled part of the cache alone: a step's cost follows what is filled
         W = ctx.window or kv[0].shape[-1]
         cached = (kv[0][..., :W], kv[1][:, :, :W], ctx.cached_visible)  # [B, K, H, W], [B, K, W, H], [B, 1 or T, W]
-    out = attention(q, k, v, ctx.visible, cached, config.query_scale, config.attn_logit_softcapping)
+    out = attention(q, k, v, ctx.visible, cached, config.query_scale, config.attn_logit_softcapping, layer.sinks)
     if kv is not None:
         kv = (write_rows(kv[0], k.transpose(0, 1, 3, 2), ctx.index, axis=3), write_rows(kv[1], v, ctx.index, axis=2))
     chex.assert_shape(out, (B, T, N, H))

@@ -22,8 +22,8 @@ class KVCache:
     transpose of the cache.
     """
 
-    k: tuple[Array, ...]  # L × [B, K, H, S]
-    v: tuple[Array, ...]  # L × [B, K, S, H]
+    k: tuple[Array, ...]  # L × [B, K, H, S]   (latent attention: L × [B, 1, C + R, S], see key_shape)
+    v: tuple[Array, ...]  # L × [B, K, S, H]   (latent attention: L × [B, 1, S, 0])
     mask: Array  # [B, S] bool: the slot holds a real token
     index: Array  # [B] int32: each row's next slot to write
     # True until the first write: a call into an empty cache attends over its own keys alone, not over S slots
@@ -37,11 +37,27 @@ class KVCache:
 
     @classmethod
     def zeros(cls, config: LLMConfig, batch: int, length: int, dtype=jnp.float32) -> "KVCache":
-        B, K, S, H = batch, config.num_key_value_heads, length, config.head_dim
+        B, S = batch, length
+        K, H, HV = key_shape(config)
         layers = range(config.num_hidden_layers)
         return cls(k=tuple(jnp.zeros((B, K, H, S), dtype) for _ in layers),
-                   v=tuple(jnp.zeros((B, K, S, H), dtype) for _ in layers),
+                   v=tuple(jnp.zeros((B, K, S, HV), dtype) for _ in layers),
                    mask=jnp.zeros((B, S), bool), index=jnp.zeros((B,), jnp.int32), empty=True)
+
+
+def key_shape(config: LLMConfig) -> tuple[int, int, int]:
+    """(heads, key dims, value dims) of one cached token. Latent attention (DeepSeek, latent.py) caches one "head"
+    of C + R dims, its latent and shared RoPE key, and no values (they are read from the latent): a zero-size v
+    leaves every slicing and writing of the cache as it is."""
+    if config.kv_lora_rank:
+        return 1, config.kv_lora_rank + config.head_dim, 0
+    return config.num_key_value_heads, config.head_dim, config.head_dim
+
+
+def token_bytes(config: LLMConfig, dtype=jnp.float32) -> int:
+    """The cache's bytes per token of one row, over every layer."""
+    K, H, HV = key_shape(config)
+    return config.num_hidden_layers * K * (H + HV) * jnp.dtype(dtype).itemsize
 
 
 def write_rows(buffer: Array, update: Array, index: Array, axis: int) -> Array:
