@@ -1165,3 +1165,119 @@ def engine_table(steps: dict[str, Any] | None, join: dict[str, Any] | None) -> s
                      [[r["prefill_chunk"], r["join_s"], r["tokens_during_join"], r["gap_p50_ms"], r["gap_p99_ms"],
                        r["gap_max_ms"]] for r in join["rows"]])
     return "\n".join(out)
+
+
+# ---- mixture of experts against dense ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeSizes:
+    """The pair of random models `moe` builds: one with E experts of width F, k chosen per token, and a dense one of
+    the same active parameters (intermediate k·F), both with the same attention, embeddings and head."""
+
+    hidden: int = 768
+    expert_width: int = 384  # F
+    experts: int = 32  # E
+    chosen: int = 2  # k
+    layers: int = 4
+    heads: int = 12
+    kv_heads: int = 4
+    vocab: int = 4096
+    prompt: int = 16  # prompt tokens before the decode
+    new_tokens: int = 64
+    prefill: int = 256  # tokens of the prefill figure
+    rounds: int = 5  # alternating rounds; medians reported
+
+
+MOE_QUICK = MoeSizes(hidden=64, expert_width=32, experts=8, layers=1, heads=4, kv_heads=2, vocab=256, prompt=8,
+                     new_tokens=4, prefill=64, rounds=2)  # a smoke run; its prefill still runs as tiles
+
+
+def moe_configs(s: MoeSizes) -> dict[str, Any]:
+    """HF config dicts: "moe" (Mixtral, E experts of width F, top k) and "dense" (Mistral, intermediate k·F)."""
+    from jaxllm.config import LLMConfig
+
+    base = dict(vocab_size=s.vocab, hidden_size=s.hidden, num_hidden_layers=s.layers, num_attention_heads=s.heads,
+                num_key_value_heads=s.kv_heads, max_position_embeddings=4096, tie_word_embeddings=False)
+    return {"moe": LLMConfig.from_dict(dict(base, model_type="mixtral", intermediate_size=s.expert_width,
+                                            num_local_experts=s.experts, num_experts_per_tok=s.chosen)),
+            "dense": LLMConfig.from_dict(dict(base, model_type="mistral", intermediate_size=s.chosen * s.expert_width))}
+
+
+def random_params(config, weights: str = "fp32", seed: int = 0):
+    """Params of `config` with random weights N(0, 0.02²) (norms 1), read through loader.build_params from an
+    in-memory checkpoint, so each format is made (int8 quantized, outliers kept fp32) as a real load makes it."""
+    import zlib
+
+    from jaxllm.loader import Checkpoint, build_params, layer_table, model_table
+
+    entries = model_table(config) + [e for i in range(config.num_hidden_layers) for e in layer_table(config, i)]
+    tensors = {e.hf_name: (e.hf_shape, "F32") for e in entries}
+
+    def read(name: str) -> np.ndarray:
+        shape = tensors[name][0]
+        if name.endswith("norm.weight"):
+            return np.ones(shape, np.float32)
+        rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+        return (rng.standard_normal(shape, np.float32) * 0.02).astype(np.float32)
+
+    checkpoint = Checkpoint(path=Path(f"<random {config.model_type}>"), config=config, tensors=tensors, read=read,
+                            tokenizer_files=dict)
+    return build_params(checkpoint, weights)
+
+
+def moe(sizes: MoeSizes = MoeSizes(), weights: tuple[str, ...] = ("fp32", "int8")) -> dict[str, Any]:
+    """Decode tokens/s and prefill ms of a random mixture-of-experts model and of a dense model with the same active
+    parameters, per weight format: greedy decode of `new_tokens` after a `prompt`-token prompt (the compiled loop,
+    prefill untimed) and one `prefill`-token prefill, the models timed in alternating rounds."""
+    configs = moe_configs(sizes)
+    models = {(w, name): random_params(c, w) for w in weights for name, c in configs.items()}
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(3, sizes.vocab, sizes.prompt).tolist()
+    long_prompt = rng.integers(3, sizes.vocab, sizes.prefill).tolist()
+    ids, mask = _prefill_inputs(prompt)
+    long_ids, long_mask = _prefill_inputs(long_prompt)
+    decode_settings = _no_eos(ids.shape[1], sizes.new_tokens)
+    prefill_settings = _no_eos(long_ids.shape[1], 1)
+    decode_s: dict[tuple[str, str], list[float]] = {key: [] for key in models}
+    prefill_s: dict[tuple[str, str], list[float]] = {key: [] for key in models}
+    for params in models.values():  # compiled outside the figures
+        _run_decode(params, _run_prefill(params, ids, mask, decode_settings), decode_settings)
+        _run_prefill(params, long_ids, long_mask, prefill_settings)
+    for _ in range(sizes.rounds):
+        for key, params in models.items():
+            decode_s[key].append(_seconds(_run_decode, _prefilled(params, ids, mask, decode_settings))[0])
+            long_inputs = (params, long_ids, long_mask, prefill_settings)
+            prefill_s[key].append(_seconds(_run_prefill, lambda: long_inputs)[0])
+    rows = []
+    for w in weights:
+        tokens_per_s = {name: sizes.new_tokens / statistics.median(decode_s[w, name]) for name in configs}
+        prefill_ms = {name: _ms(statistics.median(prefill_s[w, name])) for name in configs}
+        for name in configs:
+            params = models[w, name]
+            first = params.layers[0]
+            mlp = (first.experts_gate_up, first.experts_down) if name == "moe" else (first.gate_up_proj, first.down_proj)
+            mlp_bytes = sum(nbytes(m) for m in mlp)
+            rows.append({"weights": w, "model": name, "bytes": nbytes(params), "mlp_bytes_per_layer": mlp_bytes,
+                         "active_mlp_bytes_per_layer": mlp_bytes * sizes.chosen // sizes.experts if name == "moe"
+                         else mlp_bytes,
+                         "decode_tokens_per_s": round(tokens_per_s[name], 1),
+                         "decode_vs_dense": round(tokens_per_s[name] / tokens_per_s["dense"], 3),
+                         "prefill_ms": prefill_ms[name],
+                         "prefill_vs_dense": round(prefill_ms["dense"] / prefill_ms[name], 3)})
+    return {"sizes": dataclasses.asdict(sizes), "rows": rows}
+
+
+def moe_table(figures: dict[str, Any]) -> str:
+    s = figures["sizes"]
+    out = [f"{s['experts']} experts of width {s['expert_width']}, top {s['chosen']}, against dense of width "
+           f"{s['chosen'] * s['expert_width']} (hidden {s['hidden']}, {s['layers']} layers): decode of "
+           f"{s['new_tokens']} tokens after {s['prompt']}, prefill of {s['prefill']}, medians of {s['rounds']} "
+           f"alternating rounds; vs dense > 1 means faster than dense"]
+    out += _rows(["weights", "model", "weights MiB", "MLP MiB/layer (active)", "decode tok/s", "vs dense",
+                  "prefill ms", "vs dense"],
+                 [[r["weights"], r["model"], f"{r['bytes'] / 2**20:,.1f}",
+                   f"{r['mlp_bytes_per_layer'] / 2**20:,.1f} ({r['active_mlp_bytes_per_layer'] / 2**20:,.1f})",
+                   r["decode_tokens_per_s"], r["decode_vs_dense"], r["prefill_ms"], r["prefill_vs_dense"]]
+                  for r in figures["rows"]])
+    return "\n".join(out)

@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="jaxllm's weight formats, comma-separated (fp32,bf16,int8,gguf), measured side by side in one "
                         "run; Transformers runs in fp32. With a format other than fp32, llama.cpp runs too when "
                         "llama-cpp-python is installed")
+    p.add_argument("--moe", action="store_true",
+                   help="instead: a random mixture-of-experts model (32 experts, top 2) against a dense one with the "
+                        "same active parameters, in each --weights format: decode tokens/s and prefill ms")
 
     p = sub.add_parser("bench-serve", help="load an OpenAI-compatible server with streamed completions, as `vllm bench "
                                            "serve` does: TTFT, inter-token latency, output tokens/s per concurrency")
@@ -230,7 +233,7 @@ def cmd_inspect(args) -> int:
     for name, (shape, dtype) in checkpoint.tensors.items():
         print(f"  {name:<52} {str(list(shape)):<14} {dtype}")
     print("\nlayer-0 weight map, as stored ([out, in]) -> the jaxllm field (q/k/v grouped by kv head, gate/up stacked):")
-    for e in layer_table(config, 0):
+    for e in layer_table(config, 0, checkpoint.stacked_experts):
         print(f"  {e.hf_name:<44} [{e.letters}] = {str(list(e.hf_shape)):<12} -> layers[0].{e.target}")
     if args.weights:
         _print_weights(args.model, args.weights)
@@ -333,8 +336,13 @@ def cmd_bench(args) -> int:
     from jaxllm.weights import check_format
 
     formats = tuple(check_format(w.strip()) for w in args.weights.split(","))
-    figures = bench.run(args.model, repeats=args.repeats, quick=args.quick, weights=formats)
-    print(bench.table(figures))
+    if args.moe:
+        sizes = dataclasses.replace(bench.MOE_QUICK if args.quick else bench.MoeSizes(), rounds=args.repeats)
+        figures = bench.moe(sizes, weights=formats)
+        print(bench.moe_table(figures))
+    else:
+        figures = bench.run(args.model, repeats=args.repeats, quick=args.quick, weights=formats)
+        print(bench.table(figures))
     if args.json:
         _write_json(args.json, figures)
         print(f"figures written to {args.json}")
