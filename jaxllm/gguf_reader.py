@@ -5,12 +5,15 @@ GGUF stores the same weights as an HF checkpoint, but under llama.cpp's names, t
 quantized, with llama's Q/K rows permuted for llama.cpp's interleaved RoPE, Gemma's norm weights stored as 1 + w,
 and with the tokenizer as metadata. Each of those is undone here, as Transformers' own GGUF loader undoes it
 (transformers/modeling_gguf_pytorch_utils.py), so the result loads exactly like a checkpoint converted from
-Transformers. Architectures: llama (and Mistral, written as llama), qwen2, qwen3, phi3, gemma2, gemma3 (text).
+Transformers. Architectures: llama (and Mistral and Mixtral, written as llama), qwen2, qwen3, phi3, gemma2, gemma3
+(text), and the mixtures of experts qwen2moe, qwen3moe, olmoe and deepseek2 (DeepSeek-V2 and V3), whose experts
+GGUF stores stacked, one tensor per projection (read as such: loader.expert_table's stacked form).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 from collections.abc import Callable, Iterator
@@ -33,7 +36,7 @@ from tokenizers import (
 
 from jaxllm.errors import CheckpointError, ConfigError, TokenizerError
 from jaxllm.tokenizer import named_errors
-from jaxllm.weights import Blocks, blocks_from_gguf
+from jaxllm.weights import Blocks, blocks_from_gguf, reshape_rows
 
 # GGUF tensor name (without .weight/.bias) -> HF parameter name: the one table, shared by every family (each
 # family adds or renames a few entries in its Family.names below).
@@ -65,6 +68,41 @@ GEMMA_NORM_NAMES = {  # four norms a layer; llama.cpp's ffn_norm is the one befo
 PHI3_NAMES = {  # fused as in HF: qkv_proj [(N+2K)*H, D] is Q, K, V stacked; gate_up_proj [2F, D] is gate, up
     "blk.{i}.attn_qkv": "model.layers.{i}.self_attn.qkv_proj",
     "blk.{i}.ffn_up": "model.layers.{i}.mlp.gate_up_proj",
+}
+
+
+def expert_names(module: str, gate: str, up: str, down: str) -> dict:
+    """An MoE layer's router [E, D] and its experts, which GGUF stores stacked, one tensor per projection with the
+    experts first ([E, F, D], [E, F, D], [E, D, F]). Each is named as HF names one expert's tensor, less the expert
+    number (loader.expert_table's stacked form)."""
+    return {"blk.{i}.ffn_gate_inp": f"model.layers.{{i}}.{module}.gate",
+            "blk.{i}.ffn_gate_exps": f"model.layers.{{i}}.{module}.experts.{gate}",
+            "blk.{i}.ffn_up_exps": f"model.layers.{{i}}.{module}.experts.{up}",
+            "blk.{i}.ffn_down_exps": f"model.layers.{{i}}.{module}.experts.{down}"}
+
+
+MOE_NAMES = expert_names("mlp", "gate_proj", "up_proj", "down_proj")  # Qwen2/3-MoE, OLMoE, DeepSeek
+MIXTRAL_NAMES = expert_names("block_sparse_moe", "w1", "w3", "w2")
+SHARED_EXPERT_NAMES = {  # Qwen2-MoE's one shared expert, and the gate [1, D] of its output (stored squeezed: [D])
+    "blk.{i}.ffn_gate_shexp": "model.layers.{i}.mlp.shared_expert.gate_proj",
+    "blk.{i}.ffn_up_shexp": "model.layers.{i}.mlp.shared_expert.up_proj",
+    "blk.{i}.ffn_down_shexp": "model.layers.{i}.mlp.shared_expert.down_proj",
+    "blk.{i}.ffn_gate_inp_shexp": "model.layers.{i}.mlp.shared_expert_gate",
+}
+LATENT_NAMES = {  # DeepSeek: multi-head latent attention, shared experts, V3's router correction bias
+    "blk.{i}.attn_q_a": "model.layers.{i}.self_attn.q_a_proj",
+    "blk.{i}.attn_q_a_norm": "model.layers.{i}.self_attn.q_a_layernorm",
+    "blk.{i}.attn_q_b": "model.layers.{i}.self_attn.q_b_proj",
+    "blk.{i}.attn_kv_a_mqa": "model.layers.{i}.self_attn.kv_a_proj_with_mqa",
+    "blk.{i}.attn_kv_a_norm": "model.layers.{i}.self_attn.kv_a_layernorm",
+    "blk.{i}.attn_kv_b": "model.layers.{i}.self_attn.kv_b_proj",
+    # Newer converters split kv_b_proj per head into k_b [N, C, P] (transposed) and v_b [N, U, C]; read_gguf joins them.
+    "blk.{i}.attn_k_b": "model.layers.{i}.self_attn.k_b_proj",
+    "blk.{i}.attn_v_b": "model.layers.{i}.self_attn.v_b_proj",
+    "blk.{i}.ffn_gate_shexp": "model.layers.{i}.mlp.shared_experts.gate_proj",
+    "blk.{i}.ffn_up_shexp": "model.layers.{i}.mlp.shared_experts.up_proj",
+    "blk.{i}.ffn_down_shexp": "model.layers.{i}.mlp.shared_experts.down_proj",
+    "blk.{i}.exp_probs_b": "model.layers.{i}.mlp.gate.e_score_correction",  # .bias: see hf_name
 }
 
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type).
@@ -155,6 +193,67 @@ def _gemma3(meta, config: dict) -> dict:
     }
 
 
+def _experts(meta, count: str, width: str | None, normalized: bool) -> dict:
+    """A mixture of experts' fields: E under the name the family's HF config gives it (`count`), k, and the expert
+    width under `width` (None: the family sizes experts with intermediate_size, feed_forward_length here).
+    llama.cpp fixes per architecture whether the k weights are renormalised, unless expert_weights_norm says."""
+    fields = {count: meta("expert_count"), "num_experts_per_tok": meta("expert_used_count"),
+              "norm_topk_prob": meta("expert_weights_norm", normalized, kind=bool)}
+    return fields | ({width: meta("expert_feed_forward_length")} if width else {})
+
+
+def _mixtral(meta, config: dict) -> dict:
+    return {"hidden_act": "silu", "sliding_window": None, **_experts(meta, "num_local_experts", None, True)}
+
+
+def _qwen2_moe(meta, config: dict) -> dict:
+    return {"hidden_act": "silu", **_experts(meta, "num_experts", "moe_intermediate_size", False),
+            "shared_expert_intermediate_size": meta("expert_shared_feed_forward_length")}
+
+
+def _qwen3_moe(meta, config: dict) -> dict:  # llama.cpp renormalises; Transformers' GGUF loader sets it too
+    return {"hidden_act": "silu", **_experts(meta, "num_experts", "moe_intermediate_size", True)}
+
+
+def _olmoe(meta, config: dict) -> dict:
+    return {"hidden_act": "silu", "clip_qkv": meta("attention.clamp_kqv", None, kind=float),
+            **_experts(meta, "num_experts", None, False)}
+
+
+def _deepseek(meta, config: dict) -> dict:
+    """DeepSeek-V2/V3 as llama.cpp's DeepseekV2Model writes them. Newer converters store the attention as the MQA it
+    computes (head_count_kv 1, key_length C + R, value_length C) and the per-head sizes as key_length_mla (P + R) and
+    value_length_mla (U); older ones key_length and value_length. Group-limited routing is absent from files that
+    predate expert_group_count, and llama.cpp then routes over all experts: one group. llama.cpp rotates interleaved
+    pairs and drops V3's multi-token-prediction layers."""
+    R, heads = meta("rope.dimension_count"), config["num_attention_heads"]
+    groups, used = meta("expert_group_count", 1), meta("expert_group_used_count", 1)
+    fields = {
+        "hidden_act": "silu", "num_key_value_heads": heads, "head_dim": R, "qk_rope_head_dim": R,
+        "qk_nope_head_dim": (meta("attention.key_length_mla", None) or meta("attention.key_length")) - R,
+        "v_head_dim": meta("attention.value_length_mla", None) or meta("attention.value_length"),
+        "kv_lora_rank": meta("attention.kv_lora_rank"), "q_lora_rank": meta("attention.q_lora_rank", None),
+        "first_k_dense_replace": meta("leading_dense_block_count", 0), "n_routed_experts": meta("expert_count"),
+        "num_experts_per_tok": meta("expert_used_count"), "n_shared_experts": meta("expert_shared_count", 0),
+        "moe_intermediate_size": meta("expert_feed_forward_length"),
+        "routed_scaling_factor": meta("expert_weights_scale", 1.0, kind=float),
+        "norm_topk_prob": meta("expert_weights_norm", False, kind=bool),
+        # DeepseekV2Config leaves the groups null unless they limit routing
+        "n_group": groups if groups > 1 or config["model_type"] == "deepseek_v3" else None,
+        "topk_group": used if groups > 1 or config["model_type"] == "deepseek_v3" else None,
+    }
+    if config["model_type"] == "deepseek_v3":
+        fields |= {"scoring_func": "sigmoid", "topk_method": "noaux_tc", "rope_interleave": True,
+                   "num_nextn_predict_layers": 0}
+    else:
+        fields["topk_method"] = "group_limited_greedy" if groups > 1 else "greedy"
+    if (log_mul := meta("rope.scaling.yarn_log_multiplier", None, kind=float)) is not None and "rope_scaling" in config:
+        # the converter writes 0.1 · mscale_all_dim; DeepSeek's configs give mscale the same value
+        mscale = round(log_mul / 0.1, 6)
+        fields["rope_scaling"] = config["rope_scaling"] | {"mscale": mscale, "mscale_all_dim": mscale}
+    return fields
+
+
 @dataclass(frozen=True)
 class Family:
     """How Transformers reads one GGUF architecture: its model, tensor names, the transforms that undo llama.cpp's
@@ -183,10 +282,21 @@ FAMILIES = {
     "gemma2": Family("gemma2", "Gemma2ForCausalLM", _gemma2, names=GEMMA_NORM_NAMES, norm_offset=1.0),
     "gemma3": Family("gemma3_text", "Gemma3ForCausalLM", _gemma3, names=GEMMA_NORM_NAMES | QK_NORM_NAMES,
                      norm_offset=1.0),
+    "qwen2moe": Family("qwen2_moe", "Qwen2MoeForCausalLM", _qwen2_moe, names=MOE_NAMES | SHARED_EXPERT_NAMES),
+    "qwen3moe": Family("qwen3_moe", "Qwen3MoeForCausalLM", _qwen3_moe, names=MOE_NAMES | QK_NORM_NAMES),
+    "olmoe": Family("olmoe", "OlmoeForCausalLM", _olmoe, names=MOE_NAMES | QK_NORM_NAMES),  # norms over N·H, K·H
+    "deepseek2": Family("deepseek_v2", "DeepseekV2ForCausalLM", _deepseek, names=MOE_NAMES | LATENT_NAMES,
+                        head_dim_keys=("rope.dimension_count",)),
 }
 # llama.cpp writes Mistral as llama. Transformers reads a llama file as Mistral only when general.name is "mistral"
 # (it tests membership in the field's list of values), with llama's metadata keys, names and Q/K permutation.
 MISTRAL = replace(FAMILIES["llama"], model_type="mistral", architecture="MistralForCausalLM", fields=_mistral)
+# Mixtral too is written as llama, with experts (llama.expert_count), Q/K permuted like llama's.
+MIXTRAL = replace(FAMILIES["llama"], model_type="mixtral", architecture="MixtralForCausalLM", fields=_mixtral,
+                  names=MIXTRAL_NAMES)
+# DeepSeek-V2 and V3 share llama.cpp's deepseek2; V3 scores experts by a sigmoid (expert_gating_func), V2 by a softmax.
+DEEPSEEK_V3 = replace(FAMILIES["deepseek2"], model_type="deepseek_v3", architecture="DeepseekV3ForCausalLM")
+SIGMOID = int(gguf.ExpertGatingFuncType.SIGMOID)
 
 
 def gguf_family(reader: gguf.GGUFReader, path: Path) -> tuple[str, Family]:
@@ -194,6 +304,10 @@ def gguf_family(reader: gguf.GGUFReader, path: Path) -> tuple[str, Family]:
     arch = _meta(reader, "general.architecture", path, kind=str)
     if arch not in FAMILIES:
         raise ConfigError(f"{path}: GGUF architecture is {arch!r}; jaxllm reads {', '.join(map(repr, FAMILIES))}")
+    if arch == "llama" and _meta(reader, "llama.expert_count", path, 0, kind=int) > 0:
+        return arch, MIXTRAL
+    if arch == "deepseek2" and _meta(reader, "deepseek2.expert_gating_func", path, 1, kind=int) == SIGMOID:
+        return arch, DEEPSEEK_V3
     if arch == "llama" and _meta(reader, "general.name", path, None, kind=str) == "mistral":
         return arch, MISTRAL
     return arch, FAMILIES[arch]
@@ -213,7 +327,13 @@ class GGUFCheckpoint:
     def read(self, name: str) -> np.ndarray:
         """One tensor by HF name: float32, in HF orientation."""
         tensor = self.by_name[name]
-        weight = _hf_weight(tensor, name, self.family, self.config, self.path)
+        if isinstance(tensor, SplitKV):  # DeepSeek's kv_b_proj as the converter split it: k_b [N, C, P], v_b [N, U, C]
+            k_b, v_b = (self._read(t, name, _hf_shape(name, t)) for t in (tensor.k_b, tensor.v_b))
+            return np.concatenate([k_b.transpose(0, 2, 1), v_b], axis=1).reshape(self.shapes[name])  # [N, P + U, C]
+        return self._read(tensor, name, self.shapes[name])
+
+    def _read(self, tensor, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        weight = _hf_weight(tensor, name, shape, self.family, self.config, self.path)
         self._release(tensor)
         return weight
 
@@ -227,19 +347,30 @@ class GGUFCheckpoint:
 
     def read_blocks(self, name: str) -> Blocks:
         """One matrix by HF name in its stored block format (weights.BLOCK_FORMATS), rows in HF order: the file's
-        bytes, split into the format's fields."""
-        tensor = self.by_name[name]
+        bytes, split into the format's fields. Stacked experts keep their leading axis: rows [E, out]."""
+        tensor, shape = self.by_name[name], self.shapes[name]
+        if isinstance(tensor, SplitKV):
+            raise CheckpointError(f"{self.path}: {name} is stored as two tensors, k_b transposed; it reads as floats")
         try:
-            blocks = blocks_from_gguf(tensor.data, tensor.tensor_type.name, self.shapes[name])
+            blocks = reshape_rows(blocks_from_gguf(tensor.data, tensor.tensor_type.name,
+                                                   (math.prod(shape[:-1]), shape[-1])), shape[:-1])
         except (ValueError, TypeError, IndexError) as error:  # data of the wrong size for its shape and type
             raise CheckpointError(f"{self.path}: tensor {tensor.name!r} cannot be read ({type(error).__name__}: "
                                   f"{error})") from error
         self._release(tensor)
         return jax.tree_util.tree_map(lambda rows: _unpermuted(rows, name, self.family, self.config), blocks)
 
+    @property
+    def stacked_experts(self) -> bool:
+        """Its MoE layers hold each projection's experts in one tensor (llama.cpp's ffn_*_exps), not one per expert."""
+        return any(t.name.endswith("_exps.weight") for t in self.reader.tensors)
+
     def stored_type(self, name: str) -> str:
         """The GGUF type a tensor is stored in (Q4_1, Q8_0, F32, ...)."""
-        return self.by_name[name].tensor_type.name
+        tensor = self.by_name[name]
+        if isinstance(tensor, SplitKV):
+            return ", ".join(f"{t.tensor_type.name} ({t.name})" for t in (tensor.k_b, tensor.v_b))
+        return tensor.tensor_type.name
 
     def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         """Yield (HF name, float32 array in HF orientation), one tensor at a time, in file order."""
@@ -265,8 +396,8 @@ def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
         names = [t.name for t in reader.tensors]
         repeated = sorted({n for n in names if names.count(n) > 1})
         raise CheckpointError(f"{path}: tensor name(s) stored more than once: {', '.join(repeated)}")
-    # GGUF lists dimensions innermost first: [in, out] there is [out, in] here.
-    shapes = {name: tuple(int(n) for n in reversed(t.shape)) for name, t in by_name.items()}
+    by_name = _joined_kv_b(by_name)
+    shapes = {name: _hf_shape(name, t) for name, t in by_name.items()}
     return GGUFCheckpoint(path, config, family, shapes, reader, by_name)
 
 
@@ -352,13 +483,48 @@ def hf_name(gguf_name: str, family: Family, path: Path) -> str:
     names = family.hf_names
     if key not in names or suffix not in ("weight", "bias"):
         raise CheckpointError(f"{path}: tensor {gguf_name!r} has no HF {family.model_type} counterpart")
-    return f"{names[key].format(i=layer)}.{suffix}"
+    # DeepSeek-V3's router buffer e_score_correction_bias, which the converter renames e_score_correction.bias
+    return f"{names[key].format(i=layer)}.{suffix}".replace("e_score_correction.bias", "e_score_correction_bias")
 
 
-def _hf_weight(tensor, name: str, family: Family, config: dict, path: Path) -> np.ndarray:
+@dataclass(frozen=True)
+class SplitKV:
+    """DeepSeek's kv_b_proj as newer converters store it: two reader tensors, k_b [N, C, P] and v_b [N, U, C]."""
+
+    k_b: gguf.ReaderTensor
+    v_b: gguf.ReaderTensor
+
+
+def _joined_kv_b(by_name: dict) -> dict:
+    """DeepSeek's kv_b_proj [N·(P + U), C] where newer converters split it per head into k_b [N, C, P] (transposed,
+    for llama.cpp's absorbed MLA) and v_b [N, U, C]: one entry holding both tensors, under kv_b_proj's name."""
+    joined = {}
+    for name, tensor in by_name.items():
+        k_b = name.replace("self_attn.v_b_proj.", "self_attn.k_b_proj.")
+        if k_b != name and k_b in by_name:
+            continue
+        v_b = name.replace("self_attn.k_b_proj.", "self_attn.v_b_proj.")
+        if v_b != name and v_b in by_name:
+            joined[name.replace("self_attn.k_b_proj.", "self_attn.kv_b_proj.")] = SplitKV(tensor, by_name[v_b])
+        else:
+            joined[name] = tensor
+    return joined
+
+
+def _hf_shape(name: str, tensor) -> tuple[int, ...]:
+    """A tensor's HF shape. GGUF lists dimensions innermost first ([in, out] there is [out, in] here), and llama.cpp's
+    converter squeezes out axes of size 1, which Qwen2-MoE's shared_expert_gate [1, D] has."""
+    if isinstance(tensor, SplitKV):  # k_b [N, C, P] and v_b [N, U, C] of kv_b_proj [N·(P + U), C]
+        (N, C, P), (_, U, _) = (_hf_shape(name, t) for t in (tensor.k_b, tensor.v_b))
+        return (N * (P + U), C)
+    shape = tuple(int(n) for n in reversed(tensor.shape))
+    return (1, *shape) if name.endswith("shared_expert_gate.weight") and len(shape) == 1 else shape
+
+
+def _hf_weight(tensor, name: str, shape: tuple[int, ...], family: Family, config: dict, path: Path) -> np.ndarray:
     try:
         weight = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-        weight = np.asarray(weight, dtype=np.float32).reshape(tuple(int(n) for n in reversed(tensor.shape)))
+        weight = np.asarray(weight, dtype=np.float32).reshape(shape)
     except NotImplementedError as error:
         raise CheckpointError(
             f"{path}: tensor {tensor.name!r} has type {tensor.tensor_type.name}, which jaxllm cannot dequantize"
