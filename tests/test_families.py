@@ -202,6 +202,101 @@ def test_real_configs_load_with_their_family_fields(file, expected):
         assert config.no_rope_layers[:4] == (1, 1, 1, 0) and config.rope.theta == 5_000_000.0
 
 
+# file -> (E, k, an expert's F, the layers whose MLP is experts, expected fields), as HF's config class and decoder
+# layer of each family read the published config.json.
+REAL_MOE = {
+    "qwen3-30b-a3b.json": (128, 8, 768, range(48), dict(
+        model_type="qwen3_moe", norm_topk_prob=True, shared_expert_intermediate_size=0, router="softmax_topk",
+        qk_norm=True, head_dim=128, num_key_value_heads=4, sliding_window=None)),
+    "olmoe-1b-7b.json": (64, 8, 1024, range(16), dict(
+        model_type="olmoe", norm_topk_prob=False, shared_expert_intermediate_size=0, router="softmax_topk",
+        qk_norm_full=True, clip_qkv=None, rms_norm_eps=1e-5)),
+    "qwen1.5-moe-a2.7b.json": (60, 4, 1408, range(24), dict(
+        model_type="qwen2_moe", norm_topk_prob=False, shared_expert_intermediate_size=5632,
+        shared_expert_gated=True, qkv_bias=True, sliding_window=None)),  # use_sliding_window false: no window
+    "mixtral-8x7b.json": (8, 2, 14336, range(32), dict(
+        model_type="mixtral", norm_topk_prob=True, shared_expert_intermediate_size=0, sliding_window=None)),
+    # DeepSeek-V2-Lite: layer 0 dense (first_k_dense_replace 1); two shared experts of 1408 run as one of 2816;
+    # greedy top-6 of a softmax, never renormalised; head_dim is qk_rope_head_dim.
+    "deepseek-v2-lite.json": (64, 6, 1408, range(1, 27), dict(
+        model_type="deepseek_v2", norm_topk_prob=False, shared_expert_intermediate_size=2816,
+        shared_expert_gated=False, router="deepseek_v2_greedy", routed_scaling_factor=1.0, kv_lora_rank=512,
+        q_lora_rank=0, qk_nope_head_dim=128, v_head_dim=128, head_dim=64)),
+    # gpt-oss and Granite: softmax over the k best logits (top-k first).
+    "gpt-oss-20b.json": (32, 4, 2880, range(24), dict(
+        model_type="gpt_oss", router="topk_softmax", shared_expert_intermediate_size=0, moe_bias=True,
+        swiglu_limit=7.0, attention_sinks=True, attention_bias=True, sliding_window=128, head_dim=64)),
+    "granite-3.0-1b-a400m.json": (32, 8, 512, range(24), dict(
+        model_type="granitemoe", router="topk_softmax", shared_expert_intermediate_size=0,
+        tie_word_embeddings=True, embed_scale=12.0, residual_multiplier=0.22, logits_scaling=6.0,
+        attention_multiplier=0.015625)),
+}
+
+
+@pytest.mark.parametrize("file", sorted(REAL_MOE))
+def test_real_moe_configs_load_with_their_expert_fields(file):
+    E, k, F, experts, expected = REAL_MOE[file]
+    config = LLMConfig.from_json(CONFIGS / file)
+    assert (config.num_experts, config.num_experts_per_tok, config.moe_intermediate_size) == (E, k, F)
+    data = json.loads((CONFIGS / file).read_text())
+    assert len(config.moe_layers) == config.num_hidden_layers == data["num_hidden_layers"]
+    assert [i for i in range(config.num_hidden_layers) if config.is_moe(i)] == list(experts)
+    for name, value in expected.items():
+        assert getattr(config, name) == value, name
+    if file.startswith("deepseek"):  # YaRN with DeepSeek's mscale: HF's v4 "type" key
+        assert (config.rope.rope_type, config.rope.factor, config.rope.mscale_all_dim) == ("yarn", 40.0, 0.707)
+        assert config.rope.original_max_position_embeddings == 4096
+    if file.startswith("gpt-oss"):
+        assert config.layer_types == ("sliding_attention", "full_attention") * 12
+        assert (config.rope.rope_type, config.rope.factor, config.rope.truncate) == ("yarn", 32.0, False)
+
+
+@pytest.mark.parametrize("file", sorted(REAL_MOE))
+def test_expert_count_is_the_one_transformers_reads(file):
+    """E is read under the family's HF name or the alias its attribute_map maps onto it; a name the family lacks is
+    ignored; the two names disagreeing is refused (HF's classes differ on which wins)."""
+    from jaxllm.config import EXPERT_COUNT
+    from jaxllm.errors import ConfigError
+
+    _, transformers = parity.torch_and_transformers()
+    data = json.loads((CONFIGS / file).read_text())
+    field, alias = EXPERT_COUNT[data["model_type"]]
+    for name in (field, alias) if alias else (field,):
+        others = {n: 7 for n in ("num_experts", "num_local_experts", "n_routed_experts") if n not in (field, alias)}
+        given = {**{k: v for k, v in data.items() if k not in (field, alias)}, name: 5, **others,
+                 "num_experts_per_tok": 2}
+        hf = transformers.AutoConfig.for_model(**given)
+        assert LLMConfig.from_dict(given).num_experts == getattr(hf, field) == 5, name
+    if alias:
+        with pytest.raises(ConfigError, match=f"'{alias}' .* and disagree|'{field}' .* and disagree"):
+            LLMConfig.from_dict({**data, field: 5, alias: 6})
+
+
+@pytest.mark.slow
+def test_full_width_moe_random_weights_match_transformers(tmp_path):
+    """Granite-3.0-1B-A400M at full width (D 1024, 32 experts of F 512, k 8, vocab 49155, its four multipliers) cut
+    to 2 of its 24 layers, with Transformers' random initialisation and its eager expert loop, 24 positions. The
+    cheapest real MoE whole: 0.4 GB of fp32 experts for 2 layers, where OLMoE-1B-7B's are 3.2 GB (its 2-layer run
+    peaks past 8 GB while saving) and Qwen3-30B-A3B's 2.4 GB a layer. Each engine's model is dropped before the
+    other's is read."""
+    import gc
+
+    config = {**json.loads((CONFIGS / "granite-3.0-1b-a400m.json").read_text()), "num_hidden_layers": 2}
+    path = parity.random_checkpoint(config, tmp_path, seed=0)
+    ids = ids_for(1, 24) * 997 % config["vocab_size"]
+    positions = np.arange(24)[None]
+    params = load(path)
+    ours = parity.jax_logits(params, ids, positions)
+    del params
+    gc.collect()
+    reference = parity.reference_model(path)
+    assert reference.config._experts_implementation == "eager"
+    result = parity.compare_logits(parity.reference_logits(reference, ids, positions), ours)
+    print(f"granite-3.0-1b-a400m x 2 layers: max_abs_diff={result.max_abs_diff:.3g}, "
+          f"logits reach {np.abs(result.reference).max():.2f}")
+    assert result.max_abs_diff <= 5e-5 and result.argmax_agreement == 1.0
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("file", ["qwen3-0.6b.json", "gemma-3-1b.json"])
 def test_full_size_random_weights_match_transformers(tmp_path, file):

@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 from test_hardening import BASE, small_gguf
 
 from jaxllm import parity
-from jaxllm.config import BIAS_FLAGS, LAYER_TYPES, ROPE_TYPES, SUPPORTED_MODEL_TYPES, LLMConfig
+from jaxllm.config import (BIAS_FLAGS, DEEPSEEK, EXPERT_COUNT, FAMILIES, LAYER_TYPES, MOE_FAMILIES, ROPE_TYPES,
+                           SUPPORTED_MODEL_TYPES, LLMConfig)
 from jaxllm.errors import JaxLLMError
 from jaxllm.loader import build_params, load_model, open_checkpoint
 from jaxllm.model import rope_inv_freq
@@ -82,6 +83,7 @@ ROPE = st.one_of(
                                                 "partial_rotary_factor")},
                   # longrope's per-frequency factors: head_dim 8 takes 4 (2 with partial_rotary_factor 0.5)
                   **{name: st.lists(NUMBERS, min_size=1, max_size=5) | JSON for name in ("short_factor", "long_factor")}}))
+COUNTS = st.integers(-1, 9) | st.sampled_from([0, 64, 2**40]) | JSON
 PER_LAYER = st.lists(st.sampled_from([*LAYER_TYPES, "chunked_attention", 0, 1, True]), min_size=1, max_size=3) | JSON
 FIELDS = {
     **{name: SIZES for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -98,11 +100,37 @@ FIELDS = {
                                   "rope_local_base_freq", "partial_rotary_factor")},
     "use_sliding_window": st.booleans() | JSON,
     "layer_types": PER_LAYER, "no_rope_layers": PER_LAYER,
-    "num_experts": st.sampled_from([0, 8]) | JSON,
+    # Mixtures of experts: the counts by each family's names, the layout and the router's fields.
+    **{name: COUNTS for name in ("num_experts", "num_local_experts", "n_routed_experts", "num_experts_per_tok",
+                                 "n_shared_experts", "first_k_dense_replace", "n_group", "topk_group",
+                                 "decoder_sparse_step")},
+    **{name: SIZES for name in ("moe_intermediate_size", "shared_expert_intermediate_size", "kv_lora_rank",
+                                "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")},
+    "mlp_only_layers": st.lists(st.integers(-2, 3) | JSON, max_size=3) | JSON,
+    "norm_topk_prob": st.booleans() | JSON,
+    "topk_method": st.sampled_from(["greedy", "group_limited_greedy", "noaux_tc"]) | JSON,
+    **{name: NUMBERS for name in ("clip_qkv", "routed_scaling_factor", "swiglu_limit", "embedding_multiplier",
+                                  "residual_multiplier", "logits_scaling", "attention_multiplier")},
     "pretraining_tp": st.sampled_from([1, 1, 2, None]) | JSON,
 }
+LATENT = dict(kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+              num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+              n_shared_experts=1, first_k_dense_replace=1)
+MOE_BASE = {  # what a family's valid config adds to BASE: 4 experts, 2 per token
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                      shared_expert_intermediate_size=24),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True),
+    "olmoe": dict(num_experts=4, num_experts_per_tok=2, clip_qkv=8.0),
+    "deepseek_v2": LATENT,
+    "deepseek_v3": {**LATENT, "q_lora_rank": 12, "n_group": 2, "topk_group": 1},
+    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2),
+    "granitemoe": dict(num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=12.0,
+                       residual_multiplier=0.22, logits_scaling=6.0, attention_multiplier=0.125),
+}
 CONFIGS = st.builds(  # a valid config of some family with some fields replaced by generated values and some dropped
-    lambda family, changes, dropped: {k: v for k, v in {**BASE, "head_dim": 8, "model_type": family, **changes}.items()
+    lambda family, changes, dropped: {k: v for k, v in {**BASE, "head_dim": 8, "model_type": family,
+                                                        **MOE_BASE.get(family, {}), **changes}.items()
                                       if k not in dropped},
     st.sampled_from(SUPPORTED_MODEL_TYPES),
     st.lists(st.sampled_from(sorted(FIELDS)), max_size=4, unique=True).flatmap(
@@ -112,6 +140,39 @@ CONFIGS = st.builds(  # a valid config of some family with some fields replaced 
 
 def positive_finite(x) -> bool:
     return math.isfinite(x) and x > 0
+
+
+def check_experts(config: LLMConfig, data: dict) -> None:
+    """A loaded config's experts are the ones its file gives (HF's defaults for what it leaves out), laid out over
+    its layers as the family's HF decoder layer lays them; a dense family has none."""
+    layers = config.num_hidden_layers
+    if config.model_type not in MOE_FAMILIES:
+        assert config.num_experts == 0 and config.moe_layers == ()
+        return
+    given = {**FAMILIES[config.model_type], **data}
+    field, alias = EXPERT_COUNT[config.model_type]
+    assert config.num_experts == (given[alias] if alias and given.get(alias) is not None else given[field])
+    assert 1 <= config.num_experts_per_tok <= config.num_experts
+    assert config.num_experts_per_tok == given["num_experts_per_tok"]
+    assert len(config.moe_layers) == layers and all(isinstance(m, bool) for m in config.moe_layers)
+    assert config.moe_intermediate_size > 0 and config.shared_expert_intermediate_size >= 0
+    assert isinstance(config.norm_topk_prob, bool)
+    if config.model_type in ("qwen2_moe", "qwen3_moe"):
+        step, only = given.get("decoder_sparse_step") or 1, given.get("mlp_only_layers") or []
+        assert config.moe_layers == tuple(i not in only and (i + 1) % step == 0 for i in range(layers))
+        assert isinstance(given.get("mlp_only_layers"), (list, type(None))) and all(0 <= i < layers for i in only)
+    elif config.model_type in DEEPSEEK:
+        first = given.get("first_k_dense_replace") or 0
+        assert config.moe_layers == tuple(i >= first for i in range(layers))
+        assert config.shared_expert_intermediate_size == (given.get("n_shared_experts") or 0) * \
+            config.moe_intermediate_size
+    else:
+        assert all(config.moe_layers)
+    if config.model_type in ("qwen2_moe", "qwen3_moe", "olmoe") and given.get("norm_topk_prob") is not None:
+        assert config.norm_topk_prob is given["norm_topk_prob"]
+    if config.model_type == "olmoe" and given.get("clip_qkv") is not None:
+        assert config.clip_qkv == given["clip_qkv"] and positive_finite(config.clip_qkv)
+    event(f"loaded with {config.num_experts} experts, {sum(config.moe_layers)} of {layers} layers")
 
 
 @fuzz(6000)
@@ -127,8 +188,9 @@ def test_generated_configs_load_as_written_or_raise_a_config_error(data):
     assert config.model_type == data["model_type"]
     event(f"loaded as {config.model_type}")
     family_reads = {"attention_bias": config.model_type in BIAS_FLAGS, "mlp_bias": config.model_type in ("llama", "smollm3")}
+    given = {**FAMILIES[config.model_type], **data}  # HF's defaults for what the file leaves out (gpt-oss: biases)
     for name in ("attention_bias", "mlp_bias"):  # a JSON boolean, read as written by the families whose modules read it
-        assert getattr(config, name) is (family_reads[name] and (data.get(name) or False))
+        assert getattr(config, name) is (family_reads[name] and (given.get(name) or False))
     if data.get("tie_word_embeddings") is not None:
         assert config.tie_word_embeddings is data["tie_word_embeddings"]
     kinds = config.layer_types or ("full_attention",) * config.num_hidden_layers
@@ -136,6 +198,7 @@ def test_generated_configs_load_as_written_or_raise_a_config_error(data):
     assert ("sliding_attention" in kinds) == (config.sliding_window is not None)
     assert not config.no_rope_layers or len(config.no_rope_layers) == config.num_hidden_layers
     assert positive_finite(config.rms_norm_eps) and positive_finite(config.rope.theta)
+    check_experts(config, data)
     rope = config.rope
     for value in (rope.factor, rope.low_freq_factor, rope.high_freq_factor, rope.beta_fast, rope.beta_slow):
         assert positive_finite(value)
