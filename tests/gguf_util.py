@@ -152,3 +152,109 @@ def write_gguf(path, arch="llama", types=TYPES, odd_tensor=None):
     if odd_tensor is not None:
         tensors[odd_tensor[0]] = odd_tensor[1]
     return write_gguf_file(path, arch, metadata, tensors)
+
+
+# --- a random Transformers model, and its tensors as llama.cpp's converter writes them -----------------------------
+
+def random_model(config, **from_config):
+    """A seeded random model with random norm weights and biases, not the 1s and 0s they start as. Norm weights are
+    multiples of 1/128 below 1/2 in size, so Gemma's stored 1 + w is exact in float32 and w comes back as it was.
+    MoE routers (mlp.gate) get a wider spread, so choices are distinct and clear of ties, and DeepSeek-V3's router
+    correction bias is drawn too (it changes which experts are chosen). `from_config`: more arguments of
+    AutoModelForCausalLM.from_config (experts_implementation="eager")."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, **from_config).float().eval()
+    with torch.no_grad():
+        for name, tensor in model.named_parameters():
+            if name.endswith("norm.weight"):
+                tensor.copy_(torch.randint(-64, 64, tensor.shape) / 128 + (0 if "gemma" in config.model_type else 1))
+            elif name.endswith(".bias"):
+                tensor.copy_(torch.randn(tensor.shape) * 0.1)
+            elif name.endswith("mlp.gate.weight"):
+                tensor.mul_(8)
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.copy_(torch.randn(buffer.shape) * 0.5)
+    return model
+
+
+def llama_cpp_permute(weight, heads):
+    """convert_hf_to_gguf's LlamaModel.permute: each head's rows from HF's halves to interleaved RoPE pairs."""
+    rows = weight.shape[0]  # [N*H, D]
+    return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def gguf_tensors(model, arch, qtype=Q.F32, convert=None):
+    """The model's state dict as llama.cpp's converter writes it for GGUF architecture `arch`: gguf-py's names (a
+    tied lm_head left out), a llama file's q_proj and k_proj rows permuted, Gemma's norm weights stored as 1 + w
+    (its RMSNorm scales by 1 + w), axes of size 1 squeezed out, matrices in `qtype` where their rows are whole
+    blocks (vectors and other rows stay as they were, as llama.cpp does). `convert(name, weight)`: a family's own
+    tensors for a source tensor, {GGUF name: array}, or None where gguf-py's name map applies."""
+    config = model.config
+    names = gguf.get_tensor_name_map(next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch),
+                                     config.num_hidden_layers)
+    tensors = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        weight = tensor.numpy()
+        if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = config.num_attention_heads if "q_proj" in name else config.num_key_value_heads
+            weight = llama_cpp_permute(weight, heads)
+        if "gemma" in arch and name.endswith("norm.weight"):
+            weight = weight + np.float32(1)
+        name = name.replace("e_score_correction_bias", "e_score_correction.bias")  # the converter's rename
+        parts = convert(name, weight) if convert is not None else None
+        if parts is None:
+            stem, suffix = name.rsplit(".", 1)
+            parts = {f"{names.get_name(stem)}.{suffix}": weight.squeeze()}
+        for key, weight in parts.items():
+            weight = np.ascontiguousarray(weight)
+            blocks = weight.ndim > 1 and qtype != Q.F32 and weight.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0] == 0
+            tensors[key] = (gguf.quants.quantize(weight, qtype), qtype) if blocks else weight
+    return tensors
+
+
+def written_model(request, tmp_path_factory, families, make_model, write_family):
+    """For a fixture parametrized by family name: (the name, a random source model of families[name] (make_model of
+    its config()), the GGUF file write_family(path, family, model) wrote of it)."""
+    family = families[request.param]
+    model = make_model(family.config())
+    path = write_family(tmp_path_factory.mktemp(request.param) / f"{request.param}.gguf", family, model)
+    return request.param, model, path
+
+
+def assert_config_agrees(path, ignore=frozenset()):
+    """Our config of the GGUF file equals Transformers' GGUF loader's on the keys both have, Transformers' has no other
+    key than GGUF's general.name, and, read by the config class, the fields Transformers leaves at their defaults agree
+    as well (but those in `ignore`)."""
+    import transformers
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    from jaxllm.gguf_reader import read_gguf
+
+    ours, theirs = read_gguf(path).config, load_gguf_checkpoint(str(path))["config"]
+    shared = ours.keys() & theirs.keys()
+    assert {key: ours[key] for key in shared} == {key: theirs[key] for key in shared}
+    assert theirs.keys() - ours.keys() <= {"_model_name_or_path"}  # GGUF's general.name
+    ours, theirs = (transformers.AutoConfig.for_model(**config).to_dict() for config in (ours, theirs))
+    for key in theirs.keys() - {"architectures", "_model_name_or_path"} - set(ignore):
+        assert ours[key] == theirs[key], key
+
+
+def assert_config_reads_back(path, model, ignore=frozenset()):
+    """Our config of the GGUF file written from `model`, read by the config class, is the model's (model type,
+    architecture and every field but those in `ignore`)."""
+    import transformers
+
+    from jaxllm.gguf_reader import read_gguf
+
+    ours = read_gguf(path).config
+    assert ours["model_type"] == model.config.model_type
+    assert ours["architectures"] == [type(model).__name__]
+    ours, source = transformers.AutoConfig.for_model(**ours).to_dict(), model.config.to_dict()
+    for key in source.keys() - {"architectures", "dtype", "transformers_version"} - set(ignore):
+        assert ours[key] == source[key], key

@@ -8,6 +8,7 @@ rotate-half RoPE, and YaRN with mscale_all_dim (which scales the scores as well 
 """
 
 import dataclasses
+import functools
 import math
 from pathlib import Path
 
@@ -17,10 +18,11 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
+from family_util import assert_logits_match, checkpoints_fixture, compare_with_padding, random_ids
 from jaxllm import parity
 from jaxllm.config import LLMConfig
 from jaxllm.errors import ConfigError
-from jaxllm.generate import generate, positions_from_mask
+from jaxllm.generate import generate
 from jaxllm.loader import load
 from jaxllm.model import KVCache, forward, latent, run
 from jaxllm.model import experts as experts_module
@@ -49,21 +51,12 @@ SCALE = 0.08  # logits reach 1.5-4, as in test_families
 TOLERANCE = 1e-5
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    made = {}
-
-    def get(name: str):
-        if name not in made:
-            path = parity.random_checkpoint({**BASE, **VARIANTS[name]}, tmp_path_factory.mktemp(name), seed=3,
-                                            scale=SCALE)
-            made[name] = path, load(path), parity.reference_model(path)
-        return made[name]
-    return get
+# name -> (checkpoint path, its params, Transformers' model of it)
+checkpoints = checkpoints_fixture(BASE, VARIANTS, SCALE, seed=3,
+                                  then=lambda path: (path, load(path), parity.reference_model(path)))
 
 
-def ids_for(batch: int, T: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(3, BASE["vocab_size"], (batch, T))
+ids_for = functools.partial(random_ids, BASE["vocab_size"])  # (batch, T, seed=0) -> ids
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
@@ -72,16 +65,7 @@ def test_logits_match_transformers(checkpoints, name):
     _, params, reference = checkpoints(name)
     config = params.config
     assert config.kv_lora_rank == 16 and config.moe_layers[0] == (name == "v3-yarn")
-    ids = ids_for(2, 13)
-    result = parity.compare(params, reference, ids)
-    mask = np.ones_like(ids)
-    mask[1, :6] = 0  # row 1 left-padded
-    padded = parity.compare(params, reference, ids, np.asarray(positions_from_mask(mask)), mask)
-    print(f"{name}: max_abs_diff={result.max_abs_diff:.3g} (padded {padded.max_abs_diff:.3g}), logits reach "
-          f"{np.abs(result.reference).max():.1f}")
-    assert np.abs(result.reference).max() > 1.5, "reference logits too small to make the comparison meaningful"
-    assert result.max_abs_diff <= TOLERANCE and padded.max_abs_diff <= TOLERANCE
-    assert result.argmax_agreement == 1.0 and padded.argmax_agreement == 1.0
+    assert_logits_match(name, *compare_with_padding(params, reference, ids_for(2, 13)), TOLERANCE)
 
 
 @pytest.mark.parametrize("name", ["v2-group", "v3"])

@@ -6,15 +6,17 @@ really drop keys; head counts are odd where the family allows.
 """
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from family_util import assert_logits_match, checkpoints_fixture, compare_with_padding, random_ids
 from jaxllm import parity
 from jaxllm.config import LLMConfig
-from jaxllm.generate import generate, positions_from_mask
+from jaxllm.generate import generate
 from jaxllm.loader import load
 
 CONFIGS = Path(__file__).parent.parent / "configs"
@@ -55,20 +57,10 @@ SCALE = 0.08
 TOLERANCE = 1e-5
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    made = {}
-
-    def get(name: str) -> Path:
-        if name not in made:
-            made[name] = parity.random_checkpoint({**BASE, **FAMILIES[name]}, tmp_path_factory.mktemp(name),
-                                                  seed=len(name), scale=SCALE)
-        return made[name]
-    return get
+checkpoints = checkpoints_fixture(BASE, FAMILIES, SCALE)  # name -> its checkpoint's path; seed len(name)
 
 
-def ids_for(batch: int, T: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(3, BASE["vocab_size"], (batch, T))
+ids_for = functools.partial(random_ids, BASE["vocab_size"])  # (batch, T, seed=0) -> ids
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
@@ -82,18 +74,7 @@ def test_logits_match_transformers(checkpoints, name):
     if config.sliding_window is not None:
         assert config.sliding_window < 13
     ids = ids_for(2, 13)
-    result = parity.compare(params, reference, ids)
-    mask = np.ones_like(ids)
-    mask[1, :6] = 0  # row 1 left-padded
-    padded = parity.compare(params, reference, ids, np.asarray(positions_from_mask(mask)), mask)
-    fp64 = parity.reference_logits(parity.reference_model(path, "float64"), ids, np.tile(np.arange(13), (2, 1)))
-    noise, ours = (parity.compare_logits(fp64, x).max_abs_diff for x in (result.reference, result.ours))
-    print(f"{name}: max_abs_diff={result.max_abs_diff:.3g} (padded {padded.max_abs_diff:.3g}), vs float64 "
-          f"{ours:.3g} (Transformers fp32 vs float64 {noise:.3g}), logits reach {np.abs(result.reference).max():.1f}")
-    assert np.abs(result.reference).max() > 1.5, "reference logits too small to make the comparison meaningful"
-    assert result.max_abs_diff <= TOLERANCE and padded.max_abs_diff <= TOLERANCE
-    assert ours <= 2 * noise + 1e-6
-    assert result.argmax_agreement == 1.0 and padded.argmax_agreement == 1.0
+    assert_logits_match(name, *compare_with_padding(params, reference, ids), TOLERANCE, float64=(path, ids))
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))

@@ -5,15 +5,14 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import gguf
 import numpy as np
 import pytest
-import torch
 import transformers
 from tokenizers import Tokenizer
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-from gguf_util import Q, bpe_tokenizer_metadata, spm_tokenizer_metadata, write_gguf_file
+from gguf_util import (Q, assert_config_agrees, assert_config_reads_back, bpe_tokenizer_metadata, gguf_tensors,
+                       random_model, spm_tokenizer_metadata, write_gguf_file, written_model)
 from jaxllm import parity
 from jaxllm.gguf_reader import read_gguf
 from jaxllm.errors import TokenizerError
@@ -64,46 +63,6 @@ FAMILIES = {  # the keys each of llama.cpp's convert_hf_to_gguf model classes wr
 }
 
 
-def random_model(config):
-    """A seeded random model with random norm weights and biases, not the 1s and 0s they start as. Norm weights
-    are multiples of 1/128 below 1/2 in size, so Gemma's stored 1 + w is exact in float32 and w comes back as it was."""
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
-    with torch.no_grad():
-        for name, tensor in model.named_parameters():
-            if name.endswith("norm.weight"):
-                tensor.copy_(torch.randint(-64, 64, tensor.shape) / 128 + (0 if "gemma" in config.model_type else 1))
-            elif name.endswith(".bias"):
-                tensor.copy_(torch.randn(tensor.shape) * 0.1)
-    return model
-
-
-def llama_cpp_permute(weight, heads):
-    """convert_hf_to_gguf's LlamaModel.permute: each head's rows from HF's halves to interleaved RoPE pairs."""
-    rows = weight.shape[0]  # [N*H, D]
-    return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
-
-
-def gguf_tensors(model, family, qtype=Q.F32):
-    """The model's state dict under llama.cpp's names (gguf-py's own map) and encodings; matrices in `qtype`."""
-    config = model.config
-    arch = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == family.arch)
-    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
-    tensors = {}
-    for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight" and config.tie_word_embeddings:
-            continue
-        weight = tensor.numpy()
-        if family.arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
-            weight = llama_cpp_permute(weight, N if "q_proj" in name else K)
-        if "gemma" in family.arch and name.endswith("norm.weight"):
-            weight = weight + np.float32(1)  # Gemma's RMSNorm scales by 1 + w; llama.cpp stores 1 + w
-        stem, suffix = name.rsplit(".", 1)
-        key = f"{names.get_name(stem)}.{suffix}"
-        tensors[key] = weight if weight.ndim == 1 or qtype == Q.F32 else (gguf.quants.quantize(weight, qtype), qtype)
-    return tensors
-
-
 def family_metadata(family, config):
     """The metadata llama.cpp writes for a model of this config, less the tokenizer's."""
     metadata = {"general.name": "mistral"} if config.model_type == "mistral" else {}
@@ -116,16 +75,13 @@ def family_metadata(family, config):
 
 def write_family(path, family, model, qtype=Q.F32):
     metadata = family_metadata(family, model.config) | bpe_tokenizer_metadata(V, family.pre)
-    return write_gguf_file(path, family.arch, metadata, gguf_tensors(model, family, qtype))
+    return write_gguf_file(path, family.arch, metadata, gguf_tensors(model, family.arch, qtype))
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def written(request, tmp_path_factory):
     """(family name, source model, GGUF path)."""
-    family = FAMILIES[request.param]
-    model = random_model(family.config())
-    path = write_family(tmp_path_factory.mktemp(request.param) / f"{request.param}.gguf", family, model)
-    return request.param, model, path
+    return written_model(request, tmp_path_factory, FAMILIES, random_model, write_family)
 
 
 def transformers_tensors(path, model):
@@ -152,25 +108,12 @@ def test_tensors_equal_transformers_gguf_loader_and_the_source_model(written):
 
 def test_config_agrees_with_transformers_gguf_loader(written):
     _, _, path = written
-    ours = read_gguf(path).config
-    theirs = load_gguf_checkpoint(str(path))["config"]
-    shared = ours.keys() & theirs.keys()
-    assert {key: ours[key] for key in shared} == {key: theirs[key] for key in shared}
-    assert theirs.keys() - ours.keys() <= {"_model_name_or_path"}  # GGUF's general.name
-    # Read by the config class, the fields Transformers leaves at their defaults agree as well.
-    ours, theirs = (transformers.AutoConfig.for_model(**config).to_dict() for config in (ours, theirs))
-    for key in theirs.keys() - {"architectures", "_model_name_or_path"}:
-        assert ours[key] == theirs[key], key
+    assert_config_agrees(path)
 
 
 def test_config_reads_back_as_the_source_models(written):
-    name, model, path = written
-    ours = read_gguf(path).config
-    assert ours["model_type"] == model.config.model_type
-    assert ours["architectures"] == [type(model).__name__]
-    ours, source = transformers.AutoConfig.for_model(**ours).to_dict(), model.config.to_dict()
-    for key in source.keys() - {"architectures", "dtype", "transformers_version"}:
-        assert ours[key] == source[key], key
+    _, model, path = written
+    assert_config_reads_back(path, model)
 
 
 def test_tokenizer_files_are_built(written):

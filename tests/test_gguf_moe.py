@@ -4,17 +4,18 @@ tensors, config and logits, and, for the architectures Transformers' GGUF loader
 tensors and config too. DeepSeek-V2/V3 (deepseek2) come in both of llama.cpp's layouts of the latent attention's
 kv_b_proj. A quantized file keeps its experts in their blocks (weights="gguf")."""
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import gguf
 import numpy as np
 import pytest
-import torch
 import transformers
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-from gguf_util import Q, bpe_tokenizer_metadata, write_gguf_file
+import gguf_util
+from gguf_util import (Q, assert_config_agrees, assert_config_reads_back, bpe_tokenizer_metadata, write_gguf_file,
+                       written_model)
 from jaxllm import parity
 from jaxllm.gguf_reader import read_gguf
 from jaxllm.loader import load
@@ -86,62 +87,32 @@ FAMILIES |= {
 READ_BY_TRANSFORMERS = ("qwen2_moe", "qwen3_moe")  # the MoE architectures Transformers' GGUF loader reads
 
 
-def random_model(config):
-    """A seeded random model with random norm weights and biases; experts run by Transformers' eager loop."""
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, experts_implementation="eager").float().eval()
-    with torch.no_grad():
-        for name, tensor in model.named_parameters():
-            if name.endswith("norm.weight"):
-                tensor.copy_(torch.randint(-64, 64, tensor.shape) / 128 + 1)
-            elif name.endswith(".bias"):
-                tensor.copy_(torch.randn(tensor.shape) * 0.1)
-            elif name.endswith("mlp.gate.weight"):  # a wider router spread: distinct choices, clear of ties
-                tensor.mul_(8)
-        for name, buffer in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):  # DeepSeek-V3: it changes which experts are chosen
-                buffer.copy_(torch.randn(buffer.shape) * 0.5)
-    return model
+# Transformers' eager experts loop, the reference form.
+random_model = functools.partial(gguf_util.random_model, experts_implementation="eager")
 
 
-def llama_cpp_permute(weight, heads):
-    """convert_hf_to_gguf's LlamaModel.permute: each head's rows from HF's halves to interleaved RoPE pairs."""
-    rows = weight.shape[0]  # [N*H, D]
-    return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+def moe_parts(family):
+    """gguf_tensors' `convert` for `family`: experts stacked per projection ([E, F, D] gate and up from
+    Transformers' fused gate_up_proj [E, 2F, D], [E, D, F] down) and DeepSeek's kv_b_proj split where the family
+    writes it so."""
+    def convert(name, weight):
+        if family.split_kv_b and name.endswith("kv_b_proj.weight"):  # per head: k_b [N, C, P] transposed, v_b [N, U, C]
+            kv_b, layer = weight.reshape(N, P + U, C), name.split(".")[2]
+            return {f"blk.{layer}.attn_k_b.weight": kv_b[:, :P].transpose(0, 2, 1),
+                    f"blk.{layer}.attn_v_b.weight": kv_b[:, P:]}
+        if name.endswith("experts.gate_up_proj"):
+            layer = name.split(".")[2]
+            return {f"blk.{layer}.ffn_gate_exps.weight": weight[:, :FE],
+                    f"blk.{layer}.ffn_up_exps.weight": weight[:, FE:]}
+        if name.endswith("experts.down_proj"):
+            return {f"blk.{name.split('.')[2]}.ffn_down_exps.weight": weight}
+        return None
+    return convert
 
 
 def gguf_tensors(model, family, qtype=Q.F32):
-    """The model's state dict as llama.cpp's converter writes it: gguf-py's names, experts stacked per projection
-    ([E, F, D] gate and up from Transformers' fused gate_up_proj [E, 2F, D], [E, D, F] down), axes of size 1
-    squeezed out (Qwen2-MoE's shared_expert_gate), matrices in `qtype`."""
-    config = model.config
-    arch = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == family.arch)
-    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
-    tensors = {}
-    for name, tensor in model.state_dict().items():
-        weight = tensor.numpy()
-        if family.arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
-            weight = llama_cpp_permute(weight, N if "q_proj" in name else K)
-        name = name.replace("e_score_correction_bias", "e_score_correction.bias")  # the converter's rename
-        if family.split_kv_b and name.endswith("kv_b_proj.weight"):  # per head: k_b [N, C, P] transposed, v_b [N, U, C]
-            kv_b, layer = weight.reshape(N, P + U, C), name.split(".")[2]
-            parts = {f"blk.{layer}.attn_k_b.weight": kv_b[:, :P].transpose(0, 2, 1),
-                     f"blk.{layer}.attn_v_b.weight": kv_b[:, P:]}
-        elif name.endswith("experts.gate_up_proj"):
-            layer = name.split(".")[2]
-            parts = {f"blk.{layer}.ffn_gate_exps.weight": weight[:, :FE],
-                     f"blk.{layer}.ffn_up_exps.weight": weight[:, FE:]}
-        elif name.endswith("experts.down_proj"):
-            parts = {f"blk.{name.split('.')[2]}.ffn_down_exps.weight": weight}
-        else:
-            stem, suffix = name.rsplit(".", 1)
-            parts = {f"{names.get_name(stem)}.{suffix}": weight.squeeze()}
-        for key, weight in parts.items():
-            weight = np.ascontiguousarray(weight)
-            # As llama.cpp: vectors, and rows that are no whole number of blocks, stay as they were.
-            blocks = weight.ndim > 1 and qtype != Q.F32 and weight.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0] == 0
-            tensors[key] = (gguf.quants.quantize(weight, qtype), qtype) if blocks else weight
-    return tensors
+    """The model's state dict as llama.cpp's converter writes it (gguf_util.gguf_tensors), experts stacked."""
+    return gguf_util.gguf_tensors(model, family.arch, qtype, moe_parts(family))
 
 
 def write_family(path, family, model, qtype=Q.F32):
@@ -173,10 +144,7 @@ def source_tensor(state: dict, name: str, family: Family) -> np.ndarray:
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def written(request, tmp_path_factory):
     """(family name, source model, GGUF path)."""
-    family = FAMILIES[request.param]
-    model = random_model(family.config())
-    path = write_family(tmp_path_factory.mktemp(request.param) / f"{request.param}.gguf", family, model)
-    return request.param, model, path
+    return written_model(request, tmp_path_factory, FAMILIES, random_model, write_family)
 
 
 def test_tensors_equal_the_source_model(written):
@@ -221,24 +189,13 @@ def test_config_agrees_with_transformers_gguf_loader(tmp_path, name):
         "block_count": 2, "context_length": 256, "embedding_length": D, "attention.head_count": N,
         "attention.head_count_kv": K, "attention.layer_norm_rms_epsilon": EPS, "vocab_size": V,
         **family.metadata}.items()}, {})
-    ours, theirs = read_gguf(path).config, load_gguf_checkpoint(str(path))["config"]
-    shared = ours.keys() & theirs.keys()
-    assert {key: ours[key] for key in shared} == {key: theirs[key] for key in shared}
-    assert theirs.keys() - ours.keys() <= {"_model_name_or_path"}
-    ours, theirs = (transformers.AutoConfig.for_model(**config).to_dict() for config in (ours, theirs))
-    for key in theirs.keys() - {"architectures", "_model_name_or_path"} - NOT_READ_BY_TRANSFORMERS:
-        assert ours[key] == theirs[key], key
+    assert_config_agrees(path, ignore=NOT_READ_BY_TRANSFORMERS)
 
 
 def test_config_reads_back_as_the_source_models(written):
-    name, model, path = written
-    ours = read_gguf(path).config
-    assert ours["model_type"] == model.config.model_type
-    assert ours["architectures"] == [type(model).__name__]
-    ours, source = transformers.AutoConfig.for_model(**ours).to_dict(), model.config.to_dict()
+    _, model, path = written
     # llama.cpp's DeepSeek files hold no multi-token-prediction layers
-    for key in source.keys() - {"architectures", "dtype", "transformers_version", "num_nextn_predict_layers"}:
-        assert ours[key] == source[key], key
+    assert_config_reads_back(path, model, ignore={"num_nextn_predict_layers"})
 
 
 def test_logits_equal_the_source_model(written):

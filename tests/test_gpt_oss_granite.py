@@ -9,6 +9,7 @@ is set low enough that the clamp bites, and the window is smaller than the seque
 """
 
 import dataclasses
+import functools
 import json
 import shutil
 
@@ -17,8 +18,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from family_util import assert_logits_match, checkpoints_fixture, compare_with_padding, random_ids
 from jaxllm import mxfp4, parity
-from jaxllm.generate import generate, positions_from_mask
+from jaxllm.generate import generate
 from jaxllm.loader import load
 from jaxllm.model import experts
 
@@ -36,16 +38,7 @@ SCALE = 0.08  # logits reach 1.5-4
 TOLERANCE = 1e-5
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    made = {}
-
-    def get(name: str):
-        if name not in made:
-            made[name] = parity.random_checkpoint({**BASE, **FAMILIES[name]}, tmp_path_factory.mktemp(name),
-                                                  seed=3, scale=SCALE)
-        return made[name]
-    return get
+checkpoints = checkpoints_fixture(BASE, FAMILIES, SCALE, seed=3)  # name -> its checkpoint's path
 
 
 @pytest.fixture(scope="module")
@@ -59,24 +52,14 @@ def references(checkpoints):
     return get
 
 
-def ids_for(batch: int, T: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(3, BASE["vocab_size"], (batch, T))
+ids_for = functools.partial(random_ids, BASE["vocab_size"])  # (batch, T, seed=0) -> ids
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_logits_match_transformers(checkpoints, references, name):
     """Every position of a 2 x 13 batch, and of the same batch with row 1 left-padded, within 1e-5."""
     params, reference = load(checkpoints(name)), references(name)
-    ids = ids_for(2, 13)
-    result = parity.compare(params, reference, ids)
-    mask = np.ones_like(ids)
-    mask[1, :6] = 0
-    padded = parity.compare(params, reference, ids, np.asarray(positions_from_mask(mask)), mask)
-    print(f"{name}: max_abs_diff={result.max_abs_diff:.3g} (padded {padded.max_abs_diff:.3g}), "
-          f"logits reach {np.abs(result.reference).max():.1f}")
-    assert np.abs(result.reference).max() > 1.5, "reference logits too small to make the comparison meaningful"
-    assert result.max_abs_diff <= TOLERANCE and padded.max_abs_diff <= TOLERANCE
-    assert result.argmax_agreement == 1.0 and padded.argmax_agreement == 1.0
+    assert_logits_match(name, *compare_with_padding(params, reference, ids_for(2, 13)), TOLERANCE)
 
 
 def test_gpt_oss_checkpoint_fills_every_family_field(checkpoints):

@@ -6,12 +6,14 @@ differently per token and every expert, shared expert and gate moves the logits.
 """
 
 import dataclasses
+import functools
 
 import numpy as np
 import pytest
 
+from family_util import assert_logits_match, checkpoints_fixture, compare_with_padding, random_ids
 from jaxllm import parity
-from jaxllm.generate import generate, positions_from_mask
+from jaxllm.generate import generate
 from jaxllm.loader import load
 
 BASE = dict(vocab_size=96, hidden_size=48, intermediate_size=64, num_hidden_layers=3, num_attention_heads=6,
@@ -35,20 +37,10 @@ SCALE = 0.08
 TOLERANCE = 1e-5
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    made = {}
-
-    def get(name: str):
-        if name not in made:
-            made[name] = parity.random_checkpoint({**BASE, **FAMILIES[name]}, tmp_path_factory.mktemp(name),
-                                                  seed=len(name), scale=SCALE)
-        return made[name]
-    return get
+checkpoints = checkpoints_fixture(BASE, FAMILIES, SCALE)  # name -> its checkpoint's path; seed len(name)
 
 
-def ids_for(batch: int, T: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(3, BASE["vocab_size"], (batch, T))
+ids_for = functools.partial(random_ids, BASE["vocab_size"])  # (batch, T, seed=0) -> ids
 
 
 def test_configs_read_the_expert_layout(checkpoints):
@@ -84,18 +76,7 @@ def test_logits_match_transformers(checkpoints, name):
     params, reference = load(path), parity.reference_model(path)
     assert reference.config._experts_implementation == "eager"
     ids = ids_for(2, 13)
-    result = parity.compare(params, reference, ids)
-    mask = np.ones_like(ids)
-    mask[1, :6] = 0
-    padded = parity.compare(params, reference, ids, np.asarray(positions_from_mask(mask)), mask)
-    fp64 = parity.reference_logits(parity.reference_model(path, "float64"), ids, np.tile(np.arange(13), (2, 1)))
-    noise, ours = (parity.compare_logits(fp64, x).max_abs_diff for x in (result.reference, result.ours))
-    print(f"{name}: max_abs_diff={result.max_abs_diff:.3g} (padded {padded.max_abs_diff:.3g}), vs float64 "
-          f"{ours:.3g} (Transformers fp32 vs float64 {noise:.3g}), logits reach {np.abs(result.reference).max():.1f}")
-    assert np.abs(result.reference).max() > 1.5
-    assert result.max_abs_diff <= TOLERANCE and padded.max_abs_diff <= TOLERANCE
-    assert ours <= 2 * noise + 1e-6
-    assert result.argmax_agreement == 1.0 and padded.argmax_agreement == 1.0
+    assert_logits_match(name, *compare_with_padding(params, reference, ids), TOLERANCE, float64=(path, ids))
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
