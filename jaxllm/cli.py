@@ -274,7 +274,13 @@ def _print_weights(model, weights: str) -> None:
 # LLMConfig fields that switch a family behaviour in the forward (config.py says what each does).
 FAMILY_FIELDS = ("attention_bias", "qkv_bias", "mlp_bias", "hidden_act", "rotary_dim", "sliding_window", "layer_types",
                  "local_rope", "no_rope_layers", "qk_norm", "gemma_norms", "embed_scale", "query_pre_attn_scalar",
-                 "attn_logit_softcapping", "final_logit_softcapping")
+                 "attn_logit_softcapping", "final_logit_softcapping",
+                 # experts, latent attention, gpt-oss and Granite
+                 "num_experts", "num_experts_per_tok", "moe_intermediate_size", "moe_layers", "router", "norm_topk_prob",
+                 "shared_expert_intermediate_size", "shared_expert_gated", "routed_scaling_factor", "n_group",
+                 "topk_group", "qk_norm_full", "clip_qkv", "kv_lora_rank", "q_lora_rank", "qk_nope_head_dim",
+                 "v_head_dim", "attention_sinks", "swiglu_limit", "attention_multiplier", "residual_multiplier",
+                 "logits_scaling")
 
 
 def _short(value, limit: int = 6) -> str:

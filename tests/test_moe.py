@@ -129,3 +129,15 @@ def test_ladder_names_the_rung_of_an_injected_bug(checkpoints, family, changes, 
         wrong = wrong.replace(layers=tuple(layer.replace(shared_expert_gate=None) for layer in wrong.layers))
     result = parity.ladder(wrong, ids_for(1, 13), reference=parity.reference_model(path))
     assert result["first_divergent"] == rung, parity.format_ladder(result)
+
+
+def test_inspect_shows_the_expert_fields_and_map(checkpoints, capsys):
+    from jaxllm.cli import main
+
+    assert main(["inspect", "--model", str(checkpoints("qwen2_moe"))]) == 0
+    out = capsys.readouterr().out
+    family = out[out.index("family qwen2_moe"):out.index("tensors (")]
+    for line in ("num_experts                6", "num_experts_per_tok        2", "moe_intermediate_size      16",
+                 "moe_layers                 (True, False, True)", "shared_expert_intermediate_size 40"):
+        assert line in family, family
+    assert "model.layers.0.mlp.experts.3.up_proj.weight" in out and "-> layers[0].experts_gate_up[3:4, :, 1:2]" in out
