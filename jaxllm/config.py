@@ -77,8 +77,6 @@ MAX_SIZE = 2**31 - 1  # the largest size, count or position a config may give
 FLOAT32_TINY, FLOAT32_MAX = 1.1754943508222875e-38, 3.4028234663852886e38  # float32's smallest normal and largest
 # Transformers silently defaults these to Llama-7B sizes; a checkpoint without them is broken, not 7B.
 REQUIRED_SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss",
-                "granitemoe")  # their MLPs are experts (all or some layers)
 # The fields that count a config's experts, by the names HF's config classes use (Qwen3-MoE's attribute_map maps
 # num_experts to num_local_experts; DeepSeek says n_routed_experts).
 EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")
@@ -88,10 +86,10 @@ EXPERT_COUNT = {"mixtral": ("num_local_experts", "num_experts"), "qwen2_moe": ("
                 "deepseek_v2": ("n_routed_experts", "num_experts"),
                 "deepseek_v3": ("n_routed_experts", "num_local_experts"),
                 "gpt_oss": ("num_local_experts", "num_experts"), "granitemoe": ("num_local_experts", None)}
+MOE_FAMILIES = tuple(EXPERT_COUNT)  # their MLPs are experts (all or some layers)
 # Fields of things jaxllm does not run; present with a value other than null/0/false, they are refused by name
 # (the mixture-of-experts ones outside MOE_FAMILIES, whose Transformers classes would ignore them).
-MOE_FIELDS = {"num_experts": "mixture of experts", "num_local_experts": "mixture of experts",
-              "n_routed_experts": "mixture of experts", "moe_intermediate_size": "mixture of experts"}
+MOE_FIELDS = dict.fromkeys((*EXPERT_COUNT_FIELDS, "moe_intermediate_size"), "mixture of experts")
 UNSUPPORTED_FIELDS = {
     "vision_config": "a multimodal model", "audio_config": "a multimodal model", "text_config": "a multimodal model",
     "use_bidirectional_attention": "bidirectional attention",

@@ -182,6 +182,11 @@ def is_quantized(w) -> bool:
     return isinstance(w, Int8 | Blocks)
 
 
+def dense(w) -> Array:
+    """A matrix as a float array: a quantized one dequantized whole, a float one as it is."""
+    return w.dequantize() if is_quantized(w) else w
+
+
 def format_of(w) -> str:
     """'int8', 'Q4_1', ..., or the dtype of a plain array ('float32', 'bfloat16')."""
     return w.format if is_quantized(w) else str(w.dtype)

@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 from jaxllm.config import LLMConfig
 from jaxllm.model.mlp import ACTIVATIONS
 from jaxllm.model.ops import Array, Tap, bias, linear
-from jaxllm.weights import Int8, is_quantized
+from jaxllm.weights import Int8, dense
 
 if TYPE_CHECKING:
     from jaxllm.model import Layer
@@ -135,11 +135,11 @@ def experts_all(layer: "Layer", x: Array, weights: Array, chosen: Array, config:
     E, F = config.num_experts, config.moe_intermediate_size
     gate_up = bias(linear(x[None], layer.experts_gate_up)[0], layer.experts_gate_up_bias)  # [M, E, F, 2]
     chex.assert_shape(gate_up, (M, E, F, 2))
-    down = layer.experts_down.dequantize() if hasattr(layer.experts_down, "dequantize") else layer.experts_down
-    out = jnp.einsum("MEF,EDF->MED", expert_activation(gate_up, config), down.astype(x.dtype))  # [M, E, D]
+    down = dense(layer.experts_down).astype(x.dtype)  # [E, D, F]
+    out = jnp.einsum("MEF,EDF->MED", expert_activation(gate_up, config), down)  # [M, E, D]
     out = bias(out, layer.experts_down_bias)  # gpt-oss: each expert's down bias, weighted with its output
-    dense = jnp.zeros((M, E), jnp.float32).at[jnp.arange(M)[:, None], chosen].add(weights)  # [M, E]
-    return jnp.einsum("MED,ME->MD", out, dense.astype(x.dtype))
+    every = jnp.zeros((M, E), jnp.float32).at[jnp.arange(M)[:, None], chosen].add(weights)  # [M, E]
+    return jnp.einsum("MED,ME->MD", out, every.astype(x.dtype))
 
 
 # How experts_chosen runs on CPU, by the number of (token, expert) pairs P = M·k; medians of one layer's experts
@@ -223,10 +223,6 @@ def _tiles(layer: "Layer", x: Array, chosen: Array, config: LLMConfig) -> Array:
     return out[slot_of_pair].reshape(M, k, D)  # a gather back, not a scatter-add: every pair has one slot
 
 
-def _dense(w) -> Array:
-    return w.dequantize() if is_quantized(w) else w
-
-
 def _ragged(layer: "Layer", x: Array, chosen: Array, config: LLMConfig) -> Array:
     """x [M, D], chosen [M, k] -> [M, k, D] with jax.lax.ragged_dot: the pairs sorted by expert, each expert's group
     of rows times its matrix. A quantized stack is dequantized whole first (XLA on GPU fuses that into the operand)."""
@@ -238,11 +234,11 @@ def _ragged(layer: "Layer", x: Array, chosen: Array, config: LLMConfig) -> Array
     # Contract the rows' D with each expert's last axis: the stacks keep HF's [out, in], no transposed copy.
     dims = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([1], [2]), ([], [])),
                                              lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
-    gate_up = _dense(layer.experts_gate_up).astype(x.dtype).reshape(E, 2 * F, D)
+    gate_up = dense(layer.experts_gate_up).astype(x.dtype).reshape(E, 2 * F, D)
     h = jax.lax.ragged_dot_general(x[order // k], gate_up, sizes, dims).reshape(M * k, F, 2)  # [P, F, 2]
     if layer.experts_gate_up_bias is not None:
         h = h + layer.experts_gate_up_bias[by_expert].astype(h.dtype)
-    out = jax.lax.ragged_dot_general(expert_activation(h, config), _dense(layer.experts_down).astype(x.dtype),
+    out = jax.lax.ragged_dot_general(expert_activation(h, config), dense(layer.experts_down).astype(x.dtype),
                                      sizes, dims)  # [P, D]
     if layer.experts_down_bias is not None:
         out = out + layer.experts_down_bias[by_expert].astype(out.dtype)

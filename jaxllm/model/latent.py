@@ -27,6 +27,7 @@ from jaxllm.config import LLMConfig
 from jaxllm.model.cache import write_rows
 from jaxllm.model.ops import Array, Context, linear, rms_norm
 from jaxllm.model.rope import apply_rope
+from jaxllm.weights import dense
 
 if TYPE_CHECKING:
     from jaxllm.model import Layer
@@ -93,11 +94,6 @@ def _softmax(scores: list[Array], seen: list[Array], scale: float) -> list[Array
     return jnp.split(probs, splits, axis=-1)
 
 
-def _dense(w) -> Array:
-    """A weight as a float array (a quantized matrix dequantized)."""
-    return w.dequantize() if hasattr(w, "dequantize") else w
-
-
 def expanded(layer: Layer, q_pass: Array, q_rot: Array, entry: Array, visible: Array,
              cached: tuple[Array, Array] | None, config: LLMConfig) -> Array:
     """HF's form: every latent up-projected to per-head keys and values, then attention. q_pass [B, T, N, P],
@@ -121,7 +117,7 @@ def absorbed(layer: Layer, q_pass: Array, q_rot: Array, entry: Array, visible: A
     """The same attention over the latents themselves: q · k_n = (q_pass · W_UK[n]) · latent + q_rot · k_rot, and
     Σ p · v_n = W_UV[n] · (Σ p · latent). Arguments and result as `expanded`."""
     C, P = config.kv_lora_rank, config.qk_nope_head_dim
-    w = _dense(layer.kv_b_proj).astype(q_pass.dtype)  # [N, P + U, C]
+    w = dense(layer.kv_b_proj).astype(q_pass.dtype)  # [N, P + U, C]
     q_latent = jnp.einsum("BTNP,NPC->BTNC", q_pass, w[:, :P])  # the query's key half, in latent space
     query = jnp.concatenate([q_latent, q_rot], axis=-1)  # [B, T, N, C + R]: scores against whole entries at once
     scores, seen = [jnp.einsum("BTNX,BSX->BNTS", query, entry)], [visible]
