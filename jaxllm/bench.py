@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm.generate import GenerationSettings, bucket, decode, generate, left_pad, prefill
+from jaxllm.generation import GenerationSettings, bucket, decode, generate, left_pad, prefill
 from jaxllm.model import KVCache, Model, compile_counts, forward
 from jaxllm.parity import agreement_length, reference_model, torch_and_transformers
 from jaxllm.weights import nbytes

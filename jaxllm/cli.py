@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_generate(args) -> int:
     import jax
 
-    from jaxllm.generate import UNKNOWN_TOKEN, Sampling, generate
+    from jaxllm.generation import UNKNOWN_TOKEN, Sampling, generate
     from jaxllm.loader import load_model
 
     mesh = _mesh(args)

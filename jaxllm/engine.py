@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.errors import InputError, JaxLLMError
-from jaxllm.generate import DECODE_COMPILER_OPTIONS, Sampling, bucket, end_ids, next_logits, sample_rows, to_host
+from jaxllm.generation import DECODE_COMPILER_OPTIONS, Sampling, bucket, end_ids, next_logits, sample_rows, to_host
 from jaxllm.model import KVCache, Model, Params, program, run
 from jaxllm.model.cache import token_bytes
 

@@ -170,7 +170,7 @@ def report(path: str | Path, prompt: str, max_new_tokens: int = 20, tolerance: f
            with_ladder: bool = False) -> dict[str, Any]:
     """Both engines on one prompt: logits at every position against Transformers fp32, the noise floor
     (Transformers fp32 vs its own float64 run), jaxllm vs float64, and the greedy continuation of each."""
-    from jaxllm.generate import generate
+    from jaxllm.generation import generate
     from jaxllm.loader import load_model
 
     path = Path(path)
@@ -253,7 +253,7 @@ def weights_report(model: str | Path | None, weights: str, prompts=QUALITY_PROMP
     fp32 jaxllm and in Transformers, and how long they agree. `model` as for jaxllm.load (for "gguf", the .gguf;
     the default model's when None); Transformers reads `reference_path` (default: the checkpoint itself; for the
     default model the folder converted from its GGUF, which holds the same numbers)."""
-    from jaxllm.generate import generate, left_pad, positions_from_mask
+    from jaxllm.generation import generate, left_pad, positions_from_mask
     from jaxllm.loader import load_model, resolve
 
     quantized = load_model(model, weights)

@@ -36,7 +36,7 @@ import uvicorn
 
 from jaxllm.engine import ContextLengthError, Engine, EngineStopped, QueueFull, Request
 from jaxllm.errors import InputError, JaxLLMError
-from jaxllm.generate import UNKNOWN_TOKEN
+from jaxllm.generation import UNKNOWN_TOKEN
 from jaxllm.tokenizer import StreamDecoder
 
 logger = logging.getLogger("uvicorn.error")  # uvicorn configures it: our lines read like its own

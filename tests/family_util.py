@@ -37,7 +37,7 @@ def random_ids(vocab: int, batch: int, T: int, seed: int = 0) -> np.ndarray:
 
 def compare_with_padding(params, reference, ids):
     """parity.compare on `ids` as they are, and with row 1 left-padded (its first 6 tokens masked out)."""
-    from jaxllm.generate import positions_from_mask
+    from jaxllm.generation import positions_from_mask
 
     result = parity.compare(params, reference, ids)
     mask = np.ones_like(ids)

@@ -10,7 +10,7 @@ import pytest
 
 from jaxllm import load, load_model, make_mesh, parity
 from jaxllm.errors import InputError
-from jaxllm.generate import DECODE_COMPILER_OPTIONS, GenerationSettings, _decode_step, generate, left_pad, prefill
+from jaxllm.generation import DECODE_COMPILER_OPTIONS, GenerationSettings, _decode_step, generate, left_pad, prefill
 from jaxllm.loader import SHARDING
 from jaxllm.model import compile_counts, forward
 

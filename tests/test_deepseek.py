@@ -22,7 +22,7 @@ from family_util import assert_logits_match, checkpoints_fixture, compare_with_p
 from jaxllm import parity
 from jaxllm.config import LLMConfig
 from jaxllm.errors import ConfigError
-from jaxllm.generate import generate
+from jaxllm.generation import generate
 from jaxllm.loader import load
 from jaxllm.model import KVCache, forward, latent, run
 from jaxllm.model import experts as experts_module

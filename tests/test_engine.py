@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from jaxllm import parity
-from jaxllm.generate import generate
+from jaxllm.generation import generate
 from jaxllm.loader import load
 from jaxllm.model import compile_counts, forward
 

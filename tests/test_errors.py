@@ -189,7 +189,7 @@ def test_malformed_inputs_are_explained(checkpoint):
 
 
 def test_generate_names_an_out_of_vocabulary_prompt_token(checkpoint):
-    from jaxllm.generate import generate
+    from jaxllm.generation import generate
 
     params = load(checkpoint)
     with pytest.raises(InputError, match=r"token id 64 at position 2 is outside the vocabulary \[0, 64\)"):
@@ -199,7 +199,7 @@ def test_generate_names_an_out_of_vocabulary_prompt_token(checkpoint):
 
 
 def test_generate_rejects_bad_arguments_by_name(checkpoint):
-    from jaxllm.generate import Sampling, generate
+    from jaxllm.generation import Sampling, generate
 
     params = load(checkpoint)
     with pytest.raises(InputError, match=r"max_new_tokens must be a positive integer, found 2.5"):
@@ -221,7 +221,7 @@ def test_generate_rejects_bad_arguments_by_name(checkpoint):
 
 
 def test_generate_accepts_arrays_and_sets_as_users_hold_them(checkpoint):
-    from jaxllm.generate import generate
+    from jaxllm.generation import generate
 
     params = load(checkpoint)
     expected = generate(params, [3, 4, 5], 6, eos_ids=[2]).tokens

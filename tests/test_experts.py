@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxllm.config import LLMConfig
-from jaxllm.generate import DECODE_COMPILER_OPTIONS
+from jaxllm.generation import DECODE_COMPILER_OPTIONS
 from jaxllm.model import Layer
 from jaxllm.model.experts import EXPERT_METHODS, PAIRS_PER_EXPERT, experts_all, experts_chosen, route
 from jaxllm.weights import Blocks, quantize_int8

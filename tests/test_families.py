@@ -16,7 +16,7 @@ import pytest
 from family_util import assert_logits_match, checkpoints_fixture, compare_with_padding, random_ids
 from jaxllm import parity
 from jaxllm.config import LLMConfig
-from jaxllm.generate import generate
+from jaxllm.generation import generate
 from jaxllm.loader import load
 
 CONFIGS = Path(__file__).parent.parent / "configs"

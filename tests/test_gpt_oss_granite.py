@@ -20,7 +20,7 @@ from safetensors.numpy import load_file, save_file
 
 from family_util import assert_logits_match, checkpoints_fixture, compare_with_padding, random_ids
 from jaxllm import mxfp4, parity
-from jaxllm.generate import generate
+from jaxllm.generation import generate
 from jaxllm.loader import load
 from jaxllm.model import experts
 

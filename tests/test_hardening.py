@@ -23,7 +23,7 @@ from jaxllm.config import LLMConfig
 from jaxllm.convert import MARKER, convert_gguf, locked
 from jaxllm.gguf_reader import read_gguf
 from jaxllm.errors import CheckpointError, ConfigError, InputError, TokenizerError
-from jaxllm.generate import Sampling, generate
+from jaxllm.generation import Sampling, generate
 from jaxllm.loader import load, load_model, open_checkpoint
 from jaxllm.model import Model, forward
 from jaxllm.tokenizer import Tokenizer

@@ -13,7 +13,7 @@ import pytest
 
 from family_util import assert_logits_match, checkpoints_fixture, compare_with_padding, random_ids
 from jaxllm import parity
-from jaxllm.generate import generate
+from jaxllm.generation import generate
 from jaxllm.loader import load
 
 BASE = dict(vocab_size=96, hidden_size=48, intermediate_size=64, num_hidden_layers=3, num_attention_heads=6,

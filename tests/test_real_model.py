@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from jaxllm import parity
-from jaxllm.generate import Sampling, generate
+from jaxllm.generation import Sampling, generate
 from jaxllm.model import compile_counts
 
 PROMPTS = {

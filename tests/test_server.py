@@ -22,7 +22,7 @@ import pytest
 import uvicorn
 
 from jaxllm.engine import Engine
-from jaxllm.generate import generate
+from jaxllm.generation import generate
 from jaxllm.server import build_app
 
 MODEL = "smollm2-test"  # the served name: requests must say it

@@ -233,7 +233,7 @@ def test_top_p_of_one_keeps_every_token():
     """An fp32 running sum reaches 1.0 before the end of a large vocabulary: top_p=1.0 must still cut nothing."""
     import jax.numpy as jnp
 
-    from jaxllm.generate import filter_logits
+    from jaxllm.generation import filter_logits
 
     logits = 3 * jnp.asarray(np.random.default_rng(0).standard_normal((2, 151_936)), jnp.float32)
     kept = filter_logits(logits, jnp.ones(2), jnp.zeros(2, jnp.int32), jnp.ones(2))

@@ -13,7 +13,7 @@ from gguf_util import Q, write_gguf
 from jaxllm import cli, load, load_model, parity
 from jaxllm.gguf_reader import read_gguf
 from jaxllm.errors import InputError
-from jaxllm.generate import generate, left_pad, positions_from_mask
+from jaxllm.generation import generate, left_pad, positions_from_mask
 from jaxllm.loader import MATRICES
 from jaxllm.weights import BLOCK_FORMATS, Blocks, Int8, format_of, is_quantized, nbytes
 
@@ -230,7 +230,7 @@ def test_decode_over_several_rows_writes_no_f32_copy_of_a_matrix(formats, weight
     carries outliers are parameters in fp32 from the start)."""
     import re
 
-    from jaxllm.generate import DECODE_COMPILER_OPTIONS, next_logits
+    from jaxllm.generation import DECODE_COMPILER_OPTIONS, next_logits
     from jaxllm.model import KVCache
 
     params = formats[weights].params
