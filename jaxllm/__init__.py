@@ -21,7 +21,7 @@ from jaxllm.config import LLMConfig
 from jaxllm.engine import ContextLengthError, Engine, QueueFull, Request
 from jaxllm.errors import CheckpointError, ConfigError, InputError, JaxLLMError, ModelNotFoundError, TokenizerError
 from jaxllm.generation import (DecodeState, GenerationResult, GenerationSettings, Sampling, decode, decode_step,
-                             generate, left_pad, prefill)
+                               generate, left_pad, prefill)
 from jaxllm.loader import Checkpoint, distributed, load, load_model, make_mesh, open_checkpoint
 from jaxllm.model import KVCache, Model, Params, compile_counts, forward, forward_with_intermediates
 
