@@ -17,13 +17,34 @@
     engine.generate([ids_a, ids_b], max_tokens=32)                          # or submit(Request(...)) from any thread
 """
 
-from jaxllm.config import LLMConfig
-from jaxllm.engine import ContextLengthError, Engine, QueueFull, Request
-from jaxllm.errors import CheckpointError, ConfigError, InputError, JaxLLMError, ModelNotFoundError, TokenizerError
-from jaxllm.generation import (DecodeState, GenerationResult, GenerationSettings, Sampling, decode, decode_step,
-                               generate, left_pad, prefill)
-from jaxllm.loader import Checkpoint, distributed, load, load_model, make_mesh, open_checkpoint
-from jaxllm.model import KVCache, Model, Params, compile_counts, forward, forward_with_intermediates
+import importlib
+
+# Each public name and the module it lives in, imported on first use (PEP 562): `import jaxllm` costs nothing until a
+# name is used, and the command line imports only what its command needs (never the serving engine for generate).
+_NAMES = {
+    "jaxllm.config": ["LLMConfig"],
+    "jaxllm.engine": ["ContextLengthError", "Engine", "QueueFull", "Request"],
+    "jaxllm.errors": ["CheckpointError", "ConfigError", "InputError", "JaxLLMError", "ModelNotFoundError",
+                      "TokenizerError"],
+    "jaxllm.generation": ["DecodeState", "GenerationResult", "GenerationSettings", "Sampling", "decode", "decode_step",
+                          "generate", "left_pad", "prefill"],
+    "jaxllm.loader": ["Checkpoint", "distributed", "load", "load_model", "make_mesh", "open_checkpoint"],
+    "jaxllm.model": ["KVCache", "Model", "Params", "compile_counts", "forward", "forward_with_intermediates"],
+}
+_MODULE_OF = {name: module for module, names in _NAMES.items() for name in names}
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'jaxllm' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_MODULE_OF[name]), name)
+    globals()[name] = value  # found directly from now on
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *_MODULE_OF])
+
 
 __all__ = [
     "LLMConfig", "Params", "KVCache", "Model", "Sampling", "GenerationSettings", "DecodeState", "GenerationResult",

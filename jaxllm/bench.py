@@ -976,6 +976,18 @@ def compare(servers: list[Server], start_timeout: float = 600.0, **load) -> dict
     return {"runs": runs}
 
 
+def llama_cpp_python_path(given: str | None = None) -> str | None:
+    """A Python that has llama-cpp-python: `given`, $JAXLLM_LLAMA_CPP_PYTHON, this one, or the build's usual home (a
+    venv of its own beside the checkout: it builds llama.cpp from source); None when there is none."""
+    import importlib.util
+
+    python = given or os.environ.get("JAXLLM_LLAMA_CPP_PYTHON")
+    if python is None and importlib.util.find_spec("llama_cpp") is not None:
+        python = sys.executable
+    beside = Path(__file__).resolve().parents[2] / "llamacpp-venv" / "bin" / "python"
+    return python or (str(beside) if beside.exists() else None)
+
+
 def serving_servers(names: tuple[str, ...], model: str | None = None, weights: tuple[str, ...] = ("fp32",),
                     slots: int = 8, output_tokens: int = 64,
                     llama_cpp_python: str | None = None) -> tuple[list[Server], dict[str, str]]:
@@ -995,12 +1007,7 @@ def serving_servers(names: tuple[str, ...], model: str | None = None, weights: t
             servers += [Server(f"jaxllm {w}", (sys.executable, "-m", "jaxllm", "serve", *(["--model", model] if model
                                else []), "--weights", w, "--port", "{port}", "--slots", str(slots))) for w in weights]
         elif name == "llama-cpp-python":
-            python = llama_cpp_python or os.environ.get("JAXLLM_LLAMA_CPP_PYTHON")
-            if python is None and importlib.util.find_spec("llama_cpp") is not None:
-                python = sys.executable
-            # The build's usual home: a venv of its own beside the checkout (it builds llama.cpp from source).
-            beside = Path(__file__).resolve().parents[2] / "llamacpp-venv" / "bin" / "python"
-            python = python or (str(beside) if beside.exists() else None)
+            python = llama_cpp_python_path(llama_cpp_python)
             if python is None:
                 skipped[name] = ("no Python with llama-cpp-python[server]: give --llama-cpp-python PATH (or "
                                  "$JAXLLM_LLAMA_CPP_PYTHON)")
@@ -1035,6 +1042,94 @@ def serving_servers(names: tuple[str, ...], model: str | None = None, weights: t
         else:
             raise InputError(f"unknown server {name!r}: expected jaxllm, llama-cpp-python or transformers")
     return servers, skipped
+
+
+# ---- startup: a whole `jaxllm generate` process against llama-cpp-python doing the same job -------------------
+
+# The job `jaxllm generate PROMPT -n N` does, as llama-cpp-python does it: load the GGUF, N greedy tokens, print.
+LLAMA_CPP_GENERATE = """
+import sys, llama_cpp
+llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=256, n_threads=int(sys.argv[4]), n_threads_batch=int(sys.argv[4]),
+                      verbose=False, seed=0)
+out = llm.create_completion(sys.argv[2], max_tokens=int(sys.argv[3]), temperature=0.0, top_k=1, repeat_penalty=1.0)
+print(sys.argv[2] + out["choices"][0]["text"])
+"""
+
+
+def _timed_process(command: list[str], env: dict[str, str]) -> dict[str, Any]:
+    """Wall seconds of one process, its output, and the phases of a `jaxllm generate --timings` line."""
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900, check=False)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command[:4])} ... failed: {done.stderr.strip()[-500:]}")
+    out = {"wall_s": wall, "text": done.stdout.strip()}
+    line = next((x for x in done.stderr.splitlines() if x.startswith("timings: ")), None)
+    if line is not None:
+        phases, total = line[len("timings: "):].split("; total ")
+        out["phases_s"] = {name: float(value) for name, value in
+                           (p.rsplit(" ", 2)[:2] for p in phases.split(", "))}
+        out["phases_s"]["before the command"] = wall - float(total.split(" ")[0])
+    return out
+
+
+def startup(model: str | None = None, weights: str = "fp32", repeats: int = 5, prompt: str = "The capital of France is",
+            new_tokens: int = 8, llama_cpp_python: str | None = None) -> dict[str, Any]:
+    """Wall seconds of a whole `jaxllm generate PROMPT -n N` process: warm (its programs stored by an earlier run)
+    and cold (JAXLLM_COMPILE_CACHE=0: every program traced and compiled), each with the command's --timings
+    breakdown; alternated run by run with llama-cpp-python doing the same job on the model's GGUF (a fresh process:
+    load, N greedy tokens) when a Python with it is found. Medians and ranges over `repeats` rounds."""
+    from jaxllm.hub import COMPILE_CACHE_ENV
+    from jaxllm.loader import resolve
+
+    command = [sys.executable, "-m", "jaxllm", "generate", prompt, "-n", str(new_tokens), "--weights", weights,
+               "--timings", *(["--model", model] if model else [])]
+    env = dict(os.environ)
+    jobs = {"jaxllm warm": (command, {**env, COMPILE_CACHE_ENV: "1"}),
+            "jaxllm cold": (command, {**env, COMPILE_CACHE_ENV: "0"})}
+    python, skipped = llama_cpp_python_path(llama_cpp_python), None
+    gguf = resolve(model, gguf=True)
+    if python is None or gguf.suffix != ".gguf":
+        skipped = "no Python with llama-cpp-python" if python is None else f"{gguf} is not a GGUF file"
+    else:
+        threads = str(os.cpu_count() or 1)
+        jobs["llama-cpp-python"] = ([python, "-c", LLAMA_CPP_GENERATE, str(gguf), prompt, str(new_tokens), threads],
+                                    env)
+    _timed_process(*jobs["jaxllm warm"])  # stores the programs (and warms the page cache for everyone)
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in jobs}
+    for _ in range(repeats):
+        for name, job in jobs.items():
+            runs[name].append(_timed_process(*job))
+    rows = {}
+    for name, rs in runs.items():
+        walls = [r["wall_s"] for r in rs]
+        rows[name] = {"wall_s": round(statistics.median(walls), 3), "min_s": round(min(walls), 3),
+                      "max_s": round(max(walls), 3), "text": rs[0]["text"]}
+        if "phases_s" in rs[0]:
+            rows[name]["phases_s"] = {k: round(statistics.median(r["phases_s"][k] for r in rs), 3)
+                                      for k in rs[0]["phases_s"]}
+    out = {"prompt": prompt, "new_tokens": new_tokens, "weights": weights, "repeats": repeats, "jobs": rows,
+           "load_average": os.getloadavg()}
+    if "llama-cpp-python" in rows:
+        out["warm_over_llama_cpp"] = round(rows["jaxllm warm"]["wall_s"] / rows["llama-cpp-python"]["wall_s"], 2)
+    else:
+        out["llama_cpp_skipped"] = skipped
+    return out
+
+
+def startup_table(f: dict[str, Any]) -> str:
+    phases = ["before the command", "imports", "load", "first token", "the rest"]
+    lines = [f"Startup: a whole `jaxllm generate {f['prompt']!r} -n {f['new_tokens']}` process (weights {f['weights']}),"
+             f" median of {f['repeats']} alternating rounds [min-max]; load average {f['load_average'][0]:.2f}",
+             ""]
+    rows = [[name, f"{r['wall_s']:.2f} [{r['min_s']:.2f}-{r['max_s']:.2f}]",
+             *(f"{r['phases_s'][p]:.2f}" if "phases_s" in r else "" for p in phases)] for name, r in f["jobs"].items()]
+    lines += _rows(["job", "wall s", *phases], rows)
+    if "warm_over_llama_cpp" in f:
+        lines.append(f"jaxllm warm / llama-cpp-python: {f['warm_over_llama_cpp']}x")
+    else:
+        lines.append(f"llama-cpp-python skipped: {f['llama_cpp_skipped']}")
+    return "\n".join(lines)
 
 
 def serve_table(figures: dict[str, Any]) -> str:

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 DEFAULT_PROMPT = "The capital of France is"
@@ -52,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                               "with --num-processes and --process-id)")
     p.add_argument("--num-processes", type=int)
     p.add_argument("--process-id", type=int)
+    p.add_argument("--timings", action="store_true", help="print to stderr where the time went: imports, load, first "
+                                                          "token, the rest")
     _weights_arg(p)
     _compile_cache_arg(p)
 
@@ -84,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="jaxllm's weight formats, comma-separated (fp32,bf16,int8,gguf), measured side by side in one "
                         "run; Transformers runs in fp32. With a format other than fp32, llama.cpp runs too when "
                         "llama-cpp-python is installed")
+    p.add_argument("--startup", action="store_true",
+                   help="instead: whole `jaxllm generate` processes, warm and cold, with where the time goes, "
+                        "alternating with llama-cpp-python doing the same job when it is found")
+    p.add_argument("--llama-cpp-python", metavar="PYTHON", help="with --startup: a Python with llama-cpp-python "
+                   "(default: $JAXLLM_LLAMA_CPP_PYTHON, this one, or ../llamacpp-venv)")
     p.add_argument("--moe", action="store_true",
                    help="instead: a random mixture-of-experts model (32 experts, top 2) against a dense one with the "
                         "same active parameters, in each --weights format: decode tokens/s and prefill ms")
@@ -139,13 +147,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_generate(args) -> int:
+    marks = {"start": args.started}
     import jax
 
-    from jaxllm.generation import UNKNOWN_TOKEN, Sampling, generate
+    from jaxllm.generation import UNKNOWN_TOKEN, Sampling, generate, seed_key
     from jaxllm.loader import load_model
+    from jaxllm.model.programs import prefetch_recent, record_recent
 
     mesh = _mesh(args)
+    tag = f"generate {args.model} {args.weights} {args.mesh} {args.no_cache}"
+    prefetch_recent(tag)  # the last such run's programs load while the weights are read
+    marks["imports"] = time.perf_counter()
     model = load_model(args.model, args.weights, mesh=mesh)
+    marks["load"] = time.perf_counter()
     out = sys.stdout if jax.process_index() == 0 else io.StringIO()  # the others run the same steps, silently
     prompt = args.prompt
     if args.chat:  # the rendered template carries its own special tokens: encode it without adding BOS again
@@ -156,13 +170,21 @@ def cmd_generate(args) -> int:
     out.flush()
 
     def on_token(row: int, token: int) -> None:
+        marks.setdefault("first token", time.perf_counter())
         out.write(stream.push(token))
         out.flush()
 
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     generate(model, prompt, args.max_new_tokens, use_cache=not args.no_cache, sampling=sampling,
-             key=jax.random.key(args.seed), callback=on_token)
+             key=seed_key(args.seed), callback=on_token)
     out.write(stream.flush() + "\n")
+    marks["the rest"] = time.perf_counter()
+    record_recent(tag)
+    if args.timings:
+        steps = list(marks.items())
+        print("timings: " + ", ".join(f"{name} {t - before:.3f} s" for (_, before), (name, t) in zip(steps, steps[1:]))
+              + f"; total {steps[-1][1] - steps[0][1]:.3f} s from the command's start (imports: jax and jaxllm's modules)",
+              file=sys.stderr)
     return 0
 
 
@@ -260,7 +282,7 @@ def _print_weights(model, weights: str) -> None:
         wide = [name for name, value in fields
                 if value is not None and name.split(".")[-1] in MATRICES and not is_quantized(value)]
         print(f"  matrices not quantized: {', '.join(wide) or 'none'}" + (
-            " (their inputs carry outlier activations: loader.outlier_inputs)" if weights == "int8" and wide else ""))
+            " (their inputs carry outlier activations: loader.Calibration)" if weights == "int8" and wide else ""))
     for name, value in fields:
         if value is None:
             continue
@@ -342,7 +364,10 @@ def cmd_bench(args) -> int:
     from jaxllm.weights import check_format
 
     formats = tuple(check_format(w.strip()) for w in args.weights.split(","))
-    if args.moe:
+    if args.startup:
+        figures = bench.startup(args.model, formats[0], repeats=args.repeats, llama_cpp_python=args.llama_cpp_python)
+        print(bench.startup_table(figures))
+    elif args.moe:
         sizes = dataclasses.replace(bench.MOE_QUICK if args.quick else bench.MoeSizes(), rounds=args.repeats)
         figures = bench.moe(sizes, weights=formats)
         print(bench.moe_table(figures))
@@ -407,7 +432,9 @@ COMMANDS = {"generate": cmd_generate, "inspect": cmd_inspect, "parity": cmd_pari
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.perf_counter()
     args = build_parser().parse_args(argv)
+    args.started = started
     from jaxllm.errors import JaxLLMError
 
     if not getattr(args, "no_compile_cache", True):  # generate and parity; the bench times real compiles

@@ -239,6 +239,8 @@ class LLMConfig:
             raise ConfigError(f"{path}: config file not found") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        except RecursionError:  # json's parser recurses once per level of nesting
+            raise ConfigError(f"{path}: JSON nested too deeply to read") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a JSON object, found {type(data).__name__}")
         return cls.from_dict(data, source=str(path))

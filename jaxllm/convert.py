@@ -19,10 +19,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from jaxllm.errors import CheckpointError
-from jaxllm.gguf_reader import read_gguf
 
 
 def write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], tensors: Iterable[tuple[str, np.ndarray]]):
@@ -170,6 +168,10 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, ov
     """Convert a GGUF to an HF-format directory, all or nothing: files are written to a temporary
     directory beside out_dir that is renamed into place only when complete. `overwrite` replaces an earlier
     conversion only (recognised by its MARKER file), never another folder, the source's folder or one above it."""
+    from tqdm.auto import tqdm
+
+    from jaxllm.gguf_reader import read_gguf  # (here: loading an HF folder never imports the GGUF reader)
+
     source, out = Path(gguf_path), Path(out_dir)
     _check_target(source, out, overwrite)
     checkpoint = read_gguf(source)

@@ -29,7 +29,6 @@ import threading
 import time
 from typing import Callable, Sequence
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,6 +37,7 @@ from jaxllm.errors import InputError, JaxLLMError
 from jaxllm.generation import DECODE_COMPILER_OPTIONS, Sampling, bucket, end_ids, next_logits, sample_rows, to_host
 from jaxllm.model import KVCache, Model, Params, program, run
 from jaxllm.model.cache import token_bytes
+from jaxllm.pytree import struct
 
 Array = jax.Array
 log = logging.getLogger("jaxllm.engine")
@@ -57,7 +57,7 @@ class EngineStopped(JaxLLMError):
     """The engine is stopping or stopped and takes no new requests."""
 
 
-@flax.struct.dataclass
+@struct
 class Slots:
     """The device-side slot table: row n of every field belongs to the request in slot n."""
 
@@ -83,7 +83,7 @@ class Slots:
                    key=jax.random.split(jax.random.key(0), N), done=jnp.ones(N, bool))
 
 
-@flax.struct.dataclass
+@struct
 class Admission:
     """What a request brings to its slot, as traced values."""
 
@@ -340,7 +340,7 @@ class Engine:
         Sampling(r.temperature, r.top_k, r.top_p)  # names a bad setting
         if r.top_k > vocab:
             raise InputError(f"top_k ({r.top_k}) is larger than the vocabulary ({vocab})")
-        stop = {int(t) for t in (self.eos_ids if r.stop_ids is None else r.stop_ids)}
+        stop = self.eos_ids if r.stop_ids is None else end_ids(self.model, r.stop_ids, "stop_ids")
         if len(stop) > MAX_STOP_IDS or any(not 0 <= t < vocab for t in stop):
             raise InputError(f"stop ids must be at most {MAX_STOP_IDS} ids in [0, {vocab}), found {sorted(stop)}")
         r.stop_ids = tuple(sorted(stop))

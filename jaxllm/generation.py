@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Collection
 from typing import Callable, Sequence
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.errors import InputError
-from jaxllm.model import KVCache, Model, Params, check_inputs, mesh_of, place_batch, program, run
+from jaxllm.model import KVCache, Model, Params, check_inputs, input_shape, mesh_of, place_batch, program, run
+from jaxllm.pytree import static, struct
 
 Array = jax.Array
 MIN_BUCKET = 16
@@ -51,7 +52,7 @@ class Sampling:
 GREEDY = Sampling()
 
 
-@flax.struct.dataclass
+@struct
 class GenerationSettings:
     """How to generate: a pytree whose numbers are traced (a new limit or EOS id compiles nothing new) and whose
     shape-setting fields are static."""
@@ -59,15 +60,18 @@ class GenerationSettings:
     max_new_tokens: int  # stop after this many new tokens (at most length - P)
     eos_ids: tuple[int, ...] = ()  # a row stops at the first of these it produces; () runs to max_new_tokens
     pad_id: int = 0  # fed to, and reported for, rows that have stopped
-    sampling: Sampling = flax.struct.field(pytree_node=False, default=GREEDY)
-    length: int = flax.struct.field(pytree_node=False, default=0)  # S: prompt slots + new-token slots
-    use_cache: bool = flax.struct.field(pytree_node=False, default=True)
+    sampling: Sampling = static(default=GREEDY)
+    length: int = static(default=0)  # S: prompt slots + new-token slots
+    use_cache: bool = static(default=True)
 
     def check(self, config, prompt_slots: int) -> None:
         """InputError naming the setting that cannot run with this model and a prompt of `prompt_slots` slots."""
         if not 1 <= int(self.max_new_tokens) <= self.length - prompt_slots:
             raise InputError(f"max_new_tokens ({int(self.max_new_tokens)}) must be between 1 and length - prompt "
                              f"slots ({self.length} - {prompt_slots})")
+        if self.length > np.iinfo(np.int32).max:  # steps, positions and cache slots run as int32
+            raise InputError(f"max_new_tokens ({int(self.max_new_tokens)}) needs {self.length} cache slots (length), "
+                             f"more than int32 positions reach ({np.iinfo(np.int32).max})")
         outside = [int(e) for e in self.eos_ids if not 0 <= int(e) < config.vocab_size]
         if outside:
             raise InputError(f"eos id(s) {outside} outside the vocabulary [0, {config.vocab_size})")
@@ -77,7 +81,7 @@ class GenerationSettings:
             raise InputError(f"top_k ({self.sampling.top_k}) is larger than the vocabulary ({config.vocab_size})")
 
 
-@flax.struct.dataclass
+@struct
 class DecodeState:
     """Everything the decode loop carries, by name."""
 
@@ -98,11 +102,24 @@ class GenerationResult:
     finish_reason: str  # "eos" or "length"
 
 
-def end_ids(model: Model, eos_ids: Sequence[int] | None = None) -> tuple[int, ...]:
-    """The ids that end a generation, sorted: `eos_ids` if given, else the tokenizer's, else the config's."""
+def end_ids(model: Model, eos_ids: Sequence[int] | None = None, name: str = "eos_ids") -> tuple[int, ...]:
+    """The ids that end a generation, sorted: `eos_ids` if given (InputError naming `name` unless it is a collection
+    of integers: a list, tuple, set or array), else the tokenizer's, else the config's."""
     if eos_ids is None:
         eos_ids = getattr(model.tokenizer, "eos_ids", None) or model.params.config.eos_token_ids
+    elif isinstance(eos_ids, str | bytes) or not isinstance(eos_ids, Collection) or not all(
+            isinstance(e, int | np.integer) and not isinstance(e, bool) for e in eos_ids):
+        raise InputError(f"{name} must be a sequence of integer token ids, found {eos_ids!r:.80}")
     return tuple(sorted({int(e) for e in eos_ids}))
+
+
+def check_key(key) -> None:
+    """InputError unless `key` is a JAX PRNG key: jax.random.key(seed), or the raw uint32 [2] of jax.random.PRNGKey."""
+    typed = isinstance(key, jax.Array) and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) and key.shape == ()
+    raw = isinstance(key, jax.Array) and key.dtype == jnp.uint32 and key.shape == (2,)
+    if not (typed or raw):
+        hint = f"jax.random.key({key})" if isinstance(key, int | np.integer) else "jax.random.key(seed)"
+        raise InputError(f"key must be a JAX PRNG key, found {key!r:.80}; pass {hint}")
 
 
 def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
@@ -164,6 +181,16 @@ def next_logits(params: Params, cache: KVCache, last: Array, live: Array | None 
     if live is not None:
         new = new.replace(index=jnp.where(live, new.index, cache.index))
     return logits[:, 0].astype(jnp.float32), new
+
+
+def seed_key(seed: int) -> Array:
+    """jax.random.key(seed) for 0 <= seed < 2**32, made from its key data without tracing a program (a warm start
+    runs no trace at all); other seeds go through jax.random.key."""
+    if not -2**63 <= seed < 2**63:  # jax.random.key reads the seed as an int64
+        raise InputError(f"seed must be between -2**63 and 2**63 - 1, found {seed}")
+    if not 0 <= seed < 2**32:
+        return jax.random.key(seed)
+    return jax.random.wrap_key_data(jax.device_put(np.array([0, seed], np.uint32)))
 
 
 def positions_from_mask(mask: Array) -> Array:
@@ -240,7 +267,6 @@ DECODE_COMPILER_OPTIONS = {
     "xla_disable_hlo_passes": "while-loop-invariant-code-motion",
 }
 _prefill_program = program(_prefill, "prefill")
-_running = jax.jit(running)
 decode_step = program(_decode_step, "decode_step", donate_argnames="state", compiler_options=DECODE_COMPILER_OPTIONS)
 decode = program(_decode, "decode", donate_argnames="state", compiler_options=DECODE_COMPILER_OPTIONS)
 
@@ -248,8 +274,9 @@ decode = program(_decode, "decode", donate_argnames="state", compiler_options=DE
 def prefill(params: Params, ids, mask, key: Array, settings: GenerationSettings) -> DecodeState:
     """The prompt in: ids, mask [B, P] (left-padded, see `left_pad`) -> the decode state. With a cache, the prompt's
     keys and values fill slots 0..P-1 and the first token is sampled (step 1); without one, step 0."""
-    settings.check(params.config, np.shape(ids)[1])
+    settings.check(params.config, input_shape("ids", ids)[1])
     check_inputs(params.config, ids, np.zeros(np.shape(ids), np.int32), mask)
+    check_key(key)
     return _prefill_program(params, *place_batch(params, ids, mask), key, settings)
 
 
@@ -306,7 +333,7 @@ def _stream(params: Params, state: DecodeState, settings: GenerationSettings,
                 callback(int(row), int(tokens[row]))
             reported += 1
         done = to_host(state.done)
-        if not bool(to_host(_running(state, settings))):
+        if int(to_host(state.step)) >= settings.max_new_tokens or done.all():  # `running`, on the host
             return state
         state = decode_step(params, state, settings)
 
@@ -338,7 +365,7 @@ def generate(model: Model | Params, prompts, max_new_tokens: int = 20, *, use_ca
                                   pad_id=eos_ids[0] if eos_ids else 0, sampling=sampling,
                                   length=bucket(P + max_new_tokens), use_cache=use_cache)
     ids, mask = left_pad(prompts_ids + filler, P, settings.pad_id)
-    state = prefill(params, ids, mask, jax.random.key(0) if key is None else key, settings)
+    state = prefill(params, ids, mask, seed_key(0) if key is None else key, settings)
     if callback is None:
         state = decode(params, state, settings)
     else:

@@ -16,6 +16,7 @@ import json
 import math
 import mmap
 import os
+import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,6 +24,7 @@ from pathlib import Path
 import gguf
 import jax
 import numpy as np
+from gguf.quants import quant_shape_to_byte_shape
 from tokenizers import (
     AddedToken,
     Regex,
@@ -299,7 +301,7 @@ DEEPSEEK_V3 = replace(FAMILIES["deepseek2"], model_type="deepseek_v3", architect
 SIGMOID = int(gguf.ExpertGatingFuncType.SIGMOID)
 
 
-def gguf_family(reader: gguf.GGUFReader, path: Path) -> tuple[str, Family]:
+def gguf_family(reader: GGUFFile, path: Path) -> tuple[str, Family]:
     """The file's architecture (its metadata keys' prefix) and the family Transformers reads it as."""
     arch = _meta(reader, "general.architecture", path, kind=str)
     if arch not in FAMILIES:
@@ -313,6 +315,126 @@ def gguf_family(reader: gguf.GGUFReader, path: Path) -> tuple[str, Family]:
     return arch, FAMILIES[arch]
 
 
+# ---- the file: metadata and tensor list, located over a memory map, decoded when read ------------------------------
+
+V = gguf.GGUFValueType
+SCALARS = {V.UINT8: "B", V.INT8: "b", V.UINT16: "H", V.INT16: "h", V.UINT32: "I", V.INT32: "i", V.FLOAT32: "f",
+           V.BOOL: "?", V.UINT64: "Q", V.INT64: "q", V.FLOAT64: "d"}  # value type -> struct (and numpy) code
+FLOAT_TENSORS = {"F16": "e", "F32": "f", "F64": "d", "I8": "b", "I16": "h", "I32": "i", "I64": "q"}
+
+
+@dataclass(frozen=True)
+class Field:
+    """One metadata value, decoded only when read: a vocabulary's strings (and its merges) stay bytes in the file
+    until the tokenizer is built, rather than ~200k Python objects held from the moment the file is opened."""
+
+    file: GGUFFile = field(repr=False)
+    offset: int  # where the value starts
+    type: gguf.GGUFValueType
+    count: int  # an array's length; 1 for a single value
+
+    def contents(self):
+        """The value as Python: int, float, bool, str or a list of them (as gguf-py's ReaderField.contents)."""
+        return self.file.value(self.offset, self.type)[0]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A tensor as the file lists it (as gguf-py's ReaderTensor): dimensions innermost first, and `data` a view of its
+    bytes in the memory map, typed for float and integer tensors, uint8 [..., row bytes] for block formats."""
+
+    name: str
+    tensor_type: gguf.GGMLQuantizationType
+    shape: tuple[int, ...]
+    n_bytes: int
+    data_offset: int
+    data: np.ndarray = field(repr=False)
+
+
+class GGUFFile:
+    """A GGUF file (version 2 or 3, either byte order) over a memory map: opening it locates every metadata value and
+    lists the tensors; a value is decoded when read (Field.contents), a tensor's bytes are read when its data is."""
+
+    def __init__(self, path: Path):
+        self.data = np.memmap(path, mode="r")  # [file bytes] uint8
+        self.buffer, self.order = memoryview(self.data), "<"
+        if bytes(self.buffer[:4]) != b"GGUF":
+            raise ValueError("GGUF magic invalid")
+        if self.scalar(4, "I") & 0xFFFF == 0:  # a version written in the other byte order
+            self.order = ">"
+        if (version := self.scalar(4, "I")) not in (2, 3):
+            raise ValueError(f"GGUF version {version}; readable: 2, 3")
+        tensor_count, field_count = self.scalar(8, "Q"), self.scalar(16, "Q")
+        offset, self.fields = 24, {}
+        for _ in range(field_count):
+            key, offset = self.string(offset)
+            if key in self.fields:
+                raise ValueError(f"metadata key {key!r} stored twice")
+            kind = V(self.scalar(offset, "I"))
+            self.fields[key] = Field(self, offset + 4, kind, self.scalar(offset + 8, "Q") if kind == V.ARRAY else 1)
+            offset = self.value(offset + 4, kind, decode=False)[1]
+        listed = []
+        for _ in range(tensor_count):  # name, dimensions (innermost first), type, offset from the data's start
+            name, offset = self.string(offset)
+            n_dims = self.scalar(offset, "I")
+            dims = struct.unpack_from(f"{self.order}{n_dims}Q", self.buffer, offset + 4)
+            offset += 4 + 8 * n_dims
+            kind = gguf.GGMLQuantizationType(self.scalar(offset, "I"))
+            listed.append((name, dims, kind, self.scalar(offset + 4, "Q")))
+            offset += 12
+        alignment = gguf.GGUF_DEFAULT_ALIGNMENT
+        if (aligned := self.fields.get("general.alignment")) is not None:
+            alignment = aligned.contents()
+            if aligned.type != V.UINT32 or alignment <= 0 or alignment & (alignment - 1):
+                raise ValueError(f"general.alignment must be a power of two (uint32), found {alignment!r}")
+        start = -(-offset // alignment) * alignment
+        self.tensors = [self._tensor(name, dims, kind, start + at) for name, dims, kind, at in listed]
+
+    def scalar(self, offset: int, code: str):
+        return struct.unpack_from(self.order + code, self.buffer, offset)[0]
+
+    def string(self, offset: int, decode: bool = True) -> tuple[str | None, int]:
+        """The string at `offset` (a uint64 length, then UTF-8 bytes), and where the next value starts."""
+        end = offset + 8 + self.scalar(offset, "Q")
+        if end > len(self.buffer):
+            raise ValueError(f"the string at byte {offset} runs past the end of the file")
+        return (str(self.buffer[offset + 8:end], "utf-8") if decode else None), end
+
+    def value(self, offset: int, kind: gguf.GGUFValueType, decode: bool = True) -> tuple:
+        """The value of type `kind` at `offset` (None unless `decode`), and where the next value starts."""
+        if kind in SCALARS:
+            return self.scalar(offset, SCALARS[kind]) if decode else None, offset + struct.calcsize(SCALARS[kind])
+        if kind == V.STRING:
+            return self.string(offset, decode)
+        if kind != V.ARRAY:
+            raise ValueError(f"value type {kind} at byte {offset}")
+        item, count, offset = V(self.scalar(offset, "I")), self.scalar(offset + 4, "Q"), offset + 12
+        if item in SCALARS:  # numbers: one read for the whole array
+            end = offset + struct.calcsize(SCALARS[item]) * count
+            if end > len(self.buffer):
+                raise ValueError(f"the array at byte {offset} runs past the end of the file")
+            numbers = np.frombuffer(self.buffer, self.order + SCALARS[item], count, offset) if decode else None
+            return None if numbers is None else numbers.tolist(), end
+        items = []
+        for _ in range(count):  # strings (or arrays), each with its own length
+            value, offset = self.value(offset, item, decode)
+            if decode:
+                items.append(value)
+        return items if decode else None, offset
+
+    def _tensor(self, name: str, dims: tuple[int, ...], kind: gguf.GGMLQuantizationType, offset: int) -> TensorInfo:
+        block, block_bytes = gguf.GGML_QUANT_SIZES[kind]
+        n_bytes = math.prod(dims) * block_bytes // block
+        if offset + n_bytes > len(self.buffer):
+            raise ValueError(f"tensor {name!r} runs past the end of the file")
+        rows = tuple(reversed(dims))
+        if kind.name in FLOAT_TENSORS:
+            data = np.frombuffer(self.buffer, self.order + FLOAT_TENSORS[kind.name], math.prod(dims), offset)
+        else:
+            data, rows = np.frombuffer(self.buffer, np.uint8, n_bytes, offset), quant_shape_to_byte_shape(rows, kind)
+        return TensorInfo(name, kind, dims, n_bytes, offset, data.reshape(rows))
+
+
 @dataclass(frozen=True)
 class GGUFCheckpoint:
     """A GGUF file read as an HF checkpoint; tensors are dequantized only when read."""
@@ -321,7 +443,7 @@ class GGUFCheckpoint:
     config: dict  # HF config.json
     family: Family
     shapes: dict[str, tuple[int, ...]]  # HF name -> HF shape [out, in], in file order
-    reader: gguf.GGUFReader = field(repr=False)
+    reader: GGUFFile = field(repr=False)
     by_name: dict = field(repr=False)  # HF name -> the reader's tensor
 
     def read(self, name: str) -> np.ndarray:
@@ -386,7 +508,7 @@ def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
     """Read a GGUF's metadata and tensor list; raise ConfigError/CheckpointError on anything jaxllm cannot read."""
     path = Path(path)
     try:
-        reader = gguf.GGUFReader(path)
+        reader = GGUFFile(path)
     except Exception as error:  # the reader raises bare ValueError/struct.error/IndexError on bad bytes
         raise CheckpointError(f"{path}: not a readable GGUF file ({type(error).__name__}: {error})") from error
     config = hf_config(reader, path)
@@ -404,7 +526,7 @@ def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
 _REQUIRED = object()
 
 
-def _meta(reader: gguf.GGUFReader, key: str, path: Path, default=_REQUIRED, kind: type | tuple = object):
+def _meta(reader: GGUFFile, key: str, path: Path, default=_REQUIRED, kind: type | tuple = object):
     """A metadata value of the expected Python type (int, float, str, bool, list), or `default` when absent."""
     field_ = reader.fields.get(key)
     if field_ is None:
@@ -423,7 +545,7 @@ def _meta(reader: gguf.GGUFReader, key: str, path: Path, default=_REQUIRED, kind
     return value
 
 
-def hf_config(reader: gguf.GGUFReader, path: Path) -> dict:
+def hf_config(reader: GGUFFile, path: Path) -> dict:
     """The HF config.json this GGUF's metadata describes: what Transformers' GGUF loader reads
     (integrations/ggml.py GGUF_CONFIG_MAPPING), plus the fields it leaves at its config class's defaults."""
     arch, family = gguf_family(reader, path)
@@ -436,19 +558,23 @@ def hf_config(reader: gguf.GGUFReader, path: Path) -> dict:
         return _meta(reader, f"{arch}.{key}", path, default, kind)
 
     hidden, heads = meta("embedding_length"), meta("attention.head_count")
+    kv_heads = meta("attention.head_count_kv", heads)
+    for key, count in (("attention.head_count", heads), ("attention.head_count_kv", kv_heads)):
+        if count < 1:  # reading the Q/K rows (unpermute_rope) and head_dim divide by them
+            raise ConfigError(f"{path}: GGUF metadata '{arch}.{key}' must be a positive integer, found {count}")
     tokens = reader.fields.get("tokenizer.ggml.tokens")
-    # LLMConfig refuses zero or negative head counts by name, so no default is computed from them here.
+    # LLMConfig refuses a zero or negative embedding_length by name, so no default is computed from it here.
     head_dim = next((meta(key) for key in family.head_dim_keys if f"{arch}.{key}" in reader.fields),
-                    hidden // heads if hidden > 0 and heads > 0 else None)
+                    hidden // heads if hidden > 0 else None)
     config = {
         "architectures": [family.architecture],
         "model_type": family.model_type,
-        "vocab_size": meta("vocab_size", len(tokens.data) if tokens else None),
+        "vocab_size": meta("vocab_size", tokens.count if tokens else None),
         "hidden_size": hidden,
         "intermediate_size": meta("feed_forward_length"),
         "num_hidden_layers": meta("block_count"),
         "num_attention_heads": heads,
-        "num_key_value_heads": meta("attention.head_count_kv", heads),
+        "num_key_value_heads": kv_heads,
         "head_dim": head_dim,
         "rms_norm_eps": meta("attention.layer_norm_rms_epsilon", kind=float),
         "max_position_embeddings": meta("context_length"),
@@ -491,8 +617,8 @@ def hf_name(gguf_name: str, family: Family, path: Path) -> str:
 class SplitKV:
     """DeepSeek's kv_b_proj as newer converters store it: two reader tensors, k_b [N, C, P] and v_b [N, U, C]."""
 
-    k_b: gguf.ReaderTensor
-    v_b: gguf.ReaderTensor
+    k_b: TensorInfo
+    v_b: TensorInfo
 
 
 def _joined_kv_b(by_name: dict) -> dict:
@@ -555,7 +681,7 @@ def unpermute_rope(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return weight.reshape(n_heads, half, 2, *rest).swapaxes(1, 2).reshape(rows, *rest)
 
 
-def tokenizer_files(reader: gguf.GGUFReader, path: Path, config: dict) -> dict[str, dict]:
+def tokenizer_files(reader: GGUFFile, path: Path, config: dict) -> dict[str, dict]:
     """The three tokenizer-side JSON files of an HF checkpoint, rebuilt from tokenizer.ggml.* metadata
     (none when the file carries no tokenizer)."""
     with named_errors(f"{path}: malformed tokenizer metadata"):  # of the wrong shape, or refused by tokenizers
@@ -626,7 +752,7 @@ def _sentencepiece_bpe(meta, tokens: list[str], path: Path) -> Tokenizer:
 TOKENIZER_MODELS = {"gpt2": _byte_level_bpe, "llama": _sentencepiece_bpe}
 
 
-def _tokenizer_files(reader: gguf.GGUFReader, path: Path, config: dict) -> dict[str, dict]:
+def _tokenizer_files(reader: GGUFFile, path: Path, config: dict) -> dict[str, dict]:
     if "tokenizer.ggml.model" not in reader.fields:
         return {}
 

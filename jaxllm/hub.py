@@ -62,10 +62,13 @@ def enable_compilation_cache() -> Path | None:
         return None
     import jax
 
+    from jaxllm.model.programs import keep_programs
+
     folder = cache_dir() / "xla"
     jax.config.update("jax_compilation_cache_dir", str(folder))
     # Every program, however quick to compile: a generate compiles a handful of small ones besides the two large.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    keep_programs(cache_dir() / "programs")  # jaxllm's own programs, loaded without tracing them again
     return folder
 
 

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import functools
 import json
@@ -28,7 +29,16 @@ from jaxllm.errors import CheckpointError, InputError
 from jaxllm.model import Layer, Model, Params
 from jaxllm.model.experts import FP32_ROUTERS
 from jaxllm.tokenizer import Tokenizer, read_tokenizer_files
-from jaxllm.weights import BLOCK_FORMATS, Blocks, Int8, check_format, quantize_int8, reshape_rows, stack, take_rows
+from jaxllm.weights import (
+    BLOCK_FORMATS,
+    Blocks,
+    Int8,
+    check_format,
+    quantize_int8,
+    reshape_rows,
+    stack,
+    take_rows,
+)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors dtype codes we load; bf16 -> fp32 is exact
@@ -380,8 +390,10 @@ def build_params(checkpoint: Checkpoint, weights: str = "fp32", mesh: Mesh | Non
                                       ("mis-shaped tensors", misshaped)) if items]
         raise CheckpointError(f"{checkpoint.path}: checkpoint does not match its config\n" + "\n".join(parts))
 
-    read_floats = functools.lru_cache(maxsize=1)(lambda name: np.asarray(checkpoint.read(name)))  # a fused tensor once
-    read_blocks = functools.lru_cache(maxsize=1)(checkpoint.read_blocks) if weights == "gguf" else None
+    read_floats = functools.lru_cache(maxsize=1)(  # a fused tensor once
+        lambda name: finite(np.asarray(checkpoint.read(name)), name, checkpoint.path))
+    read_blocks = functools.lru_cache(maxsize=1)(
+        lambda name: finite(checkpoint.read_blocks(name), name, checkpoint.path)) if weights == "gguf" else None
 
     # DeepSeek's routers run in fp32 on fp32 weights (HF's _keep_in_fp32_modules_strict), whatever `weights` says.
     fp32_fields = ("router", "router_correction_bias") if config.router in FP32_ROUTERS else ()
@@ -418,51 +430,119 @@ def build_params(checkpoint: Checkpoint, weights: str = "fp32", mesh: Mesh | Non
         return out
 
     top = fields(model_table(config))
-    layers = tuple(Layer(**fields(table)) for table in tables)
-    params = Params(layers=layers, lm_head=top.pop("lm_head", None), config=config, **top)
-    if weights == "int8":  # the matrices that read outlier activations, read again in fp32
-        for i, field in outlier_inputs(params):
-            table = model_table(config) if i is None else tables[i]
-            wide = fields([e for e in table if e.field == field], wide=True)[field]
-            params = params.replace(**{field: wide}) if i is None else params.replace(
-                layers=params.layers[:i] + (params.layers[i].replace(**{field: wide}),) + params.layers[i + 1:])
+    params = Params(layers=(), lm_head=top.pop("lm_head", None), config=config, **top)
+    calibration = Calibration(params, mesh) if weights == "int8" else None
+    layers = []
+    for i, table in enumerate(tables):
+        layer = Layer(**fields(table))
+        read_floats.cache_clear()  # the last tensor read is not kept through the calibration
+        if calibration is not None and (wide := calibration.layer(i, layer)):  # outlier inputs: read again in fp32
+            layer = layer.replace(**fields([e for e in table if e.field in wide], wide=True))
+        layers.append(layer)
+    params = params.replace(layers=tuple(layers))
+    if calibration is not None and calibration.head():
+        head = "lm_head" if params.lm_head is not None else "embed_tokens"
+        params = params.replace(**fields([e for e in model_table(config) if e.field == head], wide=True))
     return params
 
 
-def outlier_inputs(params: Params) -> list[tuple[int | None, str]]:
-    """The matrices (layer or None, field) whose input activations have outliers: max |x| above
+def finite(tensor, name: str, path: Path):
+    """`tensor` as read (an array, or Blocks: their float fields are the scales, the quants are integers), unless it
+    holds a NaN or an infinity: then a CheckpointError naming the tensor and the first one's index. One such weight
+    makes every logit NaN, and greedy generation emits token 0 over and over. One pass over each host array as it is
+    read: about 50 ms for the default model's 134.5 M fp32 values, 9 ms for the scales of its GGUF blocks."""
+    for key, array in jax.tree_util.tree_flatten_with_path(tensor)[0]:
+        if np.issubdtype(array.dtype, np.floating) and not _all_finite(array):
+            bad = np.argwhere(~np.isfinite(array))  # [n, ndim]
+            where = f"{jax.tree_util.keystr(key)}[{', '.join(map(str, bad[0]))}]"
+            raise CheckpointError(f"{path}: tensor {name} holds {len(bad)} non-finite value(s): "
+                                  f"{array[tuple(bad[0])]} at {where}")
+    return tensor
+
+
+def _all_finite(array: np.ndarray) -> bool:
+    """No NaN or infinity in a float array. float16 (GGUF's block scales) by its bits, exponent below all ones:
+    numpy's isfinite on float16 runs 8x slower than this."""
+    if array.dtype == np.float16:
+        return array.size == 0 or int((array.view(np.uint16) & 0x7FFF).max()) < 0x7C00
+    return bool(np.isfinite(array).all())
+
+
+class Calibration:
+    """Which matrices of an int8 model stay fp32: those whose input activations have outliers, max |x| above
     weights.OUTLIER_RATIO times mean |x| over weights.CALIBRATION_TOKENS pseudo-random tokens (a fixed seed), run
-    through the model as loaded. LLMs concentrate huge activations in a few channels (often of some layers'
-    down_proj input, from the first token on); a per-row int8 scale cannot serve both those and the rest, so these
-    matrices stay fp32. On the default model that is 6 of 121 matrices, and they carried most of the KL."""
-    from jaxllm.model import ACTIVATIONS, Context, attention_masks, decoder_block, embed, norm, rope_tables
-    from jaxllm.weights import CALIBRATION_TOKENS, OUTLIER_RATIO
+    through the int8 model. LLMs concentrate huge activations in a few channels (often of some layers' down_proj
+    input, from the first token on); a per-row int8 scale cannot serve both those and the rest, so these matrices stay
+    fp32. On the default model that is 6 of 121 matrices, and they carried most of the KL.
 
-    config = params.config
-    ids = np.random.default_rng(0).integers(0, config.vocab_size, (1, CALIBRATION_TOKENS)).astype(np.int32)
-    positions, real = np.arange(CALIBRATION_TOKENS, dtype=np.int32)[None], np.ones(ids.shape, bool)
+    The tokens go through the model a layer at a time as the layers are loaded (`layer`, then `head`), so that the
+    calibration's memory is not added to the whole model's. Without a mesh each layer runs with its int8 matrices
+    dequantized on the host (weights.dequantize_int8): in the program, XLA:CPU writes each as an f32 temporary whose
+    freed memory stays with the worker thread that ran it (30 MB on the default model)."""
 
-    # One decoder block at a time, each compiled once per (layer kind, RoPE): a whole-model program with every
-    # intermediate as an output took 750 MB to compile, five times the int8 parameters.
-    @functools.partial(jax.jit, static_argnums=(2, 3))
-    def block(layer, x, kind, rope):
-        taps = {}
-        cos, sin = rope_tables(config, positions, rope) if rope is not None else (None, None)
-        x, _ = decoder_block(layer, x, None, Context(config, cos, sin, *attention_masks(config, kind, real, None),
-                                                     index=None, tap=taps.__setitem__))
-        return x, taps
+    def __init__(self, params: Params, mesh: Mesh | None):
+        from jaxllm.model import ACTIVATIONS, Context, attention_masks, decoder_block, embed, norm, rope_tables
+        from jaxllm.weights import CALIBRATION_TOKENS, dequantize_int8
 
-    mlp_input = "pre_feedforward_layernorm" if config.gemma_norms else "post_attention_layernorm"
-    x, inputs = embed(params, ids), {}
-    for i, layer in enumerate(params.layers):
-        x, taps = block(layer, x, config.layer_type(i), config.layer_rope(i))
-        inputs |= {(i, "qkv_proj"): taps["input_layernorm"], (i, "o_proj"): taps["attn"]}
-        if "gate_proj" in taps:  # a dense MLP (an experts layer's matrices stay int8: no per-expert calibration)
-            inputs |= {(i, "gate_up_proj"): taps[mlp_input],
-                       (i, "down_proj"): ACTIVATIONS[config.hidden_act](taps["gate_proj"]) * taps["up_proj"]}
-    inputs[(None, "lm_head" if params.lm_head is not None else "embed_tokens")] = norm(x, params.norm, config)
-    ratio = {key: float(jnp.max(jnp.abs(x)) / jnp.maximum(jnp.mean(jnp.abs(x)), 1e-30)) for key, x in inputs.items()}
-    return [key for key, r in ratio.items() if r > OUTLIER_RATIO]
+        config = self.config = params.config
+        ids = np.random.default_rng(0).integers(0, config.vocab_size, (1, CALIBRATION_TOKENS)).astype(np.int32)
+        positions, real = np.arange(CALIBRATION_TOKENS, dtype=np.int32)[None], np.ones(ids.shape, bool)
+        mlp_input = "pre_feedforward_layernorm" if config.gemma_norms else "post_attention_layernorm"
+
+        # One decoder block at a time, each compiled once per (layer kind, RoPE): a whole-model program with every
+        # intermediate as an output took 750 MB to compile, five times the int8 parameters. With the block, the
+        # ratio of the output matrix's input were this the last layer: no second program for it.
+        @functools.partial(jax.jit, static_argnums=(3, 4))
+        def block(layer, x, final_norm, kind, rope):  # -> the block's output [1, T, D], each matrix's input's ratio
+            taps = {}
+            cos, sin = rope_tables(config, positions, rope) if rope is not None else (None, None)
+            x, _ = decoder_block(layer, x, None, Context(config, cos, sin, *attention_masks(config, kind, real, None),
+                                                         index=None, tap=taps.__setitem__))
+            inputs = {"qkv_proj": taps["input_layernorm"], "o_proj": taps["attn"], "head": norm(x, final_norm, config)}
+            if "gate_proj" in taps:  # a dense MLP (an experts layer's matrices stay int8: no per-expert calibration)
+                inputs |= {"gate_up_proj": taps[mlp_input],
+                           "down_proj": ACTIVATIONS[config.hidden_act](taps["gate_proj"]) * taps["up_proj"]}
+            return x, {field: _outlier_ratio(a) for field, a in inputs.items()}
+
+        self.block, self.final_norm, self.host = block, params.norm, mesh is None
+        if self.host:  # the tokens' rows of embed_tokens, as model.embed gives them: [1, T, D]
+            table = params.embed_tokens
+            rows = table.replace(values=np.asarray(table.values)[ids], scale=np.asarray(table.scale)[ids])
+            self.x = dequantize_int8(rows)
+            self.x *= np.float32(config.embed_scale)
+        else:  # on a mesh the parameters' shards need not all be in this process
+            self.x = jax.jit(embed)(params, ids)
+
+    def layer(self, i: int, layer: Layer) -> list[str]:
+        """Layer i's matrices (fields) whose inputs have outliers; the tokens move on through the layer."""
+        from jaxllm.weights import OUTLIER_RATIO, dequantize_int8
+
+        _release_freed_memory()  # what reading and quantizing the layer freed, before the calibration adds to it
+        if self.host:
+            layer = jax.tree_util.tree_map(lambda w: dequantize_int8(w) if isinstance(w, Int8) else w, layer,
+                                           is_leaf=lambda w: isinstance(w, Int8))
+        kind, rope = self.config.layer_type(i), self.config.layer_rope(i)
+        self.x, ratios = self.block(layer, self.x, self.final_norm, kind, rope)
+        self.head_ratio = ratios.pop("head")
+        return [field for field, ratio in ratios.items() if float(ratio) > OUTLIER_RATIO]
+
+    def head(self) -> bool:
+        """Whether the output matrix's input (the last layer's output, normed) has outliers; after the last `layer`."""
+        from jaxllm.weights import OUTLIER_RATIO
+
+        return float(self.head_ratio) > OUTLIER_RATIO
+
+
+def _outlier_ratio(x: jax.Array) -> jax.Array:
+    return jnp.max(jnp.abs(x)) / jnp.maximum(jnp.mean(jnp.abs(x)), 1e-30)
+
+
+def _release_freed_memory() -> None:
+    """Give the heap's freed memory back to the system (glibc's malloc_trim; nothing elsewhere). glibc keeps what a
+    compile freed: 40 MB for the calibration's block."""
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 def _ranges(numbers: set[int]) -> str:

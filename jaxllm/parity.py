@@ -91,10 +91,12 @@ def reference_logits(model, ids, positions, attention_mask=None) -> np.ndarray:
     return out.logits.double().numpy() if out.logits.dtype == torch.float64 else out.logits.float().numpy()
 
 
-def jax_logits(params: Params, ids, positions, attention_mask=None) -> np.ndarray:
+def jax_logits(params: Params, ids, positions, attention_mask=None, exact: bool = True) -> np.ndarray:
+    """jaxllm's logits [B, T, V], by default from the exact forward (forward(..., exact=True): as close to a
+    float64 run as Transformers' fp32), `exact=False` from the fast one that generation runs."""
     # `highest` makes GPU/TPU matmuls true fp32 (not TF32/bf16 passes), so the comparison holds off the CPU too.
     with jax.default_matmul_precision("highest"):
-        return np.asarray(forward(params, np.asarray(ids), np.asarray(positions), attention_mask))
+        return np.asarray(forward(params, np.asarray(ids), np.asarray(positions), attention_mask, exact=exact))
 
 
 def compare_logits(reference: np.ndarray, ours: np.ndarray, attention_mask=None) -> ParityResult:
@@ -263,8 +265,9 @@ def weights_report(model: str | Path | None, weights: str, prompts=QUALITY_PROMP
     rows = [fp32.tokenizer.encode(p) for p in prompts]
     ids, mask = left_pad(rows, max(map(len, rows)), 0)
     positions = np.asarray(positions_from_mask(mask))
-    logits = {"jaxllm fp32": jax_logits(fp32.params, ids, positions, mask),
-              f"jaxllm {weights}": jax_logits(quantized.params, ids, positions, mask)}
+    # Both through the programs generation runs: a format's figures are those of its own kernels.
+    logits = {"jaxllm fp32": jax_logits(fp32.params, ids, positions, mask, exact=False),
+              f"jaxllm {weights}": jax_logits(quantized.params, ids, positions, mask, exact=False)}
     references = {"transformers fp32": reference_model(reference_path)}
     if weights == "bf16":
         references["transformers bf16"] = reference_model(reference_path, "bfloat16")
@@ -494,7 +497,7 @@ def ladder(model, ids, positions=None, reference=None, tolerance: float = LADDER
     ids, positions = _ids_and_positions(ids, positions)
     ref = reference_intermediates(reference, ids, positions)
     with jax.default_matmul_precision("highest"):
-        _, ours = forward_with_intermediates(model, ids, positions)
+        _, ours = forward_with_intermediates(model, ids, positions, exact=True)
     ours, ref = _experts_in_order(dict(ours)), _experts_in_order(ref)
     rungs = []
     for name in rung_names(model.config):

@@ -37,7 +37,7 @@ def read_tokenizer_files(directory: str | os.PathLike) -> dict[str, dict | str]:
             try:
                 text = path.read_text(encoding="utf-8")
                 files[name] = text if name == "tokenizer.json" else json.loads(text)
-            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
                 raise TokenizerError(f"{path}: not valid JSON ({error})") from error
     return files
 

@@ -15,19 +15,22 @@ into the decode matvec.
 
 from __future__ import annotations
 
-import flax.struct
+import math
+import mmap
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.errors import InputError
+from jaxllm.pytree import static, struct
 
 Array = jax.Array
 FORMATS = ("fp32", "bf16", "int8", "gguf")
 MATVEC_ROWS = 16  # up to this many rows, a quantized matmul runs as one matvec per row (`matmul`)
 
 
-@flax.struct.dataclass
+@struct
 class Int8:
     """w ≈ values · scale[:, None] / in_scale[None, :]: int8 values [*out, in], scale [*out] (per output row) and
     in_scale [in] (per input channel, folded into the activation: x · w.T = ((x / in_scale) · values.T) · scale).
@@ -69,7 +72,7 @@ BLOCK_FORMATS = {
 }
 
 
-@flax.struct.dataclass
+@struct
 class Blocks:
     """A matrix [*out, in] in one of GGUF's block formats (BLOCK_FORMATS), as the file stores it: every field has the
     row axes [*out] first, then its blocks along `in`. The bytes are the file's, but for Q4_K's 6-bit scales and
@@ -81,7 +84,7 @@ class Blocks:
     high: Array | None = None  # Q6_K
     super_scale: Array | None = None  # K-quants
     super_offset: Array | None = None  # Q4_K (stored negated: w = ... + super_offset · offset)
-    format: str = flax.struct.field(pytree_node=False, default="Q8_0")
+    format: str = static(default="Q8_0")
 
     @property
     def rows_shape(self) -> tuple[int, ...]:
@@ -211,7 +214,7 @@ def check_format(weights: str) -> str:
 # scales alone this halved the KL from the fp32 logits. Then the few matrices whose input carries outlier activations
 # (max |x| over mean |x| above OUTLIER_RATIO on CALIBRATION_TOKENS pseudo-random tokens, loader.py) stay fp32.
 COLUMN_ALPHA = 0.25
-QUANTIZE_ROWS = 4096  # rows quantized at a time
+QUANTIZE_ROWS = 1024  # rows quantized at a time, in one float32 buffer
 OUTLIER_RATIO = 256.0
 CALIBRATION_TOKENS = 64
 
@@ -221,17 +224,20 @@ def quantize_int8(w: np.ndarray, in_scale: np.ndarray | None = None) -> Int8:
     largest magnitude to ±127. `in_scale` [in] defaults to COLUMN_ALPHA's column scaling."""
     rows = np.asarray(w).reshape(-1, w.shape[-1])  # [out, in]
     chunks = [slice(start, start + QUANTIZE_ROWS) for start in range(0, rows.shape[0], QUANTIZE_ROWS)]
-    if in_scale is None:
-        column = np.max([np.abs(rows[c]).max(axis=0) for c in chunks], axis=0).astype(np.float32) ** COLUMN_ALPHA
+    if in_scale is None:  # max |w| of each column as max(max w, -min w): no |w| copy
+        column = np.max([np.maximum(rows[c].max(axis=0), -rows[c].min(axis=0)) for c in chunks], axis=0)
+        column = column.astype(np.float32) ** COLUMN_ALPHA
         column = np.where(column > 0, column, 1.0)
         in_scale = np.mean(column) / column
     in_scale = np.asarray(in_scale, np.float32)
-    values, scale = np.empty(rows.shape, np.int8), np.empty(rows.shape[0], np.float32)
-    for c in chunks:  # a block of rows at a time: the float temporaries stay small however large the matrix
-        scaled = rows[c].astype(np.float32) * in_scale
-        row_scale = np.abs(scaled).max(axis=-1) / 127.0
+    values, scale = host_array(rows.shape, np.int8), np.empty(rows.shape[0], np.float32)
+    buffer = host_array((min(QUANTIZE_ROWS, rows.shape[0]), rows.shape[1]), np.float32)  # [QUANTIZE_ROWS, in]
+    for c in chunks:  # a block of rows at a time, computed in place: one float buffer however large the matrix
+        scaled = np.multiply(rows[c], in_scale, out=buffer[:len(rows[c])], dtype=np.float32)
+        row_scale = np.maximum(scaled.max(axis=-1), -scaled.min(axis=-1)) / 127.0
         scale[c] = np.where(row_scale > 0, row_scale, 1.0)
-        values[c] = np.clip(np.rint(scaled / scale[c][:, None]), -127, 127)
+        scaled /= scale[c][:, None]
+        values[c] = np.clip(np.rint(scaled, out=scaled), -127, 127, out=scaled)
     return Int8(values=values.reshape(w.shape), scale=scale.reshape(w.shape[:-1]), in_scale=in_scale)
 
 
@@ -264,6 +270,27 @@ def blocks_from_gguf(data: np.ndarray, kind: str, shape: tuple[int, int]) -> Blo
                       scale=take(192, 16, np.int8).reshape(out, -1), super_scale=take(208, 2, np.float16)[..., 0],
                       format=kind)
     raise ValueError(f"no block layout for {kind}")
+
+
+def dequantize_int8(w: Int8) -> np.ndarray:
+    """An Int8 matrix as float32 [*out, in] on the host (numpy, into one host_array): values · scale / in_scale, as
+    Int8.dequantize computes it in JAX."""
+    values, scale, in_scale = (np.asarray(a) for a in (w.values, w.scale, w.in_scale))
+    out = np.multiply(values, scale[..., None], out=host_array(values.shape, np.float32), dtype=np.float32)
+    return np.divide(out, in_scale, out=out)
+
+
+def host_array(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An uninitialised numpy array in an anonymous memory map of its own, given back to the system when it is
+    freed, for int8's quantization and calibration. glibc keeps freed heap memory once a freed block has raised its
+    threshold for using a map: on the default model that kept ~60 MB of an int8 load's temporaries resident."""
+    size = math.prod(shape) * np.dtype(dtype).itemsize
+    if size == 0:
+        return np.empty(shape, dtype)
+    memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
+    if hasattr(mmap, "MADV_HUGEPAGE"):  # as numpy asks for its large arrays: 2 MB pages, fewer page faults
+        memory.madvise(mmap.MADV_HUGEPAGE)
+    return np.frombuffer(memory, dtype).reshape(shape)
 
 
 def stack(parts: list, axis: int):

@@ -102,6 +102,17 @@ def test_formats_side_by_side(figures):
         assert llama["gguf"].endswith(".gguf") and set(llama["jaxllm_over_llama_cpp"]) == set(FORMATS)
 
 
+@pytest.mark.parametrize("weights", ["int8", "gguf"])
+def test_quantized_loads_peak_within_one_and_a_half_times_their_parameters(smollm2_dir, smollm2_gguf, weights):
+    """A fresh process loading the default model as int8 or as GGUF blocks peaks (VmHWM, above the runtime's baseline)
+    at no more than 1.5x the parameters' bytes: int8 quantizes and calibrates a layer at a time, and the GGUF's
+    vocabulary stays bytes in the file until a tokenizer is built."""
+    memory = bench._peak_load_memory(None, weights)
+    print(f"{weights} load memory: {memory}")
+    assert "error" not in memory, memory
+    assert 0 < memory["peak_over_params"] <= 1.5, memory
+
+
 def test_cli_bench_writes_json_with_the_same_keys(figures, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bench, "QUICK", TINY)
     out = tmp_path / "bench.json"
@@ -118,3 +129,23 @@ def test_cli_bench_writes_json_with_the_same_keys(figures, tmp_path, monkeypatch
 def test_cli_bench_names_a_bad_weight_format(capsys):
     assert cli.main(["bench", "--weights", "fp32,int9"]) == 2
     assert "weights must be one of fp32, bf16, int8, gguf; found 'int9'" in capsys.readouterr().err
+
+
+def test_startup_bench_times_whole_processes_warm_and_cold(smollm2_dir, tmp_path, monkeypatch, capsys):
+    """`jaxllm bench --startup`: whole `jaxllm generate` processes, their programs kept in a folder of this test's
+    own; the warm ones load them (no compile), the cold ones compile everything, both print the same text."""
+    monkeypatch.setenv("JAXLLM_CACHE", str(tmp_path / "cache"))
+    assert cli.main(["bench", "--startup", "--model", str(smollm2_dir), "--repeats", "1",
+                     "--json", str(tmp_path / "startup.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "Startup: a whole `jaxllm generate" in printed and "llama-cpp-python" in printed
+    figures = json.loads((tmp_path / "startup.json").read_text())
+    warm, cold = figures["jobs"]["jaxllm warm"], figures["jobs"]["jaxllm cold"]
+    assert warm["text"] == cold["text"] and warm["text"].startswith("The capital of France is")
+    for job in (warm, cold):
+        assert set(job["phases_s"]) == {"before the command", "imports", "load", "first token", "the rest"}
+        assert all(v >= 0 for v in job["phases_s"].values())
+        assert sum(job["phases_s"].values()) == pytest.approx(job["wall_s"], abs=0.05)
+    assert warm["phases_s"]["first token"] < cold["phases_s"]["first token"]  # loaded, not compiled
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "cache" / "programs").glob("*.jaxexe")) == [
+        "decode_step", "prefill"]

@@ -95,23 +95,48 @@ def test_module_entry_point_runs():
     assert done.returncode == 0 and "generate" in done.stdout and "parity" in done.stdout
 
 
-def test_generate_reuses_compiled_programs_from_the_disk_cache(smollm2_dir, tmp_path):
-    """A second process loads the programs the first one compiled (JAX's persistent cache in the jaxllm cache
-    folder) and prints the same text; JAXLLM_COMPILE_CACHE=0 keeps the folder untouched."""
+# `jaxllm generate ...` in a fresh process that also counts the traces JAX runs (any program, jaxllm's or JAX's own).
+COUNTING = """
+import sys, jax.monitoring
+traces = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, secs, **kw: traces.append(event) if event == "/jax/core/compile/jaxpr_trace_duration" else None)
+from jaxllm.cli import main
+code = main(sys.argv[1:])
+print(f"traces={len(traces)}", file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def test_a_warm_second_process_traces_nothing(smollm2_dir, tmp_path):
+    """The first process compiles and stores its programs (serialized executables in the jaxllm cache folder); a
+    second loads them, traces nothing at all and prints the same text. A damaged stored program is compiled again,
+    with the same text. JAXLLM_COMPILE_CACHE=0 keeps the folder untouched."""
     import os
 
-    command = [sys.executable, "-m", "jaxllm", "generate", "The capital of France is", "--model", str(smollm2_dir),
+    command = [sys.executable, "-c", COUNTING, "generate", "The capital of France is", "--model", str(smollm2_dir),
                "-n", "4"]
     env = {**os.environ, "JAXLLM_CACHE": str(tmp_path / "cache"), "JAXLLM_COMPILE_CACHE": "1"}
-    first = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-    assert first.returncode == 0, first.stderr
-    programs = sorted(p.name for p in (tmp_path / "cache" / "xla").iterdir())
-    assert len(programs) >= 2  # at least the prefill and the decode step
-    second = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-    assert second.returncode == 0 and second.stdout == first.stdout
-    assert sorted(p.name for p in (tmp_path / "cache" / "xla").iterdir()) == programs  # nothing compiled anew
+    stored = tmp_path / "cache" / "programs"
 
-    off = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                         env={**env, "JAXLLM_CACHE": str(tmp_path / "off"), "JAXLLM_COMPILE_CACHE": "0"})
-    assert off.returncode == 0 and off.stdout == first.stdout
-    assert not (tmp_path / "off" / "xla").exists()
+    def run(environment):
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment)
+        assert done.returncode == 0, done.stderr
+        return done.stdout, int(done.stderr.rsplit("traces=", 1)[1])
+
+    first, first_traces = run(env)
+    assert first.startswith("The capital of France is") and first_traces > 0
+    programs = sorted(p.name for p in stored.glob("*.jaxexe"))
+    assert [p.split("-")[0] for p in programs] == ["decode_step", "prefill"]
+    second, second_traces = run(env)
+    assert (second, second_traces) == (first, 0)
+    assert sorted(p.name for p in stored.glob("*.jaxexe")) == programs  # nothing compiled anew
+
+    (stored / programs[0]).write_bytes(b"not an executable")
+    damaged, damaged_traces = run(env)
+    assert damaged == first and damaged_traces > 0
+    assert run(env) == (first, 0)  # the damaged file was replaced
+
+    off, _ = run({**env, "JAXLLM_CACHE": str(tmp_path / "off"), "JAXLLM_COMPILE_CACHE": "0"})
+    assert off == first
+    assert not (tmp_path / "off").exists()

@@ -222,8 +222,8 @@ def test_q8_0_experts_stay_in_their_blocks_and_match_the_fp32_read(tmp_path, nam
     np.testing.assert_array_equal(layer.experts_gate_up.dequantize(), fp32.layers[0].experts_gate_up)
     ids = np.random.default_rng(1).integers(0, V, (1, 24))  # above weights.MATVEC_ROWS: one dot, quick to compile
     positions = np.arange(24)[None]
-    diff = parity.compare_logits(parity.jax_logits(fp32, ids, positions),
-                                 parity.jax_logits(quantized, ids, positions)).max_abs_diff
+    diff = parity.compare_logits(parity.jax_logits(fp32, ids, positions, exact=False),
+                                 parity.jax_logits(quantized, ids, positions, exact=False)).max_abs_diff
     assert diff <= 1e-4, diff
 
 

@@ -2,6 +2,7 @@
 no hangs, no late failures, and every error named. Each test is built from a real damaged file or a real hostile
 template, and each fails on code without the guard it checks."""
 
+import importlib
 import json
 import os
 import shutil
@@ -9,21 +10,25 @@ import struct
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from gguf_util import TYPES, Q
 from safetensors.numpy import load_file, save_file
 from test_gguf import write_gguf
 
+import jaxllm
 from jaxllm import hub, parity
 from jaxllm.cli import main
 from jaxllm.config import LLMConfig
 from jaxllm.convert import MARKER, convert_gguf, locked
-from jaxllm.gguf_reader import read_gguf
+from jaxllm.engine import Engine, Request
 from jaxllm.errors import CheckpointError, ConfigError, InputError, TokenizerError
-from jaxllm.generation import Sampling, generate
+from jaxllm.generation import GenerationSettings, Sampling, generate, prefill
+from jaxllm.gguf_reader import read_gguf
 from jaxllm.loader import load, load_model, open_checkpoint
 from jaxllm.model import Model, forward
 from jaxllm.tokenizer import Tokenizer
@@ -323,7 +328,8 @@ def small_gguf(path: Path, metadata: dict | None = None, layers: int = 1) -> Pat
 
 
 @pytest.mark.parametrize("metadata, error, message", [
-    ({"llama.attention.head_count": (0, "UINT32")}, ConfigError, r"'num_attention_heads' must be a positive integer"),
+    ({"llama.attention.head_count": (0, "UINT32")}, ConfigError,
+     r"'llama.attention.head_count' must be a positive integer, found 0"),
     ({"llama.attention.head_count": ("four", "STRING")}, ConfigError,
      r"'llama.attention.head_count' must be int, found str"),
     ({"llama.embedding_length": (1.5, "FLOAT32")}, ConfigError, r"'llama.embedding_length' must be int, found float"),
@@ -478,3 +484,160 @@ def test_tokens_the_tokenizer_lacks_are_shown_not_fatal(smollm2, tmp_path):
 def test_an_empty_rope_type_is_refused_not_read_as_default():
     with pytest.raises(ConfigError, match="rope type '' is not supported"):
         LLMConfig.from_dict({**BASE, "rope_parameters": {"rope_type": "", "factor": 2.0}})
+
+
+# ---- the last hostile inputs: non-finite weights, deep JSON, zero heads, empty or ragged ids, odd arguments --------
+
+
+@pytest.mark.parametrize("stored, weights, value", [("float32", "fp32", np.nan), ("float32", "bf16", np.inf),
+                                                    ("float32", "int8", np.nan), ("float16", "fp32", -np.inf)])
+def test_non_finite_weights_are_named_at_load(checkpoint, tmp_path, stored, weights, value):
+    """A NaN or infinity in one weight would make every logit NaN, and greedy decoding emit token 0 forever."""
+    tensors = {name: t.astype(stored) for name, t in load_file(checkpoint / "model.safetensors").items()}
+    tensors["model.layers.1.mlp.down_proj.weight"][5, 7] = value
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    shutil.copy(checkpoint / "config.json", tmp_path)
+    with pytest.raises(CheckpointError, match=rf"{tmp_path}: tensor model.layers.1.mlp.down_proj.weight holds 1 "
+                                              rf"non-finite value\(s\): -?(nan|inf) at \[5, 7\]"):
+        load(tmp_path, weights)
+
+
+def damaged_gguf(source: Path, tmp_path: Path, tensor: str, data: bytes) -> Path:
+    """A copy of a GGUF file whose tensor `tensor` starts with the bytes `data` instead."""
+    import gguf
+
+    offset = next(t.data_offset for t in gguf.GGUFReader(source).tensors if t.name == tensor)
+    damaged = bytearray(source.read_bytes())
+    damaged[offset:offset + len(data)] = data
+    path = tmp_path / "damaged.gguf"
+    path.write_bytes(damaged)
+    return path
+
+
+F16_INF, F16_NAN = np.float16(np.inf).tobytes(), np.float16(np.nan).tobytes()
+
+
+@pytest.fixture(scope="module")
+def q4_1_gguf(tmp_path_factory):
+    """The tiny GGUF with layer 0's q, k and v all in Q4_1 (the default model's format), so that weights="gguf" keeps
+    them as blocks (a stacked field of mixed formats is dequantized)."""
+    formats = TYPES | {"blk.0.attn_q": Q.Q4_1, "blk.0.attn_k": Q.Q4_1, "blk.0.attn_v": Q.Q4_1}
+    return write_gguf(tmp_path_factory.mktemp("gguf") / "q4_1.gguf", types=formats)
+
+
+@pytest.mark.parametrize("tensor, data, weights, hf_name, where", [
+    ("blk.0.attn_norm.weight", np.float32(np.inf).tobytes(), "fp32", "model.layers.0.input_layernorm.weight", "[0]"),
+    ("blk.0.attn_norm.weight", np.float32(np.nan).tobytes(), "gguf", "model.layers.0.input_layernorm.weight", "[0]"),
+    ("blk.0.attn_v.weight", F16_INF, "gguf", "model.layers.0.self_attn.v_proj.weight", ".scale[0, 0]"),  # Q4_1 d
+    ("blk.0.attn_v.weight", b"\0\0" + F16_NAN, "gguf", "model.layers.0.self_attn.v_proj.weight", ".offset[0, 0]"),
+    ("blk.0.attn_v.weight", F16_INF, "fp32", "model.layers.0.self_attn.v_proj.weight", "[0, "),  # dequantized
+    ("token_embd.weight", F16_NAN, "gguf", "model.embed_tokens.weight", ".scale[0, 0]"),  # Q8_0
+    ("token_embd.weight", F16_NAN, "int8", "model.embed_tokens.weight", "[0, "),
+], ids=["F32 inf, fp32", "F32 nan, gguf", "Q4_1 scale inf, gguf", "Q4_1 offset nan, gguf", "Q4_1 scale inf, fp32",
+        "Q8_0 scale nan, gguf", "Q8_0 scale nan, int8"])
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # gguf's dequantize of inf · 0
+def test_non_finite_gguf_tensors_are_named_at_load(q4_1_gguf, tmp_path, tensor, data, weights, hf_name, where):
+    """An infinity or NaN in a float tensor, or in the f16 scale or offset of a quantized block, whether the blocks
+    are kept (weights="gguf": their scales are checked) or dequantized."""
+    path = damaged_gguf(q4_1_gguf, tmp_path, tensor, data)
+    with pytest.raises(CheckpointError, match=rf"{path}: tensor {hf_name} holds \d+ non-finite value") as error:
+        load(path, weights)
+    assert where in str(error.value)
+
+
+@pytest.mark.parametrize("name, error", [("config.json", ConfigError), ("tokenizer_config.json", TokenizerError)])
+def test_json_nested_too_deeply_is_named(checkpoint, tmp_path, name, error):
+    """json.loads recurses once per level: 100,000 levels raised a bare RecursionError."""
+    for file in checkpoint.iterdir():
+        shutil.copy(file, tmp_path)
+    (tmp_path / name).write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(error, match=rf"{tmp_path / name}: .*(nested too deeply|recursion)"):
+        load_model(tmp_path)
+
+
+def test_gguf_with_zero_key_value_heads_is_named(tmp_path):
+    """head_count_kv 0 divided by zero where the K rows are un-permuted (convert) instead of naming the key."""
+    import gguf
+
+    path = small_gguf(tmp_path / "kv0.gguf", {"llama.attention.head_count_kv": (0, gguf.GGUFValueType.UINT32)})
+    message = rf"{path}: GGUF metadata 'llama.attention.head_count_kv' must be a positive integer, found 0"
+    with pytest.raises(ConfigError, match=message):
+        load(path)
+    with pytest.raises(ConfigError, match=message):
+        convert_gguf(path, tmp_path / "converted", progress=False)
+    assert not (tmp_path / "converted").exists()
+
+
+@pytest.mark.parametrize("shape", [(1, 0), (0, 4)])
+def test_empty_ids_are_refused_by_shape(checkpoint, shape):
+    params = load(checkpoint)
+    with pytest.raises(InputError, match=rf"ids of shape \({shape[0]}, {shape[1]}\) are empty"):
+        forward(params, np.zeros(shape, np.int32), np.zeros(shape, np.int32))
+    settings = GenerationSettings(max_new_tokens=2, length=32)
+    with pytest.raises(InputError, match=rf"ids of shape \({shape[0]}, {shape[1]}\) are empty"):
+        prefill(params, np.zeros(shape, np.int32), np.ones(shape, np.int32), jax.random.key(0), settings)
+
+
+def test_ragged_ids_are_refused_by_name(checkpoint):
+    """Rows of different lengths are a batch of prompts to generate (left-padded), but not ids for the forward."""
+    params = load(checkpoint)
+    with pytest.raises(InputError, match=r"ids must be a rectangular array, found rows of different lengths: "
+                                         r"\[\[1, 2\], \[3\]\]"):
+        forward(params, [[1, 2], [3]], [[0, 1], [0]])
+    settings = GenerationSettings(max_new_tokens=2, length=32)
+    with pytest.raises(InputError, match=r"ids must be a rectangular array"):
+        prefill(params, [[1, 2], [3]], [[1, 1], [1]], jax.random.key(0), settings)
+    with pytest.raises(InputError, match=r"positions must be a rectangular array"):
+        forward(params, [[1, 2], [3, 4]], [[0, 1], [0]])
+    assert len(generate(params, [[1, 2], [3]], 2)) == 2
+
+
+def dynamic_rope(params):
+    """The same weights under dynamic-NTK RoPE, which lets a generation run past max_position_embeddings."""
+    config = LLMConfig.from_dict({**BASE, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}})
+    assert config.rope.rope_type == "dynamic"
+    return params.replace(config=config)
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (dict(eos_ids="abc"), r"eos_ids must be a sequence of integer token ids, found 'abc'"),
+    (dict(eos_ids=5), r"eos_ids must be a sequence of integer token ids, found 5"),
+    (dict(key=42), r"key must be a JAX PRNG key, found 42; pass jax.random.key\(42\)"),
+    (dict(key=np.uint32([0, 42])), r"key must be a JAX PRNG key, found array\(\[ 0, 42\]"),
+    (dict(max_new_tokens=2**31), r"max_new_tokens \(2147483648\) needs 4294967296 cache slots"),
+])
+def test_generate_arguments_are_refused_by_name(checkpoint, arguments, message):
+    params = dynamic_rope(load(checkpoint))
+    arguments = {"max_new_tokens": 2} | arguments
+    with pytest.raises(InputError, match=message):
+        generate(params, [1, 2, 3], **arguments)
+
+
+def test_engine_request_arguments_are_refused_by_name(checkpoint):
+    params = load(checkpoint)
+    with pytest.raises(InputError, match=r"eos_ids must be a sequence of integer token ids, found 'abc'"):
+        Engine(params, slots=1, max_context=32, prefill_chunk=16, eos_ids="abc")
+    engine = Engine(params, slots=1, max_context=32, prefill_chunk=16)  # refused before it needs to run
+    for request, message in [
+        (Request(prompt=[1, 2], max_tokens=2, stop_ids="abc"), r"stop_ids .* found 'abc'"),
+        (Request(prompt=[[1, 2], [3]], max_tokens=2), r"prompt must be .* found \[\[1, 2\], \[3\]\]"),
+        (Request(prompt=[1, 2], max_tokens=2**31), r"max_tokens \(2147483648\)"),
+        (Request(prompt=[1, 2], max_tokens=2, seed="42"), r"seed must be an integer, found '42'"),
+    ]:
+        with pytest.raises(InputError, match=message):
+            engine.submit(request)
+
+
+def test_cli_refuses_a_seed_beyond_int64_with_one_line(smollm2_dir, capsys):
+    """The command line's --seed becomes the PRNG key: jax.random.key raised a bare OverflowError past int64."""
+    assert main(["generate", "Hi", "--model", str(smollm2_dir), "-n", "2", "--seed", str(2**64)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"seed must be between -2**63 and 2**63 - 1, found {2**64}" in err
+
+
+def test_the_generation_module_is_importable_beside_the_function():
+    """jaxllm/generate.py became jaxllm/generation.py: the module by its name, the function as before."""
+    module = importlib.import_module("jaxllm.generation")
+    assert isinstance(module, types.ModuleType) and module.__name__ == "jaxllm.generation"
+    assert callable(jaxllm.generate) and not isinstance(jaxllm.generate, types.ModuleType)
+    assert jaxllm.generate is module.generate

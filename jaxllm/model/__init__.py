@@ -11,13 +11,9 @@ K key/value heads, G = N // K, H head_dim, F intermediate, V vocab, L layers, E 
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import functools
 from typing import Callable
 
-import chex
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,12 +28,14 @@ from jaxllm.model.cache import KVCache, write_rows
 from jaxllm.model.experts import experts_mlp
 from jaxllm.model.latent import latent_attention_block
 from jaxllm.model.mlp import ACTIVATIONS, gated_mlp
-from jaxllm.model.ops import Array, Context, Matrix, Tap, linear, no_tap, norm
+from jaxllm.model.ops import Array, Context, Matrix, Tap, chex, exact_mode, linear, no_tap, norm
+from jaxllm.model.programs import compile_counts, program
 from jaxllm.model.rope import rope_inv_freq, rope_tables
+from jaxllm.pytree import static, struct
 from jaxllm.weights import is_quantized
 
 
-@flax.struct.dataclass(kw_only=True)  # keyword-only: fields in forward order, optional ones among them
+@struct(kw_only=True)  # keyword-only: fields in forward order, optional ones among them
 class Layer:
     """One decoder block. Matrices keep HF's [out, in] orientation, and the projections that read the same input are
     stacked in one array (HF's q/k/v, and gate/up): with one token per step every output is a dot over a contiguous
@@ -85,7 +83,7 @@ class Layer:
     sinks: Array | None = None  # [N]: gpt-oss's per-head logit that joins each softmax (attention_sinks)
 
 
-@flax.struct.dataclass
+@struct
 class Params:
     """The whole model: arrays are pytree leaves, the config rides along as static data."""
 
@@ -93,7 +91,7 @@ class Params:
     layers: tuple[Layer, ...]  # L of them
     norm: Array  # [D]
     lm_head: Matrix | None  # [V, D]; None when tied to embed_tokens
-    config: LLMConfig = flax.struct.field(pytree_node=False)
+    config: LLMConfig = static()
 
     @property
     def dtype(self):
@@ -214,28 +212,6 @@ def embedding(table: Matrix, ids: Array) -> Array:
 
 # ---- jitted entry points ---------------------------------------------------------------------------------------
 
-_TRACES: collections.Counter[str] = collections.Counter()
-
-
-def program(fn: Callable, name: str | None = None, **jit_kwargs) -> Callable:
-    """jax.jit(fn, **jit_kwargs), counted: every trace of the program adds one to compile_counts()[name].
-    (A trace precedes every compile in this process; the persistent compilation cache may then load the result.)"""
-    name = name or fn.__name__
-    _TRACES[name] += 0  # listed from the start, at 0 until its first trace
-
-    @functools.wraps(fn)
-    def traced(*args, **kwargs):
-        _TRACES[name] += 1
-        return fn(*args, **kwargs)
-
-    return jax.jit(traced, **jit_kwargs)
-
-
-def compile_counts() -> dict[str, int]:
-    """How many times each jitted entry point has been traced (so compiled) in this process, by name."""
-    return dict(_TRACES)
-
-
 def _logits(params, ids, positions, mask):
     return run(params, ids, positions, mask)[0]
 
@@ -250,14 +226,44 @@ _forward = program(_logits, "forward")
 _forward_with_intermediates = program(_intermediates, "forward_with_intermediates")
 
 
+# ---- exact mode: forward(..., exact=True), what the parity harness runs ------------------------------------------
+# The same forward, traced under ops.exact_mode(): every fp32 projection accumulates in float64 (ops.exact_dot) and
+# every RMSNorm takes its statistics in float64; the values between ops stay fp32.
+
+
+def _exact_logits(params, ids, positions, mask):
+    with exact_mode():
+        return _logits(params, ids, positions, mask)
+
+
+def _exact_intermediates(params, ids, positions, mask):
+    with exact_mode():
+        return _intermediates(params, ids, positions, mask)
+
+
+_forward_exact = program(_exact_logits, "forward_exact")
+_forward_with_intermediates_exact = program(_exact_intermediates, "forward_with_intermediates_exact")
+
+
+def input_shape(name: str, value) -> tuple[int, ...]:
+    """The shape of an array or nested lists; InputError naming `name` when the lists are ragged."""
+    try:
+        return np.shape(value)
+    except ValueError:  # numpy refuses rows of different lengths
+        raise InputError(f"{name} must be a rectangular array, found rows of different lengths: "
+                         f"{value!r:.80}") from None
+
+
 def check_inputs(config: LLMConfig, ids, positions, attention_mask=None) -> None:
     """Clear errors for bad input before it reaches XLA. Values are checked only when concrete (not under jit)."""
-    ids_shape, pos_shape = np.shape(ids), np.shape(positions)
+    ids_shape, pos_shape = input_shape("ids", ids), input_shape("positions", positions)
     if len(ids_shape) != 2:
         raise InputError(f"ids must be [B, T], found shape {ids_shape}")
+    if 0 in ids_shape:  # no row or no token: attention's reshapes would divide by the empty axis
+        raise InputError(f"ids of shape {ids_shape} are empty: need at least one row and one token")
     if pos_shape != ids_shape:
         raise InputError(f"positions must have the shape of ids {ids_shape}, found {pos_shape}")
-    if attention_mask is not None and np.shape(attention_mask) != ids_shape:
+    if attention_mask is not None and input_shape("attention_mask", attention_mask) != ids_shape:
         raise InputError(f"attention_mask must have the shape of ids {ids_shape}, found {np.shape(attention_mask)}")
     for name, value in (("ids", ids), ("positions", positions)):
         dtype = value.dtype if hasattr(value, "dtype") else np.asarray(value).dtype
@@ -287,7 +293,9 @@ def place_batch(params: Params, *arrays):
     that data parallelism runs each dp row on its own part of the batch and of the KV cache."""
     mesh = mesh_of(params)
     if mesh is None:
-        return tuple(None if a is None else jnp.asarray(a) for a in arrays)
+        # device_put, not jnp.asarray (which traces a small program for a NumPy array)
+        return tuple(None if a is None else a if isinstance(a, jax.Array) else jax.device_put(np.asarray(a))
+                     for a in arrays)
     return tuple(None if a is None else jax.device_put(a if isinstance(a, jax.Array) else np.asarray(a), NamedSharding(
         mesh, P("dp") if np.shape(a)[0] % mesh.shape["dp"] == 0 else P())) for a in arrays)
 
@@ -298,13 +306,21 @@ def _checked(params: Params, ids, positions, attention_mask) -> tuple:
     return params, *place_batch(params, ids, positions, attention_mask)
 
 
-def forward(params: Params, ids: Array, positions: Array, attention_mask: Array | None = None) -> Array:
+def forward(params: Params, ids: Array, positions: Array, attention_mask: Array | None = None, *,
+            exact: bool = False) -> Array:
     """Jitted forward: ids [B, T] int, positions [B, T] int, optional attention_mask [B, T] (1 = real token)
-    -> logits [B, T, V]. Positions are honoured as given (RoPE), the causal mask goes by index."""
-    return _forward(*_checked(params, ids, positions, attention_mask))
+    -> logits [B, T, V]. Positions are honoured as given (RoPE), the causal mask goes by index.
+
+    `exact=True` runs the forward the parity harness uses: every fp32 projection accumulates in float64 and rounds
+    once (ops.exact_dot), so that the fp32 logits are no further from Transformers' float64 run than Transformers'
+    own fp32 ones (XLA:CPU's fp32 dot is 2-2.5x further); generation always runs the fast programs."""
+    args = _checked(params, ids, positions, attention_mask)
+    return (_forward_exact if exact else _forward)(*args)
 
 
-def forward_with_intermediates(params: Params, ids: Array, positions: Array, attention_mask: Array | None = None):
+def forward_with_intermediates(params: Params, ids: Array, positions: Array, attention_mask: Array | None = None, *,
+                               exact: bool = False):
     """The same forward, also returning every tapped intermediate by name (a dict: jit returns its keys sorted)."""
-    return _forward_with_intermediates(*_checked(params, ids, positions, attention_mask))
+    args = _checked(params, ids, positions, attention_mask)
+    return (_forward_with_intermediates_exact if exact else _forward_with_intermediates)(*args)
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import chex
 import jax
 import jax.numpy as jnp
 
 from jaxllm.config import LLMConfig
 from jaxllm.model.cache import KVCache, write_rows
-from jaxllm.model.ops import Array, Context, bias, linear, norm
+from jaxllm.model.ops import Array, Context, bias, chex, linear, norm
 from jaxllm.model.rope import apply_rope
 
 

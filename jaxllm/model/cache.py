@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 
 from jaxllm.config import LLMConfig
 from jaxllm.model.ops import Array
+from jaxllm.pytree import static, struct
 
 
-@flax.struct.dataclass
+@struct
 class KVCache:
     """Keys and values of every layer, after RoPE, in fixed-size buffers of S slots per row, and which slots hold what.
 
@@ -28,7 +28,7 @@ class KVCache:
     index: Array  # [B] int32: each row's next slot to write
     # True until the first write: a call into an empty cache attends over its own keys alone, not over S slots
     # that are all masked out (a prefill of T tokens would otherwise score T x S more keys).
-    empty: bool = flax.struct.field(pytree_node=False, default=False)
+    empty: bool = static(default=False)
 
     @property
     def length(self) -> int:

@@ -10,14 +10,13 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Callable
 
-import chex
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jaxllm.config import LLMConfig
 from jaxllm.model.mlp import ACTIVATIONS
-from jaxllm.model.ops import Array, Tap, bias, linear
+from jaxllm.model.ops import Array, Tap, bias, chex, linear
 from jaxllm.weights import Int8, dense
 
 if TYPE_CHECKING:

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import chex
 import jax
 import jax.numpy as jnp
 
 from jaxllm.config import LLMConfig
 from jaxllm.model.cache import write_rows
-from jaxllm.model.ops import Array, Context, linear, rms_norm
+from jaxllm.model.ops import Array, Context, chex, linear, rms_norm
 from jaxllm.model.rope import apply_rope
 from jaxllm.weights import dense
 

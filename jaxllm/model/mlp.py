@@ -5,11 +5,10 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING
 
-import chex
 import jax
 
 from jaxllm.config import LLMConfig
-from jaxllm.model.ops import Array, Tap, bias, linear
+from jaxllm.model.ops import Array, Tap, bias, chex, linear
 
 if TYPE_CHECKING:
     from jaxllm.model import Layer

@@ -6,6 +6,8 @@ K key/value heads, G = N // K, H head_dim, F intermediate, V vocab, L layers, E 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 from typing import Callable
 
@@ -14,6 +16,19 @@ import jax.numpy as jnp
 
 from jaxllm.config import LLMConfig
 from jaxllm.weights import Blocks, Int8, is_quantized, matmul
+
+
+class _LazyChex:
+    """`chex`, imported at the first assertion. The assertions run while a program is traced, and a warm start
+    loads its programs without tracing them, so it never pays chex's import (0.17 s, most of it absl.testing)."""
+
+    def __getattr__(self, name: str):
+        import chex as module
+
+        return getattr(module, name)
+
+
+chex = _LazyChex()
 
 Array = jax.Array
 # tap(name, value) records an intermediate; the plain forward passes a no-op, the diff ladder a collector.
@@ -44,9 +59,16 @@ def no_tap(name: str, value: Array) -> None:
 
 def rms_norm(x: Array, weight: Array, eps: float, plus_one: bool = False) -> Array:
     """HF LlamaRMSNorm: statistics in fp32, cast back to the input dtype *before* the weight multiply. With
-    `plus_one`, Gemma's: scaled by (1 + weight) in fp32, then cast."""
+    `plus_one`, Gemma's: scaled by (1 + weight) in fp32, then cast. In exact_mode() an fp32 x's statistics and
+    scaling run in float64 and x·rsqrt rounds to fp32 once: an fp32 mean of squares dominated by one outsized
+    value (the default model's first position reaches 22,000) loses the small squares' low bits."""
     x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    if _EXACT.get() and x.dtype == jnp.float32:
+        with jax.enable_x64(True):
+            x64 = x32.astype(jnp.float64)
+            x32 = (x64 * jax.lax.rsqrt(jnp.mean(x64 * x64, axis=-1, keepdims=True) + eps)).astype(jnp.float32)
+    else:
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     if plus_one:
         return (x32 * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
     return weight * x32.astype(x.dtype)
@@ -70,9 +92,44 @@ def linear(x: Array, w: Matrix, out_dtype=None) -> Array:
     if w.dtype == jnp.bfloat16:  # XLA:CPU has no fast bf16 dot: the f32 convert on w fuses into the matvec, as int8's
         out = matmul(x.reshape(B * T, I).astype(jnp.float32), w.reshape(-1, I).astype(jnp.float32))
         return out.astype(out_dtype or x.dtype).reshape(B, T, *w.shape[:-1])
+    if _EXACT.get() and x.dtype == w.dtype == jnp.float32:
+        return exact_dot(x.reshape(B * T, I), w.reshape(-1, I), out_dtype).reshape(B, T, *w.shape[:-1])
     # As a 2-D [out, in] matrix (a free reshape): with several `out` axes XLA:CPU's dot ran 2.5x slower in decode.
     out = jax.lax.dot_general(x, w.reshape(-1, I), (((2,), (1,)), ((), ())), preferred_element_type=out_dtype)
     return out.reshape(B, T, *w.shape[:-1])
+
+
+# ---- exact mode: forward(..., exact=True) ----------------------------------------------------------------------
+# A trace-time setting, as jax.default_matmul_precision is: `linear` and `rms_norm` read it while a program is traced,
+# and only the exact programs (model/__init__.py) trace under it, so a compiled program never changes with it.
+_EXACT = contextvars.ContextVar("jaxllm_exact", default=False)
+EXACT_TILE = 1 << 23  # elements of w widened to float64 at a time (64 MiB): an LM head goes in row tiles
+
+
+@contextlib.contextmanager
+def exact_mode():
+    """Within: `linear` on an fp32 matrix runs exact_dot, and `rms_norm` takes its statistics in float64; every
+    value between ops stays fp32. Not on a TPU, which has no float64 (its fp32 programs run as they are)."""
+    token = _EXACT.set(jax.default_backend() != "tpu")
+    try:
+        yield
+    finally:
+        _EXACT.reset(token)
+
+
+def exact_dot(x: Array, w: Array, out_dtype=None) -> Array:
+    """x [M, I] · w [O, I] -> [M, O] (fp32), accumulated in float64 and rounded once: each output is the fp32 value
+    nearest the exact sum of products. An fp32 dot rounds at every addition, by an amount that depends on its order:
+    XLA:CPU's YNNPACK dot sums each output's I products in one run (2-5x the error of torch's blocked GEMM), and
+    no fp32 order (blocked, pairwise) stays below torch's everywhere. w is widened in tiles of at most EXACT_TILE
+    elements, so an LM head never has a float64 copy whole."""
+    O, I = w.shape
+    rows = max(1, EXACT_TILE // I)
+    with jax.enable_x64(True):
+        x64 = x.astype(jnp.float64)
+        parts = [jax.lax.dot_general(x64, w[r:r + rows].astype(jnp.float64), (((1,), (1,)), ((), ())))
+                 .astype(out_dtype or x.dtype) for r in range(0, O, rows)]
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
 
 
 def bias(x: Array, b: Array | None) -> Array:
