@@ -95,7 +95,10 @@ def record_recent(tag: str) -> None:
 
 
 def compile_counts() -> dict[str, int]:
-    """How many times each jitted entry point has been traced (so compiled) in this process, by name."""
+    """How many times each jitted entry point has been traced (so compiled) in this process, by name: every one of
+    them, those of modules not imported yet too (`import jaxllm` imports lazily)."""
+    import jaxllm.engine  # noqa: F401  (defines the serving engine's programs; it imports generation's)
+
     return dict(_TRACES)
 
 
