@@ -171,7 +171,8 @@ def reference_greedy(model, ids: list[int], max_new_tokens: int, eos_ids) -> lis
 def report(path: str | Path, prompt: str, max_new_tokens: int = 20, tolerance: float = REAL_MODEL_TOLERANCE,
            with_ladder: bool = False) -> dict[str, Any]:
     """Both engines on one prompt: logits at every position against Transformers fp32, the noise floor
-    (Transformers fp32 vs its own float64 run), jaxllm vs float64, and the greedy continuation of each."""
+    (Transformers fp32 vs its own float64 run), jaxllm vs float64, and the greedy continuation of each. jaxllm's
+    logits come from the exact forward (forward(..., exact=True)), its greedy tokens from generate."""
     from jaxllm.generation import generate
     from jaxllm.loader import load_model
 
@@ -312,7 +313,7 @@ def summary(report: dict[str, Any]) -> str:
         f"max_abs_diff     {report['max_abs_diff']:.3g}  (tolerance {report['tolerance']:g}; logits reach "
         f"{report['max_abs_logit']:.1f})",
         f"noise floor      {report['noise_floor_fp32_vs_fp64']:.3g}  (Transformers fp32 vs float64)",
-        f"jaxllm vs fp64   {report['jaxllm_vs_fp64']:.3g}",
+        f"jaxllm vs fp64   {report['jaxllm_vs_fp64']:.3g}  (the exact forward)",
         f"argmax agreement {report['argmax_agreement']:.3f}",
         f"jaxllm greedy    {report['jaxllm_greedy']['text']!r}",
         f"HF greedy        {report['transformers_greedy']['text']!r}",
