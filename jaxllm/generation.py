@@ -23,10 +23,12 @@ import numpy as np
 
 from jaxllm.errors import InputError
 from jaxllm.model import KVCache, Model, Params, check_inputs, input_shape, mesh_of, place_batch, program, run
+from jaxllm.model.ops import row_stable
 from jaxllm.pytree import static, struct
 
 Array = jax.Array
 MIN_BUCKET = 16
+SLACK = 16  # cache slots past prompt + max_new_tokens: a verify step writes up to widths[-1] - 1 of them
 UNKNOWN_TOKEN = "\ufffd"  # how generated text shows a token id the tokenizer does not have
 
 
@@ -52,6 +54,37 @@ class Sampling:
 GREEDY = Sampling()
 
 
+@dataclasses.dataclass(frozen=True)
+class Speculation:
+    """Prompt-lookup speculation: each step proposes the tokens that followed the latest earlier occurrence of the
+    row's last n tokens (n from max_ngram down to min_ngram) in its prompt and output so far, and one forward of the
+    target checks them all. A row proposes at most k tokens, starting at `start` and growing by 2 while every
+    proposal is accepted (a long copy) or shrinking to the accepted count + 1; after a step that accepts none, the row
+    waits 1, 3, 7, then 15 steps before it proposes again (open-ended text costs about a plain step). A verify step
+    runs `widths` - 1 proposals at most: the smallest width that holds every row's proposals, or a plain one-token
+    step when no row proposes."""
+
+    max_ngram: int = 3
+    min_ngram: int = 1
+    start: int = 3
+    widths: tuple[int, ...] = (4, 8)
+
+    def __post_init__(self):
+        if not (1 <= self.min_ngram <= self.max_ngram and 1 <= self.start < max(self.widths, default=0)
+                and all(isinstance(w, int) and 2 <= w <= SLACK for w in self.widths)
+                and list(self.widths) == sorted(set(self.widths))):
+            raise InputError(f"invalid speculation settings {self}: need 1 <= min_ngram <= max_ngram, widths "
+                             f"between 2 and {SLACK} in increasing order and 1 <= start < the largest width")
+
+    @property
+    def k(self) -> int:
+        """The most tokens one verify step checks."""
+        return self.widths[-1] - 1
+
+
+SPECULATE = {"lookup": Speculation()}
+
+
 @struct
 class GenerationSettings:
     """How to generate: a pytree whose numbers are traced (a new limit or EOS id compiles nothing new) and whose
@@ -61,8 +94,9 @@ class GenerationSettings:
     eos_ids: tuple[int, ...] = ()  # a row stops at the first of these it produces; () runs to max_new_tokens
     pad_id: int = 0  # fed to, and reported for, rows that have stopped
     sampling: Sampling = static(default=GREEDY)
-    length: int = static(default=0)  # S: prompt slots + new-token slots
+    length: int = static(default=0)  # S: prompt slots + new-token slots (+ the most a verify step writes past them)
     use_cache: bool = static(default=True)
+    speculation: Speculation | None = static(default=None)
 
     def check(self, config, prompt_slots: int) -> None:
         """InputError naming the setting that cannot run with this model and a prompt of `prompt_slots` slots."""
@@ -246,7 +280,8 @@ def _decode_step(params: Params, state: DecodeState, settings: GenerationSetting
         logits = jax.lax.dynamic_index_in_dim(logits, P + state.step - 1, axis=1, keepdims=False)  # [B, V]
     else:  # the last token alone, at the next position of its row
         last = jax.lax.dynamic_index_in_dim(state.tokens, state.step - 1, axis=1, keepdims=False)  # [B]
-        logits, cache = next_logits(params, state.cache, last)
+        with row_stable():  # each position's logits bit for bit those a speculative verify step computes
+            logits, cache = next_logits(params, state.cache, last)
     return _advance(state.replace(cache=cache), logits.astype(jnp.float32), settings)
 
 
@@ -254,6 +289,110 @@ def _decode(params: Params, state: DecodeState, settings: GenerationSettings) ->
     """decode_step until every row has stopped or max_new_tokens are made, in one compiled lax.while_loop (jitted as
     `decode`; the state's buffers are donated)."""
     return jax.lax.while_loop(lambda s: running(s, settings), lambda s: _decode_step(params, s, settings), state)
+
+
+# ---- speculative decoding: prompt lookup, verified in one forward ------------------------------------------------
+
+
+@struct
+class SpeculativeState:
+    """The decode state, with what each row of a speculative loop keeps on its own: rows accept different numbers of
+    tokens per step, so each has its own count of tokens made (state.step is the largest)."""
+
+    state: DecodeState
+    made: Array  # [B] int32: the row's new tokens so far, in state.tokens[:, :made]
+    k: Array  # [B] int32: the most tokens the row proposes next
+    wait: Array  # [B] int32: steps before the row proposes again
+    misses: Array  # [B] int32: consecutive steps whose proposals were all rejected
+    proposed: Array  # [B] int32: tokens proposed, over the whole generation
+    accepted: Array  # [B] int32: of those, tokens accepted
+    steps: Array  # [] int32: forward steps run (plain or verify)
+
+
+def lookup(history: Array, start: Array, end: Array, spec: Speculation) -> tuple[Array, Array]:
+    """Prompt lookup. history [B, L] holds each row's tokens in [start, end) ([B] each). -> (proposals [B, k], count
+    [B]): the up to k tokens that followed the latest earlier occurrence of the row's last n tokens, for the largest
+    n in max_ngram..min_ngram that occurs; count 0 where none does."""
+    B, L = history.shape
+    K = spec.k
+    slots = jnp.arange(L)
+    found, where = jnp.zeros(B, bool), jnp.zeros(B, jnp.int32)  # where: the slot after the chosen occurrence
+    for n in range(spec.max_ngram, spec.min_ngram - 1, -1):
+        last = jax.vmap(lambda h, e: jax.lax.dynamic_slice(h, (e - n,), (n,)))(history, jnp.maximum(end, n))  # [B, n]
+        match = (slots >= start[:, None]) & (slots + n < end[:, None]) & (end - start >= n)[:, None]  # [B, L]
+        for i in range(n):  # match[b, j]: history[b, j + i] == last[b, i] for every i
+            match &= jnp.roll(history, -i, axis=1) == last[:, i:i + 1]
+        latest = jnp.max(jnp.where(match, slots, -1), axis=1)  # [B]
+        use = ~found & (latest >= 0)
+        found, where = found | use, jnp.where(use, latest + n, where)
+    proposals = jax.vmap(lambda h, w: jax.lax.dynamic_slice(jnp.pad(h, (0, K)), (w,), (K,)))(history, where)
+    return proposals, jnp.where(found, jnp.minimum(end - where, K), 0)
+
+
+def _speculative_step(params: Params, s: SpeculativeState, settings: GenerationSettings) -> SpeculativeState:
+    """One forward for every row: its last token and its proposals (none: a plain one-token step), the longest
+    agreeing prefix accepted plus the target's own next token, and the cache rolled back past the rejected slots."""
+    spec, st = settings.speculation, s.state
+    B, P = st.prompt.shape
+    N = st.tokens.shape[1]
+    history = jnp.concatenate([st.prompt, st.tokens], axis=1)  # [B, P + N]; left padding: a row's tokens are contiguous
+    start, end = P - jnp.sum(st.prompt_mask, axis=1, dtype=jnp.int32), P + s.made
+    proposals, count = lookup(history, start, end, spec)
+    finished = st.done | (s.made >= settings.max_new_tokens)
+    count = jnp.where(finished | (s.wait > 0), 0, jnp.minimum(count, s.k))  # [B]
+    last = jnp.take_along_axis(st.tokens, jnp.maximum(s.made - 1, 0)[:, None], axis=1)  # [B, 1]
+    cache = st.cache
+    positions = jnp.sum(cache.mask, axis=-1, dtype=jnp.int32)[:, None]  # [B, 1]: the row's next position
+
+    def forward(width: int):
+        def run_width():
+            ids = jnp.concatenate([last, proposals[:, :width - 1]], axis=1)  # [B, width]
+            with row_stable():
+                logits, new = run(params, ids, positions + jnp.arange(width), None, cache)
+            greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B, width]
+            return jnp.pad(greedy, ((0, 0), (0, spec.k + 1 - width)), constant_values=-1), new
+        return run_width
+
+    widths = (1, *spec.widths)
+    branch = jnp.searchsorted(jnp.asarray(spec.widths) - 1, jnp.max(count)) + 1  # the smallest width that holds them
+    greedy, new = jax.lax.switch(jnp.where(jnp.max(count) == 0, 0, branch), [forward(w) for w in widths])
+    # accepted: proposals agreeing with the target's own choice at every earlier slot
+    agree = (proposals == greedy[:, :spec.k]) & (jnp.arange(spec.k) < count[:, None])  # [B, k]
+    accepted = jnp.sum(jnp.cumprod(agree, axis=1), axis=1, dtype=jnp.int32)  # [B]
+    eos = jnp.isin(greedy, jnp.asarray(settings.eos_ids or (-1,), jnp.int32))  # [B, k + 1]
+    first_eos = jnp.min(jnp.where(eos, jnp.arange(spec.k + 1), spec.k + 1), axis=1)
+    made = jnp.minimum(jnp.minimum(accepted, first_eos) + 1, settings.max_new_tokens - s.made)  # [B] new tokens
+    made = jnp.where(finished, 0, made)
+    written = jnp.where(jnp.arange(spec.k + 1) < made[:, None], greedy, settings.pad_id)  # [B, k + 1]
+    tokens = jax.vmap(lambda row, w, at: jax.lax.dynamic_update_slice(row, w, (at,)))(st.tokens, written, s.made)
+    index = jnp.where(finished, cache.index, cache.index + made)  # the fed tokens kept: the last and those accepted
+    new = new.replace(index=index, mask=new.mask & (jnp.arange(cache.length) < index[:, None]))
+    proposing = count > 0
+    missed = proposing & (accepted == 0)
+    misses = jnp.where(proposing, jnp.where(missed, s.misses + 1, 0), s.misses)
+    total = s.made + made
+    state = st.replace(step=jnp.max(total), tokens=tokens, cache=new,
+                       done=st.done | (made > first_eos) & ~finished)
+    return SpeculativeState(
+        state=state, made=total,
+        k=jnp.where(proposing, jnp.where(accepted == count, jnp.minimum(s.k + 2, spec.k), jnp.maximum(accepted, 1)), s.k),
+        wait=jnp.where(missed, (1 << jnp.minimum(misses, 4)) - 1, jnp.maximum(s.wait - 1, 0)), misses=misses,
+        proposed=s.proposed + count, accepted=s.accepted + jnp.minimum(accepted, jnp.maximum(made - 1, 0)),
+        steps=s.steps + 1)
+
+
+def _speculative_decode(params: Params, state: DecodeState, settings: GenerationSettings) -> SpeculativeState:
+    """_speculative_step until every row has stopped, in one compiled lax.while_loop (jitted as `speculative_decode`)."""
+    B = state.done.shape[0]
+    zeros = jnp.zeros(B, jnp.int32)
+    s = SpeculativeState(state=state, made=jnp.full(B, state.step, jnp.int32),
+                         k=jnp.full(B, settings.speculation.start, jnp.int32), wait=zeros, misses=zeros,
+                         proposed=zeros, accepted=zeros, steps=jnp.int32(0))
+
+    def going(s: SpeculativeState) -> Array:
+        return jnp.any(~s.state.done & (s.made < settings.max_new_tokens))
+
+    return jax.lax.while_loop(going, lambda s: _speculative_step(params, s, settings), s)
 
 
 # XLA CPU options for the decode programs, each measured on the profile of a decode step: region analysis lets copy
@@ -269,6 +408,8 @@ DECODE_COMPILER_OPTIONS = {
 _prefill_program = program(_prefill, "prefill")
 decode_step = program(_decode_step, "decode_step", donate_argnames="state", compiler_options=DECODE_COMPILER_OPTIONS)
 decode = program(_decode, "decode", donate_argnames="state", compiler_options=DECODE_COMPILER_OPTIONS)
+speculative_decode = program(_speculative_decode, "speculative_decode", donate_argnames="state",
+                             compiler_options=DECODE_COMPILER_OPTIONS)
 
 
 def prefill(params: Params, ids, mask, key: Array, settings: GenerationSettings) -> DecodeState:
@@ -338,18 +479,43 @@ def _stream(params: Params, state: DecodeState, settings: GenerationSettings,
         state = decode_step(params, state, settings)
 
 
+def _speculation(speculate, params: Params, use_cache: bool, sampling: Sampling, callback) -> Speculation | None:
+    """The Speculation `speculate` names (None, "lookup" or a Speculation), or InputError naming what it cannot run
+    with."""
+    if speculate is None:
+        return None
+    spec = SPECULATE.get(speculate) if isinstance(speculate, str) else speculate
+    if not isinstance(spec, Speculation):
+        raise InputError(f"speculate must be one of {sorted(SPECULATE)} or a Speculation, found {speculate!r:.80}")
+    config = params.config
+    why = ("use_cache=False (verification reads the cache)" if not use_cache else
+           "sampling (speculative sampling is not built yet; greedy only)" if sampling.temperature > 0 else
+           "a callback (the streaming loop does not speculate yet)" if callback is not None else
+           "latent attention" if config.kv_lora_rank else
+           "mixture-of-experts layers (their rows are not made row-stable yet)" if config.num_experts else
+           f"{config.rope.rope_type} RoPE (it scales by the largest position in a call)"
+           if config.rope.rope_type in ("dynamic", "longrope") else
+           "a mesh" if mesh_of(params) is not None else None)
+    if why:
+        raise InputError(f"speculate={speculate!r} cannot run with {why}")
+    return spec
+
+
 def generate(model: Model | Params, prompts, max_new_tokens: int = 20, *, use_cache: bool = True,
              sampling: Sampling = GREEDY, key: Array | None = None, eos_ids: Sequence[int] | None = None,
-             callback: Callable[[int, int], None] | None = None):
+             callback: Callable[[int, int], None] | None = None, speculate: str | Speculation | None = None):
     """Generate up to `max_new_tokens` per prompt, stopping each at its own EOS.
 
     `prompts`: a string or a list of token ids, or a list of those (a batch, left-padded). Returns a
     GenerationResult, or a list of them for a batch. `callback(row, token_id)` streams tokens as they are made
     (a Python loop over the jitted decode_step); without it the decode runs as one compiled loop.
     `use_cache=False` runs the full forward over the whole sequence every step (the reference path).
+    `speculate="lookup"` (or a Speculation) proposes tokens by prompt lookup and checks them in one forward; the
+    output is token for token the output without it (greedy).
     """
     model = model if isinstance(model, Model) else Model(model)
     params, config, tokenizer = model.params, model.params.config, model.tokenizer
+    spec = _speculation(speculate, params, use_cache, sampling, callback)
     prompts_ids, single = _as_batch(model, prompts)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int | np.integer) or max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be a positive integer, found {max_new_tokens!r}")
@@ -363,10 +529,12 @@ def generate(model: Model | Params, prompts, max_new_tokens: int = 20, *, use_ca
     filler = prompts_ids[-1:] * (-len(prompts_ids) % mesh.shape["dp"] if mesh is not None else 0)
     settings = GenerationSettings(max_new_tokens=int(max_new_tokens), eos_ids=eos_ids,
                                   pad_id=eos_ids[0] if eos_ids else 0, sampling=sampling,
-                                  length=bucket(P + max_new_tokens), use_cache=use_cache)
+                                  length=bucket(P + max_new_tokens + SLACK), use_cache=use_cache, speculation=spec)
     ids, mask = left_pad(prompts_ids + filler, P, settings.pad_id)
     state = prefill(params, ids, mask, seed_key(0) if key is None else key, settings)
-    if callback is None:
+    if spec is not None:
+        state = speculative_decode(params, state, settings).state
+    elif callback is None:
         state = decode(params, state, settings)
     else:
         state = _stream(params, state, settings, callback, len(prompts_ids))

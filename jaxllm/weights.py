@@ -46,17 +46,19 @@ class Int8:
         return self.values.shape
 
     def dequantize(self) -> Array:  # [*out, in] f32
-        return self.values.astype(jnp.float32) * self.scale[..., None] / self.in_scale
+        return self.values.astype(jnp.float32) * self.scale[..., None] * (1 / self.in_scale)
 
     def matmul(self, x: Array) -> Array:
         """x [M, in] f32 -> [M, out] (out flattened): one dot with the int8 -> f32 convert on the weight operand."""
         values = self.values.reshape(-1, self.values.shape[-1])
-        return matmul(x / self.in_scale, values.astype(x.dtype)) * self.scale.reshape(-1)
+        # Times 1 / in_scale, not divided by it: XLA rewrites a divide by a broadcast into a multiply by its
+        # reciprocal only when the broadcast is larger, so the division rounded differently at 1 and at 6 rows.
+        return matmul(x * (1 / self.in_scale), values.astype(x.dtype)) * self.scale.reshape(-1)
 
     def rows(self, ids: Array) -> Array:
         """Rows `ids` (any shape, in range) dequantized: [*ids.shape, in] f32 (an embedding lookup)."""
         scale = jnp.take(self.scale, ids, axis=0)  # [*ids.shape, *out[1:]]
-        return jnp.take(self.values, ids, axis=0).astype(jnp.float32) * scale[..., None] / self.in_scale
+        return jnp.take(self.values, ids, axis=0).astype(jnp.float32) * scale[..., None] * (1 / self.in_scale)
 
 
 # GGUF block formats kept as stored: the fields each holds, per row. `block` is the number of weights one `scale`
@@ -155,19 +157,19 @@ def matmul(x: Array, w: Array, out_dtype=None) -> Array:
     that XLA:CPU feeds a dequantized f32 copy of w; written as M one-row matvecs it stays fused, one pass over w."""
     M = x.shape[0]
     if 1 < M <= MATVEC_ROWS:
-        rows = _materialized([x[i:i + 1] for i in range(M)])
+        rows = materialized([x[i:i + 1] for i in range(M)])
         return jnp.concatenate([jnp.matmul(r, w.T, preferred_element_type=out_dtype) for r in rows])
     return jnp.matmul(x, w.T, preferred_element_type=out_dtype)
 
 
-def _materialized(rows: list[Array]) -> list[Array]:
-    """The rows as buffers written before the matvecs read them. XLA:CPU otherwise fuses their producers (the
+def materialized(rows: list[Array]) -> list[Array]:
+    """The arrays as buffers written before the matvecs read them. XLA:CPU otherwise fuses their producers (the
     attention output's combine, the RMSNorm) into each row's matvec, whose loop recomputes them for every output
     element: a decode step over 8 slots of the default model in int8 ran 1.7x slower than as a GEMM. A conditional
     is a fusion boundary (jax.lax.optimization_barrier left them fused). Its predicate is true whatever the rows
     hold, NaN included, but XLA cannot prove it, so it keeps the conditional (with a constant predicate, or two
     identical branches, it removes it); the other branch never runs."""
-    first = rows[0][0, 0]
+    first = rows[0].ravel()[0]
     return jax.lax.cond(jnp.isnan(first) | ~jnp.isnan(first), lambda: rows, lambda: [r + 1 for r in rows])
 
 

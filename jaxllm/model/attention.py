@@ -10,7 +10,8 @@ import jax.numpy as jnp
 
 from jaxllm.config import LLMConfig
 from jaxllm.model.cache import KVCache, write_rows
-from jaxllm.model.ops import Array, Context, bias, chex, linear, norm
+from jaxllm.model.ops import Array, Context, bias, chex, is_row_stable, linear, norm
+from jaxllm.weights import materialized
 from jaxllm.model.rope import apply_rope
 
 
@@ -29,11 +30,11 @@ def attention(q: Array, k: Array, v: Array, visible: Array, cached: tuple[Array,
     copied G times (half the time of a 5-axis einsum at T = 512).
     """
     B, T, N, H = q.shape
-    K = k.shape[1]
+    K = (cached[0] if k is None else k).shape[1]
     G = N // K
     q = q.reshape(B, T, K, G, H).transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, H)
     # (keys, values, visible, the keys' H axis): rows of R = T·G are ordered (t, g)
-    parts = [(k, v, visible, 3)]  # keys [B, K, T, H]
+    parts = [] if k is None else [(k, v, visible, 3)]  # keys [B, K, T, H]; None: the cache's alone
     if cached is not None:
         parts.insert(0, (*cached, 2))  # keys [B, K, H, S]
 
@@ -51,7 +52,7 @@ def attention(q: Array, k: Array, v: Array, visible: Array, cached: tuple[Array,
     else:  # HF's eager_attention_forward: cat([scores, sinks]), softmax, probs[..., :-1]; head n = j·G + g
         sink = jnp.broadcast_to(sinks.astype(jnp.float32).reshape(1, K, 1, G, 1), (B, K, T, G, 1))
         probs = jax.nn.softmax(jnp.concatenate([logits, sink], axis=-1), axis=-1)[..., :-1]
-    probs = probs.astype(v.dtype).reshape(B, K, T * G, -1)  # fp32 softmax, as HF
+    probs = probs.astype(parts[0][1].dtype).reshape(B, K, T * G, -1)  # fp32 softmax, as HF
     out, start = 0, 0
     for _, vv, _, _ in parts:
         out = out + _batched_dot(probs[..., start:start + vv.shape[2]], vv, 3, 2)  # BKRS,BKSH->BKRH
@@ -96,13 +97,22 @@ def attention_block(layer: Layer, x: Array, kv: LayerCache | None, ctx: Context)
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
     ctx.tap("q_rope", q), ctx.tap("k_rope", k)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
-    cached = None
-    if ctx.cached_visible is not None:  # the filled part of the cache alone: a step's cost follows what is filled
-        W = ctx.window or kv[0].shape[-1]
-        cached = (kv[0][..., :W], kv[1][:, :, :W], ctx.cached_visible)  # [B, K, H, W], [B, K, W, H], [B, 1 or T, W]
-    out = attention(q, k, v, ctx.visible, cached, config.query_scale, config.attn_logit_softcapping, layer.sinks)
-    if kv is not None:
+    W = None if kv is None else ctx.window or kv[0].shape[-1]  # the filled part of the cache: a step's cost follows it
+    if ctx.cached_visible is not None and is_row_stable():
+        # Written first, then each query alone over the cache's first W slots, its own key among them: every query
+        # runs the same ops on the same slots as a one-token step at its position (ops.row_stable).
+        q, k, v = materialized([q, k, v])
         kv = (write_rows(kv[0], k.transpose(0, 1, 3, 2), ctx.index, axis=3), write_rows(kv[1], v, ctx.index, axis=2))
+        out = jnp.concatenate([attention(q[:, t:t + 1], None, None, None, (kv[0][..., :W], kv[1][:, :, :W],
+                                                                          ctx.cached_visible[:, t:t + 1]),
+                                         config.query_scale, config.attn_logit_softcapping, layer.sinks)
+                               for t in range(T)], axis=1)
+    else:
+        cached = None if ctx.cached_visible is None else (kv[0][..., :W], kv[1][:, :, :W], ctx.cached_visible)
+        out = attention(q, k, v, ctx.visible, cached, config.query_scale, config.attn_logit_softcapping, layer.sinks)
+        if kv is not None:
+            kv = (write_rows(kv[0], k.transpose(0, 1, 3, 2), ctx.index, axis=3),
+                  write_rows(kv[1], v, ctx.index, axis=2))
     chex.assert_shape(out, (B, T, N, H))
     ctx.tap("attn", out)
     # Heads merged first: an einsum contracting (N, H) together makes XLA re-lay the weight out on every call.
@@ -122,11 +132,15 @@ def attention_masks(config: LLMConfig, kind: str, real: Array, cache: KVCache | 
     visible = jnp.tril(jnp.ones((T, T), bool))  # [T, T]
     W = None if cache is None else window or cache.length
     cached = None if cache is None else cache.mask[:, None, :W]  # [B, 1, W]
+    query_slots = None if cache is None else cache.index[:, None] + jnp.arange(T)  # [B, T]
+    if cached is not None and is_row_stable():  # keys are written before attention: its own and earlier ones seen
+        relative = jnp.arange(W) - cache.index[:, None]  # [B, W]: slot s holds this call's key s - index
+        key_real = jnp.take_along_axis(real, jnp.clip(relative, 0, T - 1), axis=1) & (relative >= 0) & (relative < T)
+        cached = cached | (key_real[:, None, :] & (relative[:, None, :] <= jnp.arange(T)[:, None]))  # [B, T, W]
     if kind == "sliding_attention":
         SW = config.sliding_window
         visible = visible & ~jnp.tril(jnp.ones((T, T), bool), -SW)  # t' > t - SW
         if cached is not None:
-            query_slots = cache.index[:, None] + jnp.arange(T)  # [B, T]
             cached = cached & (jnp.arange(W) > query_slots[..., None] - SW)  # [B, T, W]
     return visible[None] & real[:, None, :], cached
 

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.config import LLMConfig
-from jaxllm.weights import Blocks, Int8, is_quantized, matmul
+from jaxllm.weights import Blocks, Int8, is_quantized, materialized, matmul
 
 
 class _LazyChex:
@@ -87,6 +87,8 @@ def linear(x: Array, w: Matrix, out_dtype=None) -> Array:
     w's convert or dequantization into the decode matvec. `out_dtype`: the result's dtype when it should differ from
     x's (the logits are fp32 in every format)."""
     B, T, I = x.shape
+    if _ROW_STABLE.get() and not _EXACT.get():
+        return _row_stable_linear(x.reshape(B * T, I), w, out_dtype).reshape(B, T, *w.shape[:-1])
     if is_quantized(w):
         return w.matmul(x.reshape(B * T, I)).reshape(B, T, *w.shape[:-1])
     if w.dtype == jnp.bfloat16:  # XLA:CPU has no fast bf16 dot: the f32 convert on w fuses into the matvec, as int8's
@@ -104,6 +106,50 @@ def linear(x: Array, w: Matrix, out_dtype=None) -> Array:
 # and only the exact programs (model/__init__.py) trace under it, so a compiled program never changes with it.
 _EXACT = contextvars.ContextVar("jaxllm_exact", default=False)
 EXACT_TILE = 1 << 23  # elements of w widened to float64 at a time (64 MiB): an LM head goes in row tiles
+
+
+# ---- row-stable mode: each row's result does not depend on how many rows a call has -----------------------------
+# A speculative verify step runs k + 1 positions where a plain decode step runs one, and XLA:CPU computes the two
+# shapes differently: a library GEMV against a GEMM for fp32, a divide rewritten into a reciprocal multiply at more
+# rows, and fusions that contract a multiply and an add into one FMA only in some shapes. Traced under row_stable(),
+# every projection is an XLA reduction whose per-row order is the same at any row count (row_stable_linear), its
+# input is a buffer (no producer fused into it), and attention runs one query at a time over the cache (attention.py),
+# so a verify step's logits at each position are bit for bit the plain step's.
+_ROW_STABLE = contextvars.ContextVar("jaxllm_row_stable", default=False)
+
+
+@contextlib.contextmanager
+def row_stable():
+    """Within: `linear` runs row_stable_linear and cached attention runs query by query (see above)."""
+    token = _ROW_STABLE.set(True)
+    try:
+        yield
+    finally:
+        _ROW_STABLE.reset(token)
+
+
+def is_row_stable() -> bool:
+    return _ROW_STABLE.get()
+
+
+def _row_stable_linear(x: Array, w: Matrix, out_dtype=None) -> Array:
+    """x [M, I] · w [*out, I] -> [M, O] as sum(w * x) over I: each output's sum runs in the same order whatever M is
+    (a dot does not: XLA:CPU calls a GEMV at one row and a GEMM at more). The weight's convert or dequantization
+    fuses into the reduction, one pass over w for all M rows. M = 1 is written without the row axis ([1, O, I] ran
+    30x slower); the two forms give the same bits."""
+    M, I = x.shape
+    dtype = out_dtype or x.dtype
+    (x,) = materialized([x.astype(jnp.float32)])
+    post = None
+    if isinstance(w, Int8):
+        x, post = x * (1 / w.in_scale), w.scale.reshape(-1)
+        w = w.values.reshape(-1, I).astype(jnp.float32)
+    else:
+        w = (w.dequantize() if is_quantized(w) else w).reshape(-1, I).astype(jnp.float32)  # [O, I]
+    out = jnp.sum(w * x, axis=-1)[None] if M == 1 else jnp.sum(w[None] * x[:, None], axis=-1)  # [M, O]
+    if post is not None:
+        out = out * post
+    return out.astype(dtype)
 
 
 @contextlib.contextmanager
