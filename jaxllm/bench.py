@@ -1376,3 +1376,157 @@ def moe_table(figures: dict[str, Any]) -> str:
                    r["decode_tokens_per_s"], r["decode_vs_dense"], r["prefill_ms"], r["prefill_vs_dense"]]
                   for r in figures["rows"]])
     return "\n".join(out)
+
+
+# ---- speculative decoding: prompt lookup against plain decode --------------------------------------------------
+
+GROUNDED = [  # input-grounded: the answer copies from the prompt
+    "Summarise this paragraph in two sentences: The city council met on Monday to discuss the new bicycle lanes. "
+    "Residents complained that the lanes removed parking spaces, while cyclists said the lanes made the roads safer. "
+    "The council decided to keep the lanes for six months and then review the accident figures.",
+    "Extract every date from this text as a list: The contract was signed on 12 March 2021, amended on 3 June 2022, "
+    "and will expire on 31 December 2025 unless renewed before 1 October 2025.",
+    "Rewrite this email more politely: Send me the report now. You were supposed to finish it yesterday and I am "
+    "still waiting. Do it today.",
+    "Rename the function add to sum_two in this code and return the whole code:\ndef add(a, b):\n    return a + b\n\n"
+    "print(add(1, 2))\nprint(add(3, 4))",
+]
+OPEN_ENDED = ["Write a short story about a dragon who learns to cook.",
+              "What are three good habits for staying healthy?"]
+LLAMA_CPP_LOOKUP = """
+import json, sys, time, llama_cpp
+from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+path, threads, new_tokens, repeats = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+prompts = json.loads(sys.stdin.read())
+out = {}
+for name, draft in (("plain", None), ("lookup", LlamaPromptLookupDecoding(num_pred_tokens=10))):
+    llm = llama_cpp.Llama(model_path=path, n_ctx=1024, n_threads=threads, n_threads_batch=threads, verbose=False,
+                          seed=0, draft_model=draft)
+    runs = []
+    for _ in range(repeats):
+        per_kind = {}
+        for kind, ps in prompts.items():
+            tokens = seconds = 0
+            for p in ps:
+                start = time.perf_counter()
+                r = llm.create_completion(p, max_tokens=new_tokens, temperature=0.0, top_k=1, repeat_penalty=1.0)
+                seconds += time.perf_counter() - start
+                tokens += r["usage"]["completion_tokens"]
+            per_kind[kind] = tokens / seconds
+        runs.append(per_kind)
+    out[name] = runs
+print(json.dumps(out))
+"""
+
+
+def _speculation_run(model: Model, prompts: list[list[int]], new_tokens: int, mode: str) -> dict[str, Any]:
+    """Each prompt alone, decode timed after its prefill: tokens made, seconds, forward steps, proposals."""
+    from jaxllm.generation import SLACK, Speculation, end_ids, seed_key, speculative_decode
+
+    eos = end_ids(model)
+    totals = {"tokens": 0, "seconds": 0.0, "steps": 0, "proposed": 0, "accepted": 0, "outputs": []}
+    for ids in prompts:
+        P = bucket(len(ids))
+        settings = GenerationSettings(max_new_tokens=new_tokens, eos_ids=eos, pad_id=eos[0] if eos else 0,
+                                      length=bucket(P + new_tokens + SLACK), row_stable=mode != "plain, fast",
+                                      speculation=Speculation() if mode == "lookup" else None)
+        x, mask = left_pad([ids], P, settings.pad_id)
+        state = jax.block_until_ready(prefill(model.params, x, mask, seed_key(0), settings))
+        start = time.perf_counter()
+        if mode == "lookup":
+            s = jax.block_until_ready(speculative_decode(model.params, state, settings))
+            made, steps, state = int(s.made[0]), int(s.steps[0]), s.state
+            totals["proposed"] += int(s.proposed[0])
+            totals["accepted"] += int(s.accepted[0])
+        else:
+            state = jax.block_until_ready(decode(model.params, state, settings))
+            made = int(state.step)
+            steps = made - 1
+        totals["seconds"] += time.perf_counter() - start
+        totals["tokens"] += made - 1  # the first token is the prefill's
+        totals["steps"] += steps
+        totals["outputs"].append(np.asarray(state.tokens)[0, :made].tolist())
+    return totals
+
+
+def speculation(model: str | None = None, weights: tuple[str, ...] = ("fp32", "int8"), new_tokens: int = 96,
+                repeats: int = 3, kinds: dict[str, list[str]] | None = None,
+                llama_cpp_python: str | None = None) -> dict[str, Any]:
+    """Prompt lookup against plain greedy decode on chat-formatted prompts, per kind (input-grounded, open-ended):
+    decode tokens/s summed over the prompts (each alone, prefill excluded), acceptance and tokens per forward step,
+    for each weight format, side by side in rounds; "plain" is the row-stable decode that `generate` runs and
+    speculation matches bit for bit, "plain, fast" the decode before it. llama-cpp-python's
+    LlamaPromptLookupDecoding runs the same prompts on the model's GGUF when a Python with it is found."""
+    from jaxllm import load_model
+    from jaxllm.loader import resolve
+
+    kinds = kinds or {"input-grounded": GROUNDED, "open-ended": OPEN_ENDED}
+    modes = ("plain, fast", "plain", "lookup")
+    out: dict[str, Any] = {"new_tokens": new_tokens, "repeats": repeats, "formats": {}}
+    for w in weights:
+        m = load_model(model, weights=w)
+        chats = {kind: [m.tokenizer.encode(m.tokenizer.apply_chat_template([{"role": "user", "content": t}]))
+                        for t in texts] for kind, texts in kinds.items()}
+        for kind, prompts in chats.items():  # compile every program first
+            for mode in modes:
+                _speculation_run(m, prompts[:1], 4, mode)
+        figures = {}
+        for kind, prompts in chats.items():
+            rounds = {mode: [_speculation_run(m, prompts, new_tokens, mode) for _ in range(1)] for mode in modes}
+            for _ in range(repeats - 1):
+                for mode in modes:
+                    rounds[mode].append(_speculation_run(m, prompts, new_tokens, mode))
+            rates = {mode: [r["tokens"] / r["seconds"] for r in rs] for mode, rs in rounds.items()}
+            spec = rounds["lookup"][0]
+            figures[kind] = {
+                "tok_s": {mode: round(statistics.median(r), 2) for mode, r in rates.items()},
+                "range": {mode: [round(min(r), 2), round(max(r), 2)] for mode, r in rates.items()},
+                "lookup_over_plain": round(statistics.median(rates["lookup"]) / statistics.median(rates["plain"]), 2),
+                "lookup_over_fast": round(statistics.median(rates["lookup"]) / statistics.median(rates["plain, fast"]),
+                                          2),
+                "acceptance": round(spec["accepted"] / max(spec["proposed"], 1), 3),
+                "tokens_per_step": round(spec["tokens"] / max(spec["steps"], 1), 2),
+                "identical": spec["outputs"] == rounds["plain"][0]["outputs"],
+                "identical_to_fast": spec["outputs"] == rounds["plain, fast"][0]["outputs"]}
+        out["formats"][w] = figures
+    python = llama_cpp_python_path(llama_cpp_python)
+    gguf = resolve(model, gguf=True)
+    if python is None or gguf.suffix != ".gguf":
+        out["llama_cpp_skipped"] = "no Python with llama-cpp-python" if python is None else f"{gguf} is not a GGUF"
+    else:
+        m = load_model(model, weights=weights[0])
+        texts = {kind: [m.tokenizer.apply_chat_template([{"role": "user", "content": t}]) for t in ts]
+                 for kind, ts in kinds.items()}
+        done = subprocess.run([python, "-c", LLAMA_CPP_LOOKUP, str(gguf), str(os.cpu_count() or 1), str(new_tokens),
+                               str(repeats)], input=json.dumps(texts), capture_output=True, text=True, timeout=1800,
+                              check=False)
+        if done.returncode != 0:
+            out["llama_cpp_skipped"] = f"llama-cpp-python failed: {done.stderr.strip()[-300:]}"
+        else:
+            runs = json.loads(done.stdout)
+            out["llama_cpp"] = {kind: {mode: round(statistics.median(r[kind] for r in runs[mode]), 2)
+                                       for mode in runs} for kind in kinds}
+    out["load_average"] = os.getloadavg()
+    return out
+
+
+def speculation_table(f: dict[str, Any]) -> str:
+    lines = [f"Prompt lookup against plain greedy decode: {f['new_tokens']} new tokens at most per prompt, decode "
+             f"tokens/s summed over the prompts, median of {f['repeats']} rounds; load average "
+             f"{f['load_average'][0]:.2f}", ""]
+    rows = []
+    for w, kinds in f["formats"].items():
+        for kind, r in kinds.items():
+            rows.append([w, kind, r["acceptance"], r["tokens_per_step"], r["tok_s"]["plain, fast"], r["tok_s"]["plain"],
+                         r["tok_s"]["lookup"], f"{r['lookup_over_plain']}x", f"{r['lookup_over_fast']}x",
+                         "yes" if r["identical"] else "NO"])
+    lines += _rows(["weights", "prompts", "acceptance", "tokens/step", "plain, fast tok/s", "plain tok/s",
+                    "lookup tok/s", "lookup/plain", "lookup/fast", "identical"], rows)
+    if "llama_cpp" in f:
+        lines.append("")
+        lines += _rows(["llama-cpp-python (GGUF)", "plain tok/s", "lookup tok/s", "lookup/plain"],
+                       [[kind, r["plain"], r["lookup"], f"{r['lookup'] / r['plain']:.2f}x"]
+                        for kind, r in f["llama_cpp"].items()])
+    else:
+        lines.append(f"llama-cpp-python skipped: {f['llama_cpp_skipped']}")
+    return "\n".join(lines)

@@ -90,8 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--startup", action="store_true",
                    help="instead: whole `jaxllm generate` processes, warm and cold, with where the time goes, "
                         "alternating with llama-cpp-python doing the same job when it is found")
-    p.add_argument("--llama-cpp-python", metavar="PYTHON", help="with --startup: a Python with llama-cpp-python "
-                   "(default: $JAXLLM_LLAMA_CPP_PYTHON, this one, or ../llamacpp-venv)")
+    p.add_argument("--speculate", action="store_true",
+                   help="instead: prompt lookup against plain greedy decode on input-grounded and open-ended chat "
+                        "prompts, in each --weights format (acceptance, tokens per step, tokens/s), beside "
+                        "llama-cpp-python's LlamaPromptLookupDecoding when it is found")
+    p.add_argument("--llama-cpp-python", metavar="PYTHON", help="with --startup or --speculate: a Python with "
+                   "llama-cpp-python (default: $JAXLLM_LLAMA_CPP_PYTHON, this one, or ../llamacpp-venv)")
     p.add_argument("--moe", action="store_true",
                    help="instead: a random mixture-of-experts model (32 experts, top 2) against a dense one with the "
                         "same active parameters, in each --weights format: decode tokens/s and prefill ms")
@@ -367,6 +371,11 @@ def cmd_bench(args) -> int:
     if args.startup:
         figures = bench.startup(args.model, formats[0], repeats=args.repeats, llama_cpp_python=args.llama_cpp_python)
         print(bench.startup_table(figures))
+    elif args.speculate:
+        kinds = {"input-grounded": bench.GROUNDED[:1], "open-ended": bench.OPEN_ENDED[:1]} if args.quick else None
+        figures = bench.speculation(args.model, formats, new_tokens=16 if args.quick else 96, repeats=args.repeats,
+                                    kinds=kinds, llama_cpp_python=args.llama_cpp_python)
+        print(bench.speculation_table(figures))
     elif args.moe:
         sizes = dataclasses.replace(bench.MOE_QUICK if args.quick else bench.MoeSizes(), rounds=args.repeats)
         figures = bench.moe(sizes, weights=formats)

@@ -12,6 +12,7 @@ within a bucket reuse the compiled programs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Collection
@@ -59,22 +60,26 @@ class Speculation:
     """Prompt-lookup speculation: each step proposes the tokens that followed the latest earlier occurrence of the
     row's last n tokens (n from max_ngram down to min_ngram) in its prompt and output so far, and one forward of the
     target checks them all. A row proposes at most k tokens, starting at `start` and growing by 2 while every
-    proposal is accepted (a long copy) or shrinking to the accepted count + 1; after a step that accepts none, the row
-    waits 1, 3, 7, then 15 steps before it proposes again (open-ended text costs about a plain step). A verify step
-    runs `widths` - 1 proposals at most: the smallest width that holds every row's proposals, or a plain one-token
-    step when no row proposes."""
+    proposal is accepted (a long copy) or shrinking to the count accepted (at least 1). After `patience` steps in a
+    row that accept none of its proposals, the row waits 1, 3, 7, then 15 steps before it proposes again, so that
+    open-ended text costs about a plain step. A verify step runs the smallest of `widths` that holds every row's
+    last token and proposals, or a plain one-token step when no row proposes. (On this CPU a row-stable step of
+    4 positions costs what one of 1 does and 8 cost 1.2x: a miss at width 4 is nearly free.)"""
 
     max_ngram: int = 3
     min_ngram: int = 1
     start: int = 3
     widths: tuple[int, ...] = (4, 8)
+    patience: int = 4
 
     def __post_init__(self):
         if not (1 <= self.min_ngram <= self.max_ngram and 1 <= self.start < max(self.widths, default=0)
+                and isinstance(self.patience, int) and self.patience >= 1
                 and all(isinstance(w, int) and 2 <= w <= SLACK for w in self.widths)
                 and list(self.widths) == sorted(set(self.widths))):
             raise InputError(f"invalid speculation settings {self}: need 1 <= min_ngram <= max_ngram, widths "
-                             f"between 2 and {SLACK} in increasing order and 1 <= start < the largest width")
+                             f"between 2 and {SLACK} in increasing order, 1 <= start < the largest width and "
+                             "patience >= 1")
 
     @property
     def k(self) -> int:
@@ -97,6 +102,9 @@ class GenerationSettings:
     length: int = static(default=0)  # S: prompt slots + new-token slots (+ the most a verify step writes past them)
     use_cache: bool = static(default=True)
     speculation: Speculation | None = static(default=None)
+    # decode steps run row-stable (ops.row_stable), so that a speculative run's verified positions are bit for bit
+    # those of a plain one; `generate` sets it wherever the model can speculate (see speculation_refused)
+    row_stable: bool = static(default=False)
 
     def check(self, config, prompt_slots: int) -> None:
         """InputError naming the setting that cannot run with this model and a prompt of `prompt_slots` slots."""
@@ -280,7 +288,7 @@ def _decode_step(params: Params, state: DecodeState, settings: GenerationSetting
         logits = jax.lax.dynamic_index_in_dim(logits, P + state.step - 1, axis=1, keepdims=False)  # [B, V]
     else:  # the last token alone, at the next position of its row
         last = jax.lax.dynamic_index_in_dim(state.tokens, state.step - 1, axis=1, keepdims=False)  # [B]
-        with row_stable():  # each position's logits bit for bit those a speculative verify step computes
+        with row_stable() if settings.row_stable else contextlib.nullcontext():
             logits, cache = next_logits(params, state.cache, last)
     return _advance(state.replace(cache=cache), logits.astype(jnp.float32), settings)
 
@@ -303,10 +311,10 @@ class SpeculativeState:
     made: Array  # [B] int32: the row's new tokens so far, in state.tokens[:, :made]
     k: Array  # [B] int32: the most tokens the row proposes next
     wait: Array  # [B] int32: steps before the row proposes again
-    misses: Array  # [B] int32: consecutive steps whose proposals were all rejected
+    misses: Array  # [B] int32: consecutive proposing steps whose proposals were all rejected
     proposed: Array  # [B] int32: tokens proposed, over the whole generation
     accepted: Array  # [B] int32: of those, tokens accepted
-    steps: Array  # [] int32: forward steps run (plain or verify)
+    steps: Array  # [B] int32: forward steps (plain or verify) that made the row's tokens
 
 
 def lookup(history: Array, start: Array, end: Array, spec: Speculation) -> tuple[Array, Array]:
@@ -376,9 +384,11 @@ def _speculative_step(params: Params, s: SpeculativeState, settings: GenerationS
     return SpeculativeState(
         state=state, made=total,
         k=jnp.where(proposing, jnp.where(accepted == count, jnp.minimum(s.k + 2, spec.k), jnp.maximum(accepted, 1)), s.k),
-        wait=jnp.where(missed, (1 << jnp.minimum(misses, 4)) - 1, jnp.maximum(s.wait - 1, 0)), misses=misses,
+        wait=jnp.where(missed & (misses >= spec.patience), (1 << jnp.minimum(misses - spec.patience + 1, 4)) - 1,
+                       jnp.maximum(s.wait - 1, 0)),
+        misses=misses,
         proposed=s.proposed + count, accepted=s.accepted + jnp.minimum(accepted, jnp.maximum(made - 1, 0)),
-        steps=s.steps + 1)
+        steps=s.steps + ~finished)
 
 
 def _speculative_decode(params: Params, state: DecodeState, settings: GenerationSettings) -> SpeculativeState:
@@ -387,7 +397,7 @@ def _speculative_decode(params: Params, state: DecodeState, settings: Generation
     zeros = jnp.zeros(B, jnp.int32)
     s = SpeculativeState(state=state, made=jnp.full(B, state.step, jnp.int32),
                          k=jnp.full(B, settings.speculation.start, jnp.int32), wait=zeros, misses=zeros,
-                         proposed=zeros, accepted=zeros, steps=jnp.int32(0))
+                         proposed=zeros, accepted=zeros, steps=zeros)
 
     def going(s: SpeculativeState) -> Array:
         return jnp.any(~s.state.done & (s.made < settings.max_new_tokens))
@@ -479,6 +489,16 @@ def _stream(params: Params, state: DecodeState, settings: GenerationSettings,
         state = decode_step(params, state, settings)
 
 
+def speculation_refused(params: Params) -> str | None:
+    """Why this model cannot speculate (None: it can): the models whose decode is not made row-stable yet."""
+    config = params.config
+    return ("latent attention" if config.kv_lora_rank else
+            "mixture-of-experts layers (their rows are not made row-stable yet)" if config.num_experts else
+            f"{config.rope.rope_type} RoPE (it scales by the largest position in a call)"
+            if config.rope.rope_type in ("dynamic", "longrope") else
+            "a mesh" if mesh_of(params) is not None else None)
+
+
 def _speculation(speculate, params: Params, use_cache: bool, sampling: Sampling, callback) -> Speculation | None:
     """The Speculation `speculate` names (None, "lookup" or a Speculation), or InputError naming what it cannot run
     with."""
@@ -487,15 +507,10 @@ def _speculation(speculate, params: Params, use_cache: bool, sampling: Sampling,
     spec = SPECULATE.get(speculate) if isinstance(speculate, str) else speculate
     if not isinstance(spec, Speculation):
         raise InputError(f"speculate must be one of {sorted(SPECULATE)} or a Speculation, found {speculate!r:.80}")
-    config = params.config
     why = ("use_cache=False (verification reads the cache)" if not use_cache else
            "sampling (speculative sampling is not built yet; greedy only)" if sampling.temperature > 0 else
            "a callback (the streaming loop does not speculate yet)" if callback is not None else
-           "latent attention" if config.kv_lora_rank else
-           "mixture-of-experts layers (their rows are not made row-stable yet)" if config.num_experts else
-           f"{config.rope.rope_type} RoPE (it scales by the largest position in a call)"
-           if config.rope.rope_type in ("dynamic", "longrope") else
-           "a mesh" if mesh_of(params) is not None else None)
+           speculation_refused(params))
     if why:
         raise InputError(f"speculate={speculate!r} cannot run with {why}")
     return spec
@@ -529,7 +544,8 @@ def generate(model: Model | Params, prompts, max_new_tokens: int = 20, *, use_ca
     filler = prompts_ids[-1:] * (-len(prompts_ids) % mesh.shape["dp"] if mesh is not None else 0)
     settings = GenerationSettings(max_new_tokens=int(max_new_tokens), eos_ids=eos_ids,
                                   pad_id=eos_ids[0] if eos_ids else 0, sampling=sampling,
-                                  length=bucket(P + max_new_tokens + SLACK), use_cache=use_cache, speculation=spec)
+                                  length=bucket(P + max_new_tokens + SLACK), use_cache=use_cache, speculation=spec,
+                                  row_stable=speculation_refused(params) is None)
     ids, mask = left_pad(prompts_ids + filler, P, settings.pad_id)
     state = prefill(params, ids, mask, seed_key(0) if key is None else key, settings)
     if spec is not None:

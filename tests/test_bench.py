@@ -149,3 +149,18 @@ def test_startup_bench_times_whole_processes_warm_and_cold(smollm2_dir, tmp_path
     assert warm["phases_s"]["first token"] < cold["phases_s"]["first token"]  # loaded, not compiled
     assert sorted(p.name.split("-")[0] for p in (tmp_path / "cache" / "programs").glob("*.jaxexe")) == [
         "decode_step", "prefill"]
+
+
+def test_speculation_bench_reports_acceptance_and_identical_outputs(smollm2_dir, tmp_path, capsys):
+    """`jaxllm bench --speculate --quick`: one input-grounded and one open-ended chat prompt on the default model; the
+    lookup outputs equal the plain ones and the table names every column."""
+    assert cli.main(["bench", "--speculate", "--quick", "--model", str(smollm2_dir), "-w", "fp32", "--repeats", "1",
+                     "--json", str(tmp_path / "speculate.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "Prompt lookup against plain greedy decode" in printed and "lookup/plain" in printed
+    assert "llama-cpp-python" in printed
+    figures = json.loads((tmp_path / "speculate.json").read_text())
+    for kind in ("input-grounded", "open-ended"):
+        r = figures["formats"]["fp32"][kind]
+        assert r["identical"] and 0 <= r["acceptance"] <= 1 and r["tokens_per_step"] >= 1
+        assert all(v > 0 for v in r["tok_s"].values())

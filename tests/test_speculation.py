@@ -109,9 +109,10 @@ def test_the_default_model_rows_accept_different_counts_and_the_cache_forgets_re
     s = speculative_decode(smollm2.params, prefill(smollm2.params, ids, mask, seed_key(0), settings), settings)
     assert np.asarray(s.state.tokens)[:, :n].tolist() == plain
     accepted, proposed = np.asarray(s.accepted), np.asarray(s.proposed)
-    print(f"accepted {accepted} of {proposed} proposed, {int(s.steps)} steps for {n - 1} tokens a row")
+    steps = np.asarray(s.steps)
+    print(f"accepted {accepted} of {proposed} proposed, {steps} steps for {n - 1} tokens a row")
     assert len(set(accepted.tolist())) > 1 and accepted.max() >= 8  # the copy accepts a third of its tokens
-    assert int(s.steps) < n - 1
+    assert steps[0] < n - 1 - 8 and (steps <= n - 1).all()  # the copy takes fewer forward steps than tokens
     cache = s.state.cache
     assert np.asarray(cache.mask).sum(axis=1).tolist() == [len(p) + n - 1 for p in prompts]
     index = np.asarray(cache.index)
