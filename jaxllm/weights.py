@@ -51,13 +51,13 @@ class Int8:
     def matmul(self, x: Array) -> Array:
         """x [M, in] f32 -> [M, out] (out flattened): one dot with the int8 -> f32 convert on the weight operand."""
         values = self.values.reshape(-1, self.values.shape[-1])
-        # Times 1 / in_scale, not divided by it: XLA rewrites a divide by a broadcast into a multiply by its
-        # reciprocal only when the broadcast is larger, so the division rounded differently at 1 and at 6 rows.
-        return matmul(x * (1 / self.in_scale), values.astype(x.dtype)) * self.scale.reshape(-1)
+        return matmul(x / self.in_scale, values.astype(x.dtype)) * self.scale.reshape(-1)
 
     def rows(self, ids: Array) -> Array:
         """Rows `ids` (any shape, in range) dequantized: [*ids.shape, in] f32 (an embedding lookup)."""
         scale = jnp.take(self.scale, ids, axis=0)  # [*ids.shape, *out[1:]]
+        # Times 1 / in_scale, not divided by it: XLA rewrites a divide by a broadcast into a multiply by its
+        # reciprocal only where the broadcast is larger, so a division rounded differently for 1 and for 6 ids.
         return jnp.take(self.values, ids, axis=0).astype(jnp.float32) * scale[..., None] * (1 / self.in_scale)
 
 
