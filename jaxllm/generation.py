@@ -391,18 +391,23 @@ def _speculative_step(params: Params, s: SpeculativeState, settings: GenerationS
         steps=s.steps + ~finished)
 
 
+def speculative_start(state: DecodeState, settings: GenerationSettings) -> SpeculativeState:
+    """The speculative loop's state after prefill: every row at state.step tokens, proposing `start` at first."""
+    B = state.done.shape[0]
+    zeros = [jnp.zeros(B, jnp.int32) for _ in range(5)]  # five buffers: the streaming step donates each
+    return SpeculativeState(state, jnp.full(B, state.step, jnp.int32), jnp.full(B, settings.speculation.start,
+                                                                                jnp.int32), *zeros)
+
+
+def speculating(done, made, settings: GenerationSettings):
+    """Some row still needs tokens: done, made [B] (traced arrays, or the host's numpy ones)."""
+    return (~done & (made < settings.max_new_tokens)).any()
+
+
 def _speculative_decode(params: Params, state: DecodeState, settings: GenerationSettings) -> SpeculativeState:
     """_speculative_step until every row has stopped, in one compiled lax.while_loop (jitted as `speculative_decode`)."""
-    B = state.done.shape[0]
-    zeros = jnp.zeros(B, jnp.int32)
-    s = SpeculativeState(state=state, made=jnp.full(B, state.step, jnp.int32),
-                         k=jnp.full(B, settings.speculation.start, jnp.int32), wait=zeros, misses=zeros,
-                         proposed=zeros, accepted=zeros, steps=zeros)
-
-    def going(s: SpeculativeState) -> Array:
-        return jnp.any(~s.state.done & (s.made < settings.max_new_tokens))
-
-    return jax.lax.while_loop(going, lambda s: _speculative_step(params, s, settings), s)
+    return jax.lax.while_loop(lambda s: speculating(s.state.done, s.made, settings),
+                              lambda s: _speculative_step(params, s, settings), speculative_start(state, settings))
 
 
 # XLA CPU options for the decode programs, each measured on the profile of a decode step: region analysis lets copy
@@ -420,6 +425,8 @@ decode_step = program(_decode_step, "decode_step", donate_argnames="state", comp
 decode = program(_decode, "decode", donate_argnames="state", compiler_options=DECODE_COMPILER_OPTIONS)
 speculative_decode = program(_speculative_decode, "speculative_decode", donate_argnames="state",
                              compiler_options=DECODE_COMPILER_OPTIONS)
+speculative_step = program(_speculative_step, "speculative_step", donate_argnames="s",
+                           compiler_options=DECODE_COMPILER_OPTIONS)
 
 
 def prefill(params: Params, ids, mask, key: Array, settings: GenerationSettings) -> DecodeState:
@@ -499,7 +506,7 @@ def speculation_refused(params: Params) -> str | None:
             "a mesh" if mesh_of(params) is not None else None)
 
 
-def _speculation(speculate, params: Params, use_cache: bool, sampling: Sampling, callback) -> Speculation | None:
+def _speculation(speculate, params: Params, use_cache: bool, sampling: Sampling) -> Speculation | None:
     """The Speculation `speculate` names (None, "lookup" or a Speculation), or InputError naming what it cannot run
     with."""
     if speculate is None:
@@ -509,11 +516,27 @@ def _speculation(speculate, params: Params, use_cache: bool, sampling: Sampling,
         raise InputError(f"speculate must be one of {sorted(SPECULATE)} or a Speculation, found {speculate!r:.80}")
     why = ("use_cache=False (verification reads the cache)" if not use_cache else
            "sampling (speculative sampling is not built yet; greedy only)" if sampling.temperature > 0 else
-           "a callback (the streaming loop does not speculate yet)" if callback is not None else
            speculation_refused(params))
     if why:
         raise InputError(f"speculate={speculate!r} cannot run with {why}")
     return spec
+
+
+def _stream_speculative(params: Params, state: DecodeState, settings: GenerationSettings,
+                        callback: Callable[[int, int], None], rows: int) -> DecodeState:
+    """speculative_step from Python, handing each of the first `rows` rows' new tokens to callback(row, token) in
+    order as soon as a step has made them (one step makes up to widths[-1] tokens a row)."""
+    s, reported = speculative_start(state, settings), np.zeros(rows, np.int64)
+    while True:
+        made, tokens = to_host(s.made)[:rows], None  # a row's made stops growing at its EOS or its limit
+        for row in np.flatnonzero(made > reported):
+            tokens = to_host(s.state.tokens) if tokens is None else tokens
+            for t in tokens[row, reported[row]:made[row]]:
+                callback(int(row), int(t))
+        reported = np.maximum(reported, made)
+        if not speculating(to_host(s.state.done), to_host(s.made), settings):
+            return s.state
+        s = speculative_step(params, s, settings)
 
 
 def generate(model: Model | Params, prompts, max_new_tokens: int = 20, *, use_cache: bool = True,
@@ -530,7 +553,7 @@ def generate(model: Model | Params, prompts, max_new_tokens: int = 20, *, use_ca
     """
     model = model if isinstance(model, Model) else Model(model)
     params, config, tokenizer = model.params, model.params.config, model.tokenizer
-    spec = _speculation(speculate, params, use_cache, sampling, callback)
+    spec = _speculation(speculate, params, use_cache, sampling)
     prompts_ids, single = _as_batch(model, prompts)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int | np.integer) or max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be a positive integer, found {max_new_tokens!r}")
@@ -548,8 +571,10 @@ def generate(model: Model | Params, prompts, max_new_tokens: int = 20, *, use_ca
                                   row_stable=speculation_refused(params) is None)
     ids, mask = left_pad(prompts_ids + filler, P, settings.pad_id)
     state = prefill(params, ids, mask, seed_key(0) if key is None else key, settings)
-    if spec is not None:
+    if spec is not None and callback is None:
         state = speculative_decode(params, state, settings).state
+    elif spec is not None:
+        state = _stream_speculative(params, state, settings, callback, len(prompts_ids))
     elif callback is None:
         state = decode(params, state, settings)
     else:

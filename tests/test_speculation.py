@@ -62,6 +62,15 @@ def test_greedy_output_equals_the_output_without_speculation(models, name):
     assert runs(params, PROMPTS, 13, speculate=Speculation(widths=(8,), start=7)) == [p[:13] for p in plain]
 
 
+def test_the_streaming_step_speculates_and_streams_each_token_once_in_order(models):
+    params = models("llama")
+    streamed = {row: [] for row in range(len(PROMPTS))}
+    eos = runs(params, PROMPTS, 30)[1][6]
+    results = generate(params, PROMPTS, 30, eos_ids=[eos], speculate="lookup",
+                       callback=lambda row, token: streamed[row].append(token))
+    assert [r.tokens for r in results] == list(streamed.values()) == runs(params, PROMPTS, 30, eos_ids=[eos])
+
+
 def test_a_rejected_slot_is_invisible_to_later_steps(models):
     """Junk proposals written and rolled back leave the next step's logits as a fresh cache gives them: the output
     with proposals that are all wrong (a prompt of distinct tokens, min_ngram 1 finds only stale matches) equals the
@@ -79,8 +88,6 @@ def test_what_speculation_cannot_run_with_is_refused_by_name(models, tmp_path):
         generate(params, [5, 6], 4, speculate="lookup", sampling=Sampling(temperature=0.7))
     with pytest.raises(InputError, match="use_cache=False"):
         generate(params, [5, 6], 4, speculate="lookup", use_cache=False)
-    with pytest.raises(InputError, match="callback"):
-        generate(params, [5, 6], 4, speculate="lookup", callback=lambda row, token: None)
     with pytest.raises(InputError, match="widths between 2 and"):
         Speculation(widths=(4, 64))
     dynamic = load(parity.random_checkpoint({**SMALL, "rope_parameters": dict(rope_type="dynamic", factor=2.0,
