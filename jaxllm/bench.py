@@ -1402,6 +1402,8 @@ out = {}
 for name, draft in (("plain", None), ("lookup", LlamaPromptLookupDecoding(num_pred_tokens=10))):
     llm = llama_cpp.Llama(model_path=path, n_ctx=1024, n_threads=threads, n_threads_batch=threads, verbose=False,
                           seed=0, draft_model=draft)
+    first = next(iter(prompts.values()))[0]
+    llm.create_completion(first, max_tokens=4, temperature=0.0, top_k=1, repeat_penalty=1.0)  # warm up
     runs = []
     for _ in range(repeats):
         per_kind = {}
