@@ -1469,9 +1469,9 @@ def speculation(model: str | None = None, weights: tuple[str, ...] = ("fp32", "i
         m = load_model(model, weights=w)
         chats = {kind: [m.tokenizer.encode(m.tokenizer.apply_chat_template([{"role": "user", "content": t}]))
                         for t in texts] for kind, texts in kinds.items()}
-        for kind, prompts in chats.items():  # compile every program first
+        for kind, prompts in chats.items():  # one untimed round first: every prompt's programs compiled
             for mode in modes:
-                _speculation_run(m, prompts[:1], 4, mode)
+                _speculation_run(m, prompts, new_tokens, mode)
         figures = {}
         for kind, prompts in chats.items():
             rounds = {mode: [_speculation_run(m, prompts, new_tokens, mode) for _ in range(1)] for mode in modes}
