@@ -337,6 +337,39 @@ def lookup(history: Array, start: Array, end: Array, spec: Speculation) -> tuple
     return proposals, jnp.where(found, jnp.minimum(end - where, K), 0)
 
 
+def verify(logits: Array, proposals: Array, count: Array, key: Array, sampling: Sampling) -> tuple[Array, Array]:
+    """The target's verdict on each row's proposals: logits [B, W, V] at the row's last token and its W - 1
+    proposals [B, W - 1], of which the first count [B] are real. -> (choice [B, W], accepted [B]): the first
+    `accepted` proposals are kept and choice[:, accepted] is the target's own next token (choice[:, :accepted]
+    repeats the proposals; later entries are not used).
+
+    Greedy: a proposal is kept while it is the target's argmax. Sampling (the speculative-sampling rule for a
+    proposer that names one token, q = 1 at it): proposal x is kept with probability min(1, p(x)/q(x)) = p(x), p the
+    target's filtered distribution (temperature, top_k, top_p); at the first rejection the token is drawn from the
+    residual max(0, p - q) normalised, which is p without x; after all are kept, from p. Each output token then has
+    exactly the target's distribution."""
+    B, W, V = logits.shape
+    real = jnp.arange(W - 1) < count[:, None]  # [B, W - 1]
+    if sampling.temperature == 0:
+        choice = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B, W]
+        agree = (proposals == choice[:, :W - 1]) & real
+        return choice, jnp.sum(jnp.cumprod(agree, axis=1), axis=1, dtype=jnp.int32)
+    full = lambda x: jnp.full(B * W, x)  # noqa: E731
+    filtered = filter_logits(logits.reshape(B * W, V), full(sampling.temperature), full(sampling.top_k),
+                             full(sampling.top_p)).reshape(B, W, V)
+    p = jax.nn.softmax(filtered, axis=-1)  # [B, W, V]
+    coin, pick = jax.random.split(key)
+    p_x = jnp.take_along_axis(p[:, :W - 1], proposals[..., None], axis=-1)[..., 0]  # [B, W - 1]
+    keep = (jax.random.uniform(coin, (B, W - 1)) < p_x) & real
+    accepted = jnp.sum(jnp.cumprod(keep, axis=1), axis=1, dtype=jnp.int32)  # [B]
+    at = jnp.take_along_axis(filtered, accepted[:, None, None], axis=1)[:, 0]  # [B, V]: logits where the draw is made
+    rejected = jnp.pad(proposals, ((0, 0), (0, 1)), constant_values=-1)[jnp.arange(B), accepted]  # [B]; -1: none
+    at = jnp.where((jnp.arange(V) == rejected[:, None]) & (accepted < count)[:, None], -jnp.inf, at)
+    drawn = jax.random.categorical(pick, at, axis=-1).astype(jnp.int32)  # [B]
+    choice = jnp.where(jnp.arange(W) < accepted[:, None], jnp.pad(proposals, ((0, 0), (0, 1))), drawn[:, None])
+    return choice.astype(jnp.int32), accepted
+
+
 def _speculative_step(params: Params, s: SpeculativeState, settings: GenerationSettings) -> SpeculativeState:
     """One forward for every row: its last token and its proposals (none: a plain one-token step), the longest
     agreeing prefix accepted plus the target's own next token, and the cache rolled back past the rejected slots."""
@@ -352,26 +385,26 @@ def _speculative_step(params: Params, s: SpeculativeState, settings: GenerationS
     cache = st.cache
     positions = jnp.sum(cache.mask, axis=-1, dtype=jnp.int32)[:, None]  # [B, 1]: the row's next position
 
+    key, draw = jax.random.split(st.key)
+
     def forward(width: int):
         def run_width():
             ids = jnp.concatenate([last, proposals[:, :width - 1]], axis=1)  # [B, width]
             with row_stable():
                 logits, new = run(params, ids, positions + jnp.arange(width), None, cache)
-            greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B, width]
-            return jnp.pad(greedy, ((0, 0), (0, spec.k + 1 - width)), constant_values=-1), new
+            choice, accepted = verify(logits.astype(jnp.float32), proposals[:, :width - 1], count, draw,
+                                      settings.sampling)
+            return jnp.pad(choice, ((0, 0), (0, spec.k + 1 - width)), constant_values=-1), accepted, new
         return run_width
 
     widths = (1, *spec.widths)
     branch = jnp.searchsorted(jnp.asarray(spec.widths) - 1, jnp.max(count)) + 1  # the smallest width that holds them
-    greedy, new = jax.lax.switch(jnp.where(jnp.max(count) == 0, 0, branch), [forward(w) for w in widths])
-    # accepted: proposals agreeing with the target's own choice at every earlier slot
-    agree = (proposals == greedy[:, :spec.k]) & (jnp.arange(spec.k) < count[:, None])  # [B, k]
-    accepted = jnp.sum(jnp.cumprod(agree, axis=1), axis=1, dtype=jnp.int32)  # [B]
-    eos = jnp.isin(greedy, jnp.asarray(settings.eos_ids or (-1,), jnp.int32))  # [B, k + 1]
+    choice, accepted, new = jax.lax.switch(jnp.where(jnp.max(count) == 0, 0, branch), [forward(w) for w in widths])
+    eos = jnp.isin(choice, jnp.asarray(settings.eos_ids or (-1,), jnp.int32))  # [B, k + 1]
     first_eos = jnp.min(jnp.where(eos, jnp.arange(spec.k + 1), spec.k + 1), axis=1)
     made = jnp.minimum(jnp.minimum(accepted, first_eos) + 1, settings.max_new_tokens - s.made)  # [B] new tokens
     made = jnp.where(finished, 0, made)
-    written = jnp.where(jnp.arange(spec.k + 1) < made[:, None], greedy, settings.pad_id)  # [B, k + 1]
+    written = jnp.where(jnp.arange(spec.k + 1) < made[:, None], choice, settings.pad_id)  # [B, k + 1]
     tokens = jax.vmap(lambda row, w, at: jax.lax.dynamic_update_slice(row, w, (at,)))(st.tokens, written, s.made)
     index = jnp.where(finished, cache.index, cache.index + made)  # the fed tokens kept: the last and those accepted
     new = new.replace(index=index, mask=new.mask & (jnp.arange(cache.length) < index[:, None]))
@@ -379,7 +412,7 @@ def _speculative_step(params: Params, s: SpeculativeState, settings: GenerationS
     missed = proposing & (accepted == 0)
     misses = jnp.where(proposing, jnp.where(missed, s.misses + 1, 0), s.misses)
     total = s.made + made
-    state = st.replace(step=jnp.max(total), tokens=tokens, cache=new,
+    state = st.replace(step=jnp.max(total), tokens=tokens, cache=new, key=key if settings.sampling.temperature else st.key,
                        done=st.done | (made > first_eos) & ~finished)
     return SpeculativeState(
         state=state, made=total,
@@ -506,7 +539,7 @@ def speculation_refused(params: Params) -> str | None:
             "a mesh" if mesh_of(params) is not None else None)
 
 
-def _speculation(speculate, params: Params, use_cache: bool, sampling: Sampling) -> Speculation | None:
+def _speculation(speculate, params: Params, use_cache: bool) -> Speculation | None:
     """The Speculation `speculate` names (None, "lookup" or a Speculation), or InputError naming what it cannot run
     with."""
     if speculate is None:
@@ -515,7 +548,6 @@ def _speculation(speculate, params: Params, use_cache: bool, sampling: Sampling)
     if not isinstance(spec, Speculation):
         raise InputError(f"speculate must be one of {sorted(SPECULATE)} or a Speculation, found {speculate!r:.80}")
     why = ("use_cache=False (verification reads the cache)" if not use_cache else
-           "sampling (speculative sampling is not built yet; greedy only)" if sampling.temperature > 0 else
            speculation_refused(params))
     if why:
         raise InputError(f"speculate={speculate!r} cannot run with {why}")
@@ -548,12 +580,13 @@ def generate(model: Model | Params, prompts, max_new_tokens: int = 20, *, use_ca
     GenerationResult, or a list of them for a batch. `callback(row, token_id)` streams tokens as they are made
     (a Python loop over the jitted decode_step); without it the decode runs as one compiled loop.
     `use_cache=False` runs the full forward over the whole sequence every step (the reference path).
-    `speculate="lookup"` (or a Speculation) proposes tokens by prompt lookup and checks them in one forward; the
-    output is token for token the output without it (greedy).
+    `speculate="lookup"` (or a Speculation) proposes tokens by prompt lookup and checks them in one forward: greedy,
+    the output is token for token the output without it; sampling, each token has the distribution it has without
+    it (the speculative-sampling rule, see `verify`).
     """
     model = model if isinstance(model, Model) else Model(model)
     params, config, tokenizer = model.params, model.params.config, model.tokenizer
-    spec = _speculation(speculate, params, use_cache, sampling)
+    spec = _speculation(speculate, params, use_cache)
     prompts_ids, single = _as_batch(model, prompts)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int | np.integer) or max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be a positive integer, found {max_new_tokens!r}")

@@ -7,8 +7,8 @@ import pytest
 
 from jaxllm import parity
 from jaxllm.errors import InputError
-from jaxllm.generation import (GenerationSettings, Sampling, Speculation, bucket, generate, left_pad, lookup, prefill,
-                               seed_key, speculative_decode, SLACK)
+from jaxllm.generation import (GenerationSettings, Sampling, Speculation, bucket, decode, generate, left_pad, lookup,
+                               prefill, seed_key, speculative_decode, SLACK)
 from jaxllm.loader import load
 
 SMALL = dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
@@ -84,8 +84,6 @@ def test_what_speculation_cannot_run_with_is_refused_by_name(models, tmp_path):
     params = models("llama")
     with pytest.raises(InputError, match="speculate must be one of"):
         generate(params, [5, 6], 4, speculate="ngram")
-    with pytest.raises(InputError, match="sampling"):
-        generate(params, [5, 6], 4, speculate="lookup", sampling=Sampling(temperature=0.7))
     with pytest.raises(InputError, match="use_cache=False"):
         generate(params, [5, 6], 4, speculate="lookup", use_cache=False)
     with pytest.raises(InputError, match="widths between 2 and"):
@@ -124,3 +122,63 @@ def test_the_default_model_rows_accept_different_counts_and_the_cache_forgets_re
     assert np.asarray(cache.mask).sum(axis=1).tolist() == [len(p) + n - 1 for p in prompts]
     index = np.asarray(cache.index)
     assert (index == P + n - 1).all() and not any(np.asarray(cache.mask)[b, index[b]:].any() for b in range(3))
+
+
+# ---- speculative sampling: the output distribution is the target's ----------------------------------------------
+
+TINY = {**SMALL, "vocab_size": 8}
+ALPHA = 1e-3  # the false-alarm rate of the whole two-sample comparison (Bonferroni over its positions)
+
+
+def sample_batches(params, prompt, n, sampling, speculate, seeds, rows=512):
+    """`rows` sampled continuations of `prompt` per seed -> tokens [rows * len(seeds), n], and the proposals
+    accepted (speculate only)."""
+    P = bucket(len(prompt))
+    settings = GenerationSettings(max_new_tokens=n, eos_ids=(), pad_id=0, sampling=sampling,
+                                  length=bucket(P + n + SLACK), speculation=speculate, row_stable=True)
+    ids, mask = left_pad([prompt] * rows, P, 0)
+    out, accepted = [], 0
+    for seed in seeds:
+        state = prefill(params, ids, mask, seed_key(seed), settings)
+        if speculate is None:
+            out.append(np.asarray(decode(params, state, settings).tokens)[:, :n])
+        else:
+            s = speculative_decode(params, state, settings)
+            out.append(np.asarray(s.state.tokens)[:, :n])
+            accepted += int(np.asarray(s.accepted).sum())
+    return np.concatenate(out), accepted
+
+
+def two_sample_p_values(a, b):
+    """Chi-square two-sample tests, one per position t >= 1, on the joint counts of (token t - 1, token t): the
+    p-value that a and b [rows, n] come from one distribution. Cells rarer than 5 in both are pooled."""
+    from scipy.stats import chi2_contingency
+
+    V = int(max(a.max(), b.max())) + 1
+    out = []
+    for t in range(1, a.shape[1]):
+        counts = np.stack([np.bincount(x[:, t - 1] * V + x[:, t], minlength=V * V) for x in (a, b)])  # [2, V*V]
+        rare = counts.max(axis=0) < 5
+        table = np.concatenate([counts[:, ~rare], counts[:, rare].sum(axis=1, keepdims=True)], axis=1)
+        table = table[:, table.sum(axis=0) > 0]
+        out.append(chi2_contingency(table)[1])
+    return out
+
+
+def test_speculative_sampling_draws_from_the_targets_distribution(tmp_path):
+    """Many samples from a random model with an 8-token vocabulary, with and without speculation, under one sampling
+    setting (temperature and top-k): a chi-square two-sample test per position on (previous token, token) finds no
+    difference at a false-alarm rate of 1e-3 overall, while the same test does find the difference between two
+    temperatures, and proposals were accepted (the rule was exercised, not bypassed)."""
+    params = load(parity.random_checkpoint(TINY, tmp_path, seed=3, scale=0.5))
+    greedy = generate(params, [1, 2, 3], 12, eos_ids=[]).tokens
+    prompt, n = [1, 2, 3, *greedy, 1, 2, 3, *greedy[:3]], 6  # lookup proposes the likely continuation
+    sampling = Sampling(temperature=0.7, top_k=6)
+    plain, _ = sample_batches(params, prompt, n, sampling, None, seeds=range(4))
+    spec, accepted = sample_batches(params, prompt, n, sampling, Speculation(widths=(4,), start=3), seeds=range(4, 8))
+    assert accepted > 0.1 * spec.size  # a fair share of the tokens came from accepted proposals
+    p_values = two_sample_p_values(plain, spec)
+    print(f"p-values {np.round(p_values, 4)}, accepted {accepted} of {spec.size} tokens")
+    assert min(p_values) > ALPHA / len(p_values)
+    colder, _ = sample_batches(params, prompt, n, Sampling(temperature=0.5, top_k=6), None, seeds=range(8, 12))
+    assert min(two_sample_p_values(plain, colder)) < ALPHA / len(p_values)  # the test sees a real difference
