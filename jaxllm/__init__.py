@@ -27,7 +27,7 @@ _NAMES = {
     "jaxllm.errors": ["CheckpointError", "ConfigError", "InputError", "JaxLLMError", "ModelNotFoundError",
                       "TokenizerError"],
     "jaxllm.generation": ["DecodeState", "GenerationResult", "GenerationSettings", "Sampling", "Speculation", "decode",
-                          "decode_step", "generate", "left_pad", "prefill", "speculative_decode"],
+                          "decode_step", "generate", "left_pad", "prefill", "self_draft", "speculative_decode"],
     "jaxllm.loader": ["Checkpoint", "distributed", "load", "load_model", "make_mesh", "open_checkpoint"],
     "jaxllm.model": ["KVCache", "Model", "Params", "compile_counts", "forward", "forward_with_intermediates"],
 }
@@ -50,6 +50,7 @@ __all__ = [
     "LLMConfig", "Params", "KVCache", "Model", "Sampling", "GenerationSettings", "DecodeState", "GenerationResult",
     "Checkpoint", "open_checkpoint", "load", "load_model", "make_mesh", "distributed", "forward", "forward_with_intermediates",
     "prefill", "decode_step", "decode", "generate", "left_pad", "compile_counts", "Speculation", "speculative_decode",
+    "self_draft",
     "Engine", "Request", "QueueFull",
     "ContextLengthError",
     "JaxLLMError", "ConfigError", "CheckpointError", "TokenizerError", "InputError", "ModelNotFoundError",

@@ -87,7 +87,7 @@ class Speculation:
         return self.widths[-1] - 1
 
 
-SPECULATE = {"lookup": Speculation()}
+SPECULATE = {"lookup": Speculation(), "draft": Speculation()}  # "draft": proposals from generate's draft model
 
 
 @struct
@@ -315,6 +315,7 @@ class SpeculativeState:
     proposed: Array  # [B] int32: tokens proposed, over the whole generation
     accepted: Array  # [B] int32: of those, tokens accepted
     steps: Array  # [B] int32: forward steps (plain or verify) that made the row's tokens
+    draft: KVCache | None = None  # the draft model's cache, holding what the target's holds (draft proposer only)
 
 
 def lookup(history: Array, start: Array, end: Array, spec: Speculation) -> tuple[Array, Array]:
@@ -370,18 +371,39 @@ def verify(logits: Array, proposals: Array, count: Array, key: Array, sampling: 
     return choice.astype(jnp.int32), accepted
 
 
-def _speculative_step(params: Params, s: SpeculativeState, settings: GenerationSettings) -> SpeculativeState:
+def propose(draft: Params, cache: KVCache, last: Array, count: Array, K: int) -> tuple[Array, KVCache]:
+    """The draft model's greedy proposals: from each row's last token [B], count [B] tokens one forward at a time
+    (the rows that propose fewer write masked slots) -> (proposals [B, K], the draft's cache with the row's last
+    token and its first count - 1 proposals fed)."""
+    B = last.shape[0]
+
+    def feed(i, carry):
+        token, proposals, cache = carry
+        logits, cache = next_logits(draft, cache, token, live=i < count)
+        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return token, proposals.at[:, i].set(token), cache
+
+    _, proposals, cache = jax.lax.fori_loop(0, jnp.max(count), feed, (last, jnp.zeros((B, K), jnp.int32), cache))
+    return proposals, cache
+
+
+def _speculative_step(params: Params, s: SpeculativeState, settings: GenerationSettings,
+                      draft: Params | None = None) -> SpeculativeState:
     """One forward for every row: its last token and its proposals (none: a plain one-token step), the longest
-    agreeing prefix accepted plus the target's own next token, and the cache rolled back past the rejected slots."""
+    agreeing prefix accepted plus the target's own next token, and the cache rolled back past the rejected slots.
+    The proposals come from prompt lookup, or from `draft` (a model with the target's vocabulary, its cache in s)."""
     spec, st = settings.speculation, s.state
     B, P = st.prompt.shape
-    N = st.tokens.shape[1]
-    history = jnp.concatenate([st.prompt, st.tokens], axis=1)  # [B, P + N]; left padding: a row's tokens are contiguous
-    start, end = P - jnp.sum(st.prompt_mask, axis=1, dtype=jnp.int32), P + s.made
-    proposals, count = lookup(history, start, end, spec)
     finished = st.done | (s.made >= settings.max_new_tokens)
-    count = jnp.where(finished | (s.wait > 0), 0, jnp.minimum(count, s.k))  # [B]
     last = jnp.take_along_axis(st.tokens, jnp.maximum(s.made - 1, 0)[:, None], axis=1)  # [B, 1]
+    if draft is None:
+        history = jnp.concatenate([st.prompt, st.tokens], axis=1)  # [B, P + N]; left padding: a row's tokens are contiguous
+        start, end = P - jnp.sum(st.prompt_mask, axis=1, dtype=jnp.int32), P + s.made
+        proposals, count = lookup(history, start, end, spec)
+        count = jnp.where(finished | (s.wait > 0), 0, jnp.minimum(count, s.k))  # [B]
+    else:
+        count = jnp.where(finished | (s.wait > 0), 0, s.k)
+        proposals, drafted = propose(draft, s.draft, last[:, 0], count, spec.k)
     cache = st.cache
     positions = jnp.sum(cache.mask, axis=-1, dtype=jnp.int32)[:, None]  # [B, 1]: the row's next position
 
@@ -408,6 +430,13 @@ def _speculative_step(params: Params, s: SpeculativeState, settings: GenerationS
     tokens = jax.vmap(lambda row, w, at: jax.lax.dynamic_update_slice(row, w, (at,)))(st.tokens, written, s.made)
     index = jnp.where(finished, cache.index, cache.index + made)  # the fed tokens kept: the last and those accepted
     new = new.replace(index=index, mask=new.mask & (jnp.arange(cache.length) < index[:, None]))
+    if draft is not None:  # the draft keeps what the target keeps; it has not fed its last proposal (or, proposing
+        # nothing, the last token): where that was kept too, feed it now
+        behind = made > count
+        missing = jnp.take_along_axis(jnp.concatenate([last, proposals], axis=1), count[:, None], axis=1)[:, 0]
+        drafted = jax.lax.cond(jnp.any(behind), lambda c: next_logits(draft, c, missing, live=behind)[1],
+                               lambda c: c, drafted)
+        drafted = drafted.replace(index=index, mask=drafted.mask & (jnp.arange(cache.length) < index[:, None]))
     proposing = count > 0
     missed = proposing & (accepted == 0)
     misses = jnp.where(proposing, jnp.where(missed, s.misses + 1, 0), s.misses)
@@ -421,15 +450,16 @@ def _speculative_step(params: Params, s: SpeculativeState, settings: GenerationS
                        jnp.maximum(s.wait - 1, 0)),
         misses=misses,
         proposed=s.proposed + count, accepted=s.accepted + jnp.minimum(accepted, jnp.maximum(made - 1, 0)),
-        steps=s.steps + ~finished)
+        steps=s.steps + ~finished, draft=None if draft is None else drafted)
 
 
-def speculative_start(state: DecodeState, settings: GenerationSettings) -> SpeculativeState:
+def speculative_start(state: DecodeState, settings: GenerationSettings,
+                      draft_cache: KVCache | None = None) -> SpeculativeState:
     """The speculative loop's state after prefill: every row at state.step tokens, proposing `start` at first."""
     B = state.done.shape[0]
     zeros = [jnp.zeros(B, jnp.int32) for _ in range(5)]  # five buffers: the streaming step donates each
     return SpeculativeState(state, jnp.full(B, state.step, jnp.int32), jnp.full(B, settings.speculation.start,
-                                                                                jnp.int32), *zeros)
+                                                                                jnp.int32), *zeros, draft=draft_cache)
 
 
 def speculating(done, made, settings: GenerationSettings):
@@ -437,10 +467,18 @@ def speculating(done, made, settings: GenerationSettings):
     return (~done & (made < settings.max_new_tokens)).any()
 
 
-def _speculative_decode(params: Params, state: DecodeState, settings: GenerationSettings) -> SpeculativeState:
+def _speculative_decode(params: Params, state: DecodeState, settings: GenerationSettings, draft: Params | None = None,
+                        draft_cache: KVCache | None = None) -> SpeculativeState:
     """_speculative_step until every row has stopped, in one compiled lax.while_loop (jitted as `speculative_decode`)."""
     return jax.lax.while_loop(lambda s: speculating(s.state.done, s.made, settings),
-                              lambda s: _speculative_step(params, s, settings), speculative_start(state, settings))
+                              lambda s: _speculative_step(params, s, settings, draft),
+                              speculative_start(state, settings, draft_cache))
+
+
+def _draft_prefill(draft: Params, ids: Array, mask: Array, settings: GenerationSettings) -> KVCache:
+    """The draft model's cache after the prompt (ids, mask [B, P]), in the target's slot layout."""
+    cache = KVCache.zeros(draft.config, ids.shape[0], settings.length, draft.dtype)
+    return run(draft, ids, positions_from_mask(mask), mask, cache, last_only=True)[1]
 
 
 # XLA CPU options for the decode programs, each measured on the profile of a decode step: region analysis lets copy
@@ -456,8 +494,9 @@ DECODE_COMPILER_OPTIONS = {
 _prefill_program = program(_prefill, "prefill")
 decode_step = program(_decode_step, "decode_step", donate_argnames="state", compiler_options=DECODE_COMPILER_OPTIONS)
 decode = program(_decode, "decode", donate_argnames="state", compiler_options=DECODE_COMPILER_OPTIONS)
-speculative_decode = program(_speculative_decode, "speculative_decode", donate_argnames="state",
+speculative_decode = program(_speculative_decode, "speculative_decode", donate_argnames=("state", "draft_cache"),
                              compiler_options=DECODE_COMPILER_OPTIONS)
+draft_prefill = program(_draft_prefill, "draft_prefill")
 speculative_step = program(_speculative_step, "speculative_step", donate_argnames="s",
                            compiler_options=DECODE_COMPILER_OPTIONS)
 
@@ -539,26 +578,49 @@ def speculation_refused(params: Params) -> str | None:
             "a mesh" if mesh_of(params) is not None else None)
 
 
-def _speculation(speculate, params: Params, use_cache: bool) -> Speculation | None:
-    """The Speculation `speculate` names (None, "lookup" or a Speculation), or InputError naming what it cannot run
-    with."""
-    if speculate is None:
+def _speculation(speculate, params: Params, use_cache: bool, draft: Model | None) -> Speculation | None:
+    """The Speculation `speculate` names (None, "lookup", "draft" or a Speculation) and the draft model it uses, or
+    InputError naming what it cannot run with."""
+    if speculate is None and draft is None:
         return None
-    spec = SPECULATE.get(speculate) if isinstance(speculate, str) else speculate
+    spec = SPECULATE.get(speculate) if isinstance(speculate, str) else Speculation() if speculate is None else speculate
     if not isinstance(spec, Speculation):
         raise InputError(f"speculate must be one of {sorted(SPECULATE)} or a Speculation, found {speculate!r:.80}")
-    why = ("use_cache=False (verification reads the cache)" if not use_cache else
-           speculation_refused(params))
+    if (speculate == "draft") != (draft is not None) and not isinstance(speculate, Speculation | None):
+        raise InputError("speculate='draft' needs draft=<a model>" if draft is None else
+                         f"speculate={speculate!r} takes no draft model; pass speculate='draft'")
+    why = ("use_cache=False (verification reads the cache)" if not use_cache else speculation_refused(params))
     if why:
         raise InputError(f"speculate={speculate!r} cannot run with {why}")
+    if draft is not None:
+        if draft.params.config.vocab_size != params.config.vocab_size:
+            raise InputError(f"the draft model's vocabulary ({draft.params.config.vocab_size}) is not the target's "
+                             f"({params.config.vocab_size}): a draft must share the target's tokenizer")
+        if mesh_of(draft.params) is not None:
+            raise InputError("a draft model on a mesh cannot speculate (the target runs on one device)")
     return spec
 
 
-def _stream_speculative(params: Params, state: DecodeState, settings: GenerationSettings,
-                        callback: Callable[[int, int], None], rows: int) -> DecodeState:
+def self_draft(model: Model | Params, layers: int) -> Model:
+    """The shallow self-draft: the target's first `layers` decoder layers, then its own final norm and head. It
+    needs no second checkpoint (its arrays are the target's, not copies) and proposes for `generate(...,
+    draft=self_draft(model, n))`."""
+    model = model if isinstance(model, Model) else Model(model)
+    config = model.params.config
+    if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers < config.num_hidden_layers:
+        raise InputError(f"a self-draft takes 1 to {config.num_hidden_layers - 1} of the target's "
+                         f"{config.num_hidden_layers} layers, found {layers!r}")
+    cut = {name: getattr(config, name)[:layers] for name in ("layer_types", "no_rope_layers", "moe_layers")
+           if getattr(config, name)}
+    config = dataclasses.replace(config, num_hidden_layers=layers, **cut)
+    return Model(model.params.replace(layers=model.params.layers[:layers], config=config), model.tokenizer)
+
+
+def _stream_speculative(params: Params, s: SpeculativeState, settings: GenerationSettings,
+                        callback: Callable[[int, int], None], rows: int, draft: Params | None) -> DecodeState:
     """speculative_step from Python, handing each of the first `rows` rows' new tokens to callback(row, token) in
     order as soon as a step has made them (one step makes up to widths[-1] tokens a row)."""
-    s, reported = speculative_start(state, settings), np.zeros(rows, np.int64)
+    reported = np.zeros(rows, np.int64)
     while True:
         made, tokens = to_host(s.made)[:rows], None  # a row's made stops growing at its EOS or its limit
         for row in np.flatnonzero(made > reported):
@@ -568,12 +630,13 @@ def _stream_speculative(params: Params, state: DecodeState, settings: Generation
         reported = np.maximum(reported, made)
         if not speculating(to_host(s.state.done), to_host(s.made), settings):
             return s.state
-        s = speculative_step(params, s, settings)
+        s = speculative_step(params, s, settings, draft)
 
 
 def generate(model: Model | Params, prompts, max_new_tokens: int = 20, *, use_cache: bool = True,
              sampling: Sampling = GREEDY, key: Array | None = None, eos_ids: Sequence[int] | None = None,
-             callback: Callable[[int, int], None] | None = None, speculate: str | Speculation | None = None):
+             callback: Callable[[int, int], None] | None = None, speculate: str | Speculation | None = None,
+             draft: Model | Params | None = None):
     """Generate up to `max_new_tokens` per prompt, stopping each at its own EOS.
 
     `prompts`: a string or a list of token ids, or a list of those (a batch, left-padded). Returns a
@@ -582,11 +645,13 @@ def generate(model: Model | Params, prompts, max_new_tokens: int = 20, *, use_ca
     `use_cache=False` runs the full forward over the whole sequence every step (the reference path).
     `speculate="lookup"` (or a Speculation) proposes tokens by prompt lookup and checks them in one forward: greedy,
     the output is token for token the output without it; sampling, each token has the distribution it has without
-    it (the speculative-sampling rule, see `verify`).
+    it (the speculative-sampling rule, see `verify`). `draft=` a model with the target's vocabulary (or
+    `self_draft(model, n)`, the target's first n layers) proposes instead, greedily, with its own cache.
     """
     model = model if isinstance(model, Model) else Model(model)
     params, config, tokenizer = model.params, model.params.config, model.tokenizer
-    spec = _speculation(speculate, params, use_cache)
+    draft = draft if isinstance(draft, Model | None) else Model(draft)
+    spec = _speculation(speculate, params, use_cache, draft)
     prompts_ids, single = _as_batch(model, prompts)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int | np.integer) or max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be a positive integer, found {max_new_tokens!r}")
@@ -604,10 +669,12 @@ def generate(model: Model | Params, prompts, max_new_tokens: int = 20, *, use_ca
                                   row_stable=speculation_refused(params) is None)
     ids, mask = left_pad(prompts_ids + filler, P, settings.pad_id)
     state = prefill(params, ids, mask, seed_key(0) if key is None else key, settings)
-    if spec is not None and callback is None:
-        state = speculative_decode(params, state, settings).state
-    elif spec is not None:
-        state = _stream_speculative(params, state, settings, callback, len(prompts_ids))
+    if spec is not None:
+        drafted = None if draft is None else draft_prefill(draft.params, *place_batch(params, ids, mask), settings)
+        d = None if draft is None else draft.params
+        state = (speculative_decode(params, state, settings, d, drafted).state if callback is None else
+                 _stream_speculative(params, speculative_start(state, settings, drafted), settings, callback,
+                                     len(prompts_ids), d))
     elif callback is None:
         state = decode(params, state, settings)
     else:

@@ -7,8 +7,8 @@ import pytest
 
 from jaxllm import parity
 from jaxllm.errors import InputError
-from jaxllm.generation import (GenerationSettings, Sampling, Speculation, bucket, decode, generate, left_pad, lookup,
-                               prefill, seed_key, speculative_decode, SLACK)
+from jaxllm.generation import (GenerationSettings, Sampling, Speculation, bucket, decode, draft_prefill, generate,
+                               left_pad, lookup, prefill, seed_key, self_draft, speculative_decode, SLACK)
 from jaxllm.loader import load
 
 SMALL = dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
@@ -80,12 +80,58 @@ def test_a_rejected_slot_is_invisible_to_later_steps(models):
     assert runs(params, [prompt], 24, speculate="lookup") == runs(params, [prompt], 24)
 
 
+@pytest.fixture(scope="module")
+def drafts(models, tmp_path_factory):
+    """A separate one-layer draft of another width, and the target's own first layer (the shallow self-draft)."""
+    small = {**SMALL, "num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 48}
+    return {"other": load(parity.random_checkpoint(small, tmp_path_factory.mktemp("draft"), seed=8, scale=0.3)),
+            "self-1": self_draft(models("llama"), 1)}
+
+
+@pytest.mark.parametrize("which", ["other", "self-1"])
+def test_a_draft_models_proposals_leave_the_greedy_output_unchanged(models, drafts, which):
+    params, draft = models("llama"), drafts[which]
+    plain = runs(params, PROMPTS, 40)
+    assert runs(params, PROMPTS, 40, speculate="draft", draft=draft) == plain
+    eos = plain[0][9]  # an EOS inside an accepted run, and the limit reached in the middle of one
+    assert runs(params, PROMPTS, 40, eos_ids=[eos], draft=draft) == runs(params, PROMPTS, 40, eos_ids=[eos])
+    assert runs(params, PROMPTS, 13, draft=draft, speculate=Speculation(widths=(8,), start=7)) == [p[:13] for p in plain]
+    streamed = {row: [] for row in range(len(PROMPTS))}
+    generate(params, PROMPTS, 30, eos_ids=[eos], draft=draft, callback=lambda row, t: streamed[row].append(t))
+    assert list(streamed.values()) == runs(params, PROMPTS, 30, eos_ids=[eos])
+
+
+def test_the_draft_cache_follows_the_targets_through_accepts_rejects_and_catch_up(models):
+    """The target as its own draft: it proposes what the target makes, so nearly every proposal is accepted (a
+    draft cache out of step with the target's, a missed catch-up of the last proposal, would propose the wrong
+    tokens), and at the end the draft's cache marks exactly the target's slots."""
+    params, n = models("llama"), 40
+    P = bucket(max(map(len, PROMPTS)))
+    settings = GenerationSettings(max_new_tokens=n, eos_ids=(), pad_id=0, length=bucket(P + n + SLACK),
+                                  speculation=Speculation(), row_stable=True)
+    ids, mask = left_pad(PROMPTS, P, 0)
+    s = speculative_decode(params, prefill(params, ids, mask, seed_key(0), settings), settings, params,
+                           draft_prefill(params, ids, mask, settings))
+    accepted, steps = np.asarray(s.accepted), np.asarray(s.steps)
+    assert (accepted >= n - 1 - 8).all() and (steps <= 8).all(), (accepted, steps)  # 39 tokens in a few steps
+    assert np.array_equal(np.asarray(s.draft.mask), np.asarray(s.state.cache.mask))
+    assert np.array_equal(np.asarray(s.draft.index), np.asarray(s.state.cache.index))
+
+
 def test_what_speculation_cannot_run_with_is_refused_by_name(models, tmp_path):
     params = models("llama")
     with pytest.raises(InputError, match="speculate must be one of"):
         generate(params, [5, 6], 4, speculate="ngram")
     with pytest.raises(InputError, match="use_cache=False"):
         generate(params, [5, 6], 4, speculate="lookup", use_cache=False)
+    with pytest.raises(InputError, match="needs draft="):
+        generate(params, [5, 6], 4, speculate="draft")
+    with pytest.raises(InputError, match="takes no draft model"):
+        generate(params, [5, 6], 4, speculate="lookup", draft=params)
+    with pytest.raises(InputError, match=r"draft model's vocabulary \(8\) is not the target's \(256\)"):
+        generate(params, [5, 6], 4, draft=load(parity.random_checkpoint(TINY, tmp_path / "tiny", seed=1)))
+    with pytest.raises(InputError, match="self-draft takes 1 to 1 of the target's 2 layers, found 2"):
+        self_draft(params, 2)
     with pytest.raises(InputError, match="widths between 2 and"):
         Speculation(widths=(4, 64))
     dynamic = load(parity.random_checkpoint({**SMALL, "rope_parameters": dict(rope_type="dynamic", factor=2.0,
