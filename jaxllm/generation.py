@@ -574,8 +574,7 @@ def speculation_refused(params: Params) -> str | None:
     return ("latent attention" if config.kv_lora_rank else
             "mixture-of-experts layers (their rows are not made row-stable yet)" if config.num_experts else
             f"{config.rope.rope_type} RoPE (it scales by the largest position in a call)"
-            if config.rope.rope_type in ("dynamic", "longrope") else
-            "a mesh" if mesh_of(params) is not None else None)
+            if config.rope.rope_type in ("dynamic", "longrope") else None)
 
 
 def _speculation(speculate, params: Params, use_cache: bool, draft: Model | None) -> Speculation | None:
@@ -596,8 +595,9 @@ def _speculation(speculate, params: Params, use_cache: bool, draft: Model | None
         if draft.params.config.vocab_size != params.config.vocab_size:
             raise InputError(f"the draft model's vocabulary ({draft.params.config.vocab_size}) is not the target's "
                              f"({params.config.vocab_size}): a draft must share the target's tokenizer")
-        if mesh_of(draft.params) is not None:
-            raise InputError("a draft model on a mesh cannot speculate (the target runs on one device)")
+        if mesh_of(draft.params) != mesh_of(params):
+            raise InputError(f"the draft model's mesh ({mesh_of(draft.params)}) is not the target's "
+                             f"({mesh_of(params)}): load the draft with the target's mesh")
     return spec
 
 

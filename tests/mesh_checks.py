@@ -260,3 +260,16 @@ def test_experts_decode_step_reduces_once_per_moe_layer_and_gathers_no_expert(mo
     for shape in found["all-gather"]:
         size = np.prod([int(n) for n in re.search(r"\[([\d,]*)\]", shape).group(1).split(",")])
         assert size not in expert_sizes and size <= 64 * 128, shape
+
+
+@pytest.mark.parametrize("dp, tp", [(2, 4), (8, 1)])
+def test_speculation_on_a_mesh_leaves_the_greedy_output_unchanged(checkpoint, dp, tp):
+    """Prompt lookup and a self-draft on a mesh: the same tokens as the plain decode on that mesh, for a batch whose
+    rows accept different counts (two repeat themselves, one does not) and one that dp pads with filler rows."""
+    from jaxllm.generation import self_draft
+
+    params = load(checkpoint, mesh=make_mesh(dp=dp, tp=tp))
+    prompts = [[5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6], [40, 41, 42, 40, 41], [100 + i for i in range(23)]]
+    plain = [r.tokens for r in generate(params, prompts, 24, eos_ids=[])]
+    assert [r.tokens for r in generate(params, prompts, 24, eos_ids=[], speculate="lookup")] == plain
+    assert [r.tokens for r in generate(params, prompts, 24, eos_ids=[], draft=self_draft(params, 1))] == plain
