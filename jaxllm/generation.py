@@ -338,37 +338,91 @@ def lookup(history: Array, start: Array, end: Array, spec: Speculation) -> tuple
     return proposals, jnp.where(found, jnp.minimum(end - where, K), 0)
 
 
-def verify(logits: Array, proposals: Array, count: Array, key: Array, sampling: Sampling) -> tuple[Array, Array]:
+def verify(logits: Array, proposals: Array, count: Array, sampling: tuple[Array, Array, Array] | None = None,
+           keys: Array | None = None) -> tuple[Array, Array]:
     """The target's verdict on each row's proposals: logits [B, W, V] at the row's last token and its W - 1
     proposals [B, W - 1], of which the first count [B] are real. -> (choice [B, W], accepted [B]): the first
     `accepted` proposals are kept and choice[:, accepted] is the target's own next token (choice[:, :accepted]
     repeats the proposals; later entries are not used).
 
-    Greedy: a proposal is kept while it is the target's argmax. Sampling (the speculative-sampling rule for a
-    proposer that names one token, q = 1 at it): proposal x is kept with probability min(1, p(x)/q(x)) = p(x), p the
-    target's filtered distribution (temperature, top_k, top_p); at the first rejection the token is drawn from the
-    residual max(0, p - q) normalised, which is p without x; after all are kept, from p. Each output token then has
-    exactly the target's distribution."""
+    Greedy (sampling None, or a row's temperature 0): a proposal is kept while it is the target's argmax.
+    Sampling, with (temperature, top_k, top_p) [B] each and a PRNG key [B] per row: the speculative-sampling rule
+    for a proposer that names one token (q = 1 at it). Proposal x is kept with probability min(1, p(x)/q(x)) = p(x),
+    p the target's filtered distribution; at the first rejection the token is drawn from the residual
+    max(0, p - q) normalised, which is p without x; after all are kept, from p. Each token then has exactly the
+    target's distribution."""
     B, W, V = logits.shape
     real = jnp.arange(W - 1) < count[:, None]  # [B, W - 1]
-    if sampling.temperature == 0:
-        choice = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B, W]
-        agree = (proposals == choice[:, :W - 1]) & real
-        return choice, jnp.sum(jnp.cumprod(agree, axis=1), axis=1, dtype=jnp.int32)
-    full = lambda x: jnp.full(B * W, x)  # noqa: E731
-    filtered = filter_logits(logits.reshape(B * W, V), full(sampling.temperature), full(sampling.top_k),
-                             full(sampling.top_p)).reshape(B, W, V)
-    p = jax.nn.softmax(filtered, axis=-1)  # [B, W, V]
-    coin, pick = jax.random.split(key)
-    p_x = jnp.take_along_axis(p[:, :W - 1], proposals[..., None], axis=-1)[..., 0]  # [B, W - 1]
-    keep = (jax.random.uniform(coin, (B, W - 1)) < p_x) & real
-    accepted = jnp.sum(jnp.cumprod(keep, axis=1), axis=1, dtype=jnp.int32)  # [B]
-    at = jnp.take_along_axis(filtered, accepted[:, None, None], axis=1)[:, 0]  # [B, V]: logits where the draw is made
-    rejected = jnp.pad(proposals, ((0, 0), (0, 1)), constant_values=-1)[jnp.arange(B), accepted]  # [B]; -1: none
-    at = jnp.where((jnp.arange(V) == rejected[:, None]) & (accepted < count)[:, None], -jnp.inf, at)
-    drawn = jax.random.categorical(pick, at, axis=-1).astype(jnp.int32)  # [B]
-    choice = jnp.where(jnp.arange(W) < accepted[:, None], jnp.pad(proposals, ((0, 0), (0, 1))), drawn[:, None])
-    return choice.astype(jnp.int32), accepted
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B, W]
+    agree = (proposals == greedy[:, :W - 1]) & real
+    greedy_accepted = jnp.sum(jnp.cumprod(agree, axis=1), axis=1, dtype=jnp.int32)
+    if sampling is None:
+        return greedy, greedy_accepted
+    temperature, top_k, top_p = sampling
+
+    def sampled() -> tuple[Array, Array]:
+        filtered = filter_logits(logits.reshape(B * W, V), *(jnp.repeat(x, W) for x in sampling)).reshape(B, W, V)
+        p = jax.nn.softmax(filtered, axis=-1)  # [B, W, V]
+        p_x = jnp.take_along_axis(p[:, :W - 1], proposals[..., None], axis=-1)[..., 0]  # [B, W - 1]
+        coins = jax.vmap(lambda key: jax.random.uniform(jax.random.fold_in(key, 0), (W - 1,)))(keys)
+        accepted = jnp.sum(jnp.cumprod((coins < p_x) & real, axis=1), axis=1, dtype=jnp.int32)  # [B]
+        at = jnp.take_along_axis(filtered, accepted[:, None, None], axis=1)[:, 0]  # [B, V]: where the draw is made
+        rejected = jnp.pad(proposals, ((0, 0), (0, 1)), constant_values=-1)[jnp.arange(B), accepted]  # -1: none
+        at = jnp.where((jnp.arange(V) == rejected[:, None]) & (accepted < count)[:, None], -jnp.inf, at)
+        drawn = jax.vmap(lambda key, row: jax.random.categorical(jax.random.fold_in(key, 1), row))(keys, at)
+        choice = jnp.where(jnp.arange(W) < accepted[:, None], jnp.pad(proposals, ((0, 0), (0, 1))), drawn[:, None])
+        hot = temperature > 0
+        return jnp.where(hot[:, None], choice, greedy).astype(jnp.int32), jnp.where(hot, accepted, greedy_accepted)
+
+    return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda: (greedy, greedy_accepted))
+
+
+def verify_step(params: Params, cache: KVCache, last: Array, proposals: Array, count: Array, live: Array,
+                stop: Array, room: Array, spec: Speculation, sampling: tuple[Array, Array, Array] | None = None,
+                keys: Array | None = None, window: int | None = None):
+    """One forward of the target, row-stable, over each row's last token [B] and its first count [B] proposals
+    [B, k] at the row's next positions (the smallest of spec.widths that holds them all, or a plain one-token step
+    when no row proposes); rows where live [B] is False write masked slots and make nothing. -> (choice [B, k + 1],
+    made [B], accepted [B], stopped [B], cache): the row's new tokens are choice[:, :made], its accepted proposals
+    and the target's own token, cut after the first of its stop ids [B, M] (stopped: one was made) and at room [B]
+    tokens; the cache keeps the slots of the fed tokens that are kept (the last and the accepted) and forgets the
+    rest. `sampling`, `keys`: see `verify`; `window`: see `run`."""
+    B, K = proposals.shape
+    positions = jnp.sum(cache.mask, axis=-1, dtype=jnp.int32)[:, None]  # [B, 1]: the row's next position
+
+    def forward(width: int):
+        def run_width():
+            ids = jnp.concatenate([last[:, None], proposals[:, :width - 1]], axis=1)  # [B, width]
+            with row_stable():
+                logits, new = run(params, ids, positions + jnp.arange(width), jnp.broadcast_to(live[:, None], ids.shape),
+                                  cache, window=window)
+            choice, accepted = verify(logits.astype(jnp.float32), proposals[:, :width - 1], count, sampling, keys)
+            return jnp.pad(choice, ((0, 0), (0, K + 1 - width)), constant_values=-2), accepted, new  # -2: no id
+        return run_width
+
+    branch = jnp.searchsorted(jnp.asarray(spec.widths) - 1, jnp.max(count)) + 1  # the smallest width that holds them
+    choice, accepted, new = jax.lax.switch(jnp.where(jnp.max(count) == 0, 0, branch),
+                                           [forward(w) for w in (1, *spec.widths)])
+    stops = jnp.any(choice[:, :, None] == stop[:, None, :], axis=-1)  # [B, k + 1]
+    first_stop = jnp.min(jnp.where(stops, jnp.arange(K + 1), K + 1), axis=1)
+    made = jnp.where(live, jnp.minimum(jnp.minimum(accepted, first_stop) + 1, room), 0)  # [B] new tokens
+    index = cache.index + made  # the fed tokens kept: the last and those accepted
+    new = new.replace(index=index, mask=new.mask & (jnp.arange(cache.length) < index[:, None]))
+    return choice, made, accepted, made > first_stop, new
+
+
+def adapt(k: Array, wait: Array, misses: Array, count: Array, accepted: Array,
+          spec: Speculation) -> tuple[Array, Array, Array]:
+    """Each row's next k, wait and misses [B] after a step that proposed count [B] and accepted `accepted` [B]: k
+    grows by 2 while all are accepted and shrinks to the count accepted (at least 1) on a miss; after `patience`
+    proposing steps in a row that accept nothing, the row waits 1, 3, 7, then 15 steps."""
+    proposing = count > 0
+    missed = proposing & (accepted == 0)
+    misses = jnp.where(proposing, jnp.where(missed, misses + 1, 0), misses)
+    k = jnp.where(proposing, jnp.where(accepted == count, jnp.minimum(k + 2, spec.k), jnp.maximum(accepted, 1)), k)
+    wait = jnp.where(missed & (misses >= spec.patience), (1 << jnp.minimum(misses - spec.patience + 1, 4)) - 1,
+                     jnp.maximum(wait - 1, 0))
+    return k, wait, misses
 
 
 def propose(draft: Params, cache: KVCache, last: Array, count: Array, K: int) -> tuple[Array, KVCache]:
@@ -405,52 +459,28 @@ def _speculative_step(params: Params, s: SpeculativeState, settings: GenerationS
         count = jnp.where(finished | (s.wait > 0), 0, s.k)
         proposals, drafted = propose(draft, s.draft, last[:, 0], count, spec.k)
     cache = st.cache
-    positions = jnp.sum(cache.mask, axis=-1, dtype=jnp.int32)[:, None]  # [B, 1]: the row's next position
-
     key, draw = jax.random.split(st.key)
-
-    def forward(width: int):
-        def run_width():
-            ids = jnp.concatenate([last, proposals[:, :width - 1]], axis=1)  # [B, width]
-            with row_stable():
-                logits, new = run(params, ids, positions + jnp.arange(width), None, cache)
-            choice, accepted = verify(logits.astype(jnp.float32), proposals[:, :width - 1], count, draw,
-                                      settings.sampling)
-            return jnp.pad(choice, ((0, 0), (0, spec.k + 1 - width)), constant_values=-1), accepted, new
-        return run_width
-
-    widths = (1, *spec.widths)
-    branch = jnp.searchsorted(jnp.asarray(spec.widths) - 1, jnp.max(count)) + 1  # the smallest width that holds them
-    choice, accepted, new = jax.lax.switch(jnp.where(jnp.max(count) == 0, 0, branch), [forward(w) for w in widths])
-    eos = jnp.isin(choice, jnp.asarray(settings.eos_ids or (-1,), jnp.int32))  # [B, k + 1]
-    first_eos = jnp.min(jnp.where(eos, jnp.arange(spec.k + 1), spec.k + 1), axis=1)
-    made = jnp.minimum(jnp.minimum(accepted, first_eos) + 1, settings.max_new_tokens - s.made)  # [B] new tokens
-    made = jnp.where(finished, 0, made)
+    hot = settings.sampling.temperature > 0
+    sampling = tuple(jnp.full(B, x) for x in dataclasses.astuple(settings.sampling)) if hot else None
+    choice, made, accepted, stopped, new = verify_step(
+        params, cache, last[:, 0], proposals, count, ~finished, jnp.asarray([settings.eos_ids or (-1,)] * B, jnp.int32),
+        settings.max_new_tokens - s.made, spec, sampling, jax.random.split(draw, B) if hot else None)
     written = jnp.where(jnp.arange(spec.k + 1) < made[:, None], choice, settings.pad_id)  # [B, k + 1]
     tokens = jax.vmap(lambda row, w, at: jax.lax.dynamic_update_slice(row, w, (at,)))(st.tokens, written, s.made)
-    index = jnp.where(finished, cache.index, cache.index + made)  # the fed tokens kept: the last and those accepted
-    new = new.replace(index=index, mask=new.mask & (jnp.arange(cache.length) < index[:, None]))
     if draft is not None:  # the draft keeps what the target keeps; it has not fed its last proposal (or, proposing
         # nothing, the last token): where that was kept too, feed it now
         behind = made > count
         missing = jnp.take_along_axis(jnp.concatenate([last, proposals], axis=1), count[:, None], axis=1)[:, 0]
         drafted = jax.lax.cond(jnp.any(behind), lambda c: next_logits(draft, c, missing, live=behind)[1],
                                lambda c: c, drafted)
-        drafted = drafted.replace(index=index, mask=drafted.mask & (jnp.arange(cache.length) < index[:, None]))
-    proposing = count > 0
-    missed = proposing & (accepted == 0)
-    misses = jnp.where(proposing, jnp.where(missed, s.misses + 1, 0), s.misses)
+        drafted = drafted.replace(index=new.index, mask=drafted.mask & new.mask)
     total = s.made + made
-    state = st.replace(step=jnp.max(total), tokens=tokens, cache=new, key=key if settings.sampling.temperature else st.key,
-                       done=st.done | (made > first_eos) & ~finished)
-    return SpeculativeState(
-        state=state, made=total,
-        k=jnp.where(proposing, jnp.where(accepted == count, jnp.minimum(s.k + 2, spec.k), jnp.maximum(accepted, 1)), s.k),
-        wait=jnp.where(missed & (misses >= spec.patience), (1 << jnp.minimum(misses - spec.patience + 1, 4)) - 1,
-                       jnp.maximum(s.wait - 1, 0)),
-        misses=misses,
-        proposed=s.proposed + count, accepted=s.accepted + jnp.minimum(accepted, jnp.maximum(made - 1, 0)),
-        steps=s.steps + ~finished, draft=None if draft is None else drafted)
+    state = st.replace(step=jnp.max(total), tokens=tokens, cache=new, key=key if hot else st.key,
+                       done=st.done | stopped)
+    return SpeculativeState(state, total, *adapt(s.k, s.wait, s.misses, count, accepted, spec),
+                            proposed=s.proposed + count,
+                            accepted=s.accepted + jnp.minimum(accepted, jnp.maximum(made - 1, 0)),
+                            steps=s.steps + ~finished, draft=None if draft is None else drafted)
 
 
 def speculative_start(state: DecodeState, settings: GenerationSettings,
