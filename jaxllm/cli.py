@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    p.add_argument("--speculate", choices=("lookup",), help="propose tokens by prompt lookup and verify them in one "
+                                                             "forward (the output is unchanged)")
+    p.add_argument("--self-draft", type=int, metavar="LAYERS", help="speculate with the model's first LAYERS layers "
+                                                                    "as the draft (the output is unchanged)")
     p.add_argument("--mesh", help="shard over a mesh of devices, e.g. dp=2,tp=4 (either may be left out: all devices, "
                                   "dp taking what tp leaves)")
     p.add_argument("--coordinator", metavar="HOST:PORT", help="run as one of several processes (process 0's address; "
@@ -145,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", help="the name clients give as `model` (default: --model as given, or "
                                                "the default model's name)")
     p.add_argument("--mesh", help="shard over a mesh of devices, e.g. dp=2,tp=4 (as in generate)")
+    p.add_argument("--speculate", choices=("lookup",), help="each slot proposes by prompt lookup over its own prompt "
+                                                             "and output, verified in one forward (the same tokens)")
     p.set_defaults(coordinator=None, num_processes=None, process_id=None)  # one process serves
     _compile_cache_arg(p)
     return parser
@@ -154,7 +160,7 @@ def cmd_generate(args) -> int:
     marks = {"start": args.started}
     import jax
 
-    from jaxllm.generation import UNKNOWN_TOKEN, Sampling, generate, seed_key
+    from jaxllm.generation import UNKNOWN_TOKEN, Sampling, generate, seed_key, self_draft
     from jaxllm.loader import load_model
     from jaxllm.model.programs import prefetch_recent, record_recent
 
@@ -179,8 +185,9 @@ def cmd_generate(args) -> int:
         out.flush()
 
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    draft = None if args.self_draft is None else self_draft(model, args.self_draft)
     generate(model, prompt, args.max_new_tokens, use_cache=not args.no_cache, sampling=sampling,
-             key=seed_key(args.seed), callback=on_token)
+             key=seed_key(args.seed), callback=on_token, speculate=args.speculate, draft=draft)
     out.write(stream.flush() + "\n")
     marks["the rest"] = time.perf_counter()
     record_recent(tag)
@@ -201,7 +208,7 @@ def cmd_serve(args) -> int:
     name = args.served_model_name or args.model or DEFAULT_MODEL.name
     server.serve(model, name, host=args.host, port=args.port, api_key=args.api_key, slots=args.slots,
                  max_context=args.max_context, decode_steps=args.decode_steps, prefill_chunk=args.prefill_chunk,
-                 max_waiting=args.max_waiting)
+                 max_waiting=args.max_waiting, speculate=args.speculate)
     return 0
 
 

@@ -34,9 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.errors import InputError, JaxLLMError
-from jaxllm.generation import DECODE_COMPILER_OPTIONS, Sampling, bucket, end_ids, next_logits, sample_rows, to_host
+from jaxllm.generation import (DECODE_COMPILER_OPTIONS, SPECULATE, Sampling, Speculation, adapt, bucket, end_ids, lookup,
+                               next_logits, sample_rows, speculation_refused, to_host, verify_step)
 from jaxllm.model import KVCache, Model, Params, program, run
-from jaxllm.model.cache import token_bytes
+from jaxllm.model.cache import token_bytes, write_rows
 from jaxllm.pytree import struct
 
 Array = jax.Array
@@ -71,12 +72,20 @@ class Slots:
     top_p: Array  # [N] f32
     key: Array  # [N] PRNG keys from each request's seed; its t-th token is drawn with fold_in(key, t)
     done: Array  # [N] bool: nothing to make (free, finished or cancelled)
+    # Speculation (prompt lookup) only, else None:
+    history: Array | None = None  # [N, S + k + 1] int32: the token fed at each cache slot (prompt lookup reads it)
+    k: Array | None = None  # [N] int32: the most tokens the slot proposes next (generation.adapt)
+    wait: Array | None = None  # [N] int32: steps before it proposes again
+    misses: Array | None = None  # [N] int32: proposing steps in a row that accepted nothing
 
     @classmethod
-    def empty(cls, params: Params, slots: int, length: int) -> "Slots":
+    def empty(cls, params: Params, slots: int, length: int, speculation: Speculation | None = None) -> "Slots":
         N = slots
         cache = KVCache.zeros(params.config, N, length, params.dtype).replace(empty=False)  # rows are read per slot
-        return cls(cache=cache, last=jnp.zeros(N, jnp.int32),
+        spec = {} if speculation is None else dict(
+            history=jnp.zeros((N, length + speculation.k + 1), jnp.int32),
+            **{name: jnp.zeros(N, jnp.int32) for name in ("k", "wait", "misses")})
+        return cls(cache=cache, last=jnp.zeros(N, jnp.int32), **spec,
                    made=jnp.zeros(N, jnp.int32), limit=jnp.zeros(N, jnp.int32),
                    stop=jnp.full((N, MAX_STOP_IDS), -1, jnp.int32), temperature=jnp.zeros(N, jnp.float32),
                    top_k=jnp.zeros(N, jnp.int32), top_p=jnp.ones(N, jnp.float32),
@@ -106,7 +115,7 @@ def _sample_next(logits: Array, slots: Slots) -> Array:
 
 
 def _prefill_chunk(params: Params, slots: Slots, ids: Array, offset: Array, real: Array, admission: Admission,
-                   window: int, final: bool) -> tuple[Slots, Array]:
+                   window: int, final: bool, speculation: Speculation | None = None) -> tuple[Slots, Array]:
     """Prompt tokens ids [1, C] (the first `real` of them real) into slot `admission.slot` at cache slots offset ..
     offset + C - 1, attending over the slot's first `window` cache slots (its earlier chunks). The final chunk sets
     the slot's request fields and samples its first token. Returns (slots, the first token [] or -1)."""
@@ -136,6 +145,8 @@ def _prefill_chunk(params: Params, slots: Slots, ids: Array, offset: Array, real
                          v=tuple(put(b, u, 2) for b, u in zip(full.v, view.v)), mask=mask_row,
                          index=full.index.at[slot].set(offset + real))
     slots = slots.replace(cache=cache)
+    if speculation is not None:  # the prompt's ids at their cache slots, for prompt lookup
+        slots = slots.replace(history=jax.lax.dynamic_update_slice(slots.history, ids, (slot, offset)))
     if not final:
         return slots, jnp.int32(-1)
     at = lambda a, value: a.at[slot].set(value)  # noqa: E731
@@ -147,35 +158,63 @@ def _prefill_chunk(params: Params, slots: Slots, ids: Array, offset: Array, real
     token = _sample_next(logits[:, 0].astype(jnp.float32), one)[0]
     done = jnp.isin(token, admission.stop) | (admission.limit <= 1)
     slots = slots.replace(last=at(slots.last, token), made=at(slots.made, 1), done=at(slots.done, done))
+    if speculation is not None:
+        slots = slots.replace(k=at(slots.k, speculation.start), wait=at(slots.wait, 0), misses=at(slots.misses, 0))
     return slots, token
 
 
-def _decode_slots(params: Params, slots: Slots, steps: int, window: int) -> tuple[Slots, Array]:
+def _decode_slots(params: Params, slots: Slots, steps: int, window: int,
+                  speculation: Speculation | None = None) -> tuple[Slots, Array, Array]:
     """Up to `steps` decode steps over every slot, in one lax.while_loop that ends after the step in which some
-    slot finishes (so the host can refill it) or when none is left running. Returns (slots, tokens [N, steps]): the
-    token each slot made at each step, -1 where it made none."""
+    slot finishes (so the host can refill it) or when none is left running. Returns (slots, tokens [N, steps · t]:
+    each slot's tokens in order, -1 after them, the steps run []). A plain step makes t = 1 token a slot; with `speculation`, a step
+    proposes by prompt lookup over the slot's own tokens and verifies in one forward (generation.verify_step), so
+    it makes up to t = k + 1."""
     N = slots.last.shape[0]
+    per_step = 1 if speculation is None else speculation.k + 1
 
-    def step(carry):
-        slots, out, i, _ = carry
-        live = ~slots.done
+    def plain(slots, live):
         logits, cache = next_logits(params, slots.cache, slots.last, live, window)
         # Rows that make no token draw greedily: a finished request's temperature must not keep the sort running.
         token = jnp.where(live, _sample_next(logits, slots.replace(temperature=jnp.where(live, slots.temperature, 0))),
                           -1)  # [N]
-        made = slots.made + live
-        finished = live & (jnp.any(token[:, None] == slots.stop, axis=-1) | (made >= slots.limit))
-        slots = slots.replace(cache=cache, last=jnp.where(live, token, slots.last), made=made,
-                              done=slots.done | finished)
-        return slots, out.at[:, i].set(token), i + 1, jnp.any(finished)
+        stopped = live & jnp.any(token[:, None] == slots.stop, axis=-1)
+        return slots.replace(cache=cache, last=jnp.where(live, token, slots.last)), token[:, None], live.astype(jnp.int32), stopped
+
+    def speculative(slots, live):
+        index = slots.cache.index  # [N]: the slot the last token is fed at
+        history = write_rows(slots.history, slots.last[:, None], index, axis=1)
+        proposals, count = lookup(history[:, :window], jnp.zeros(N, jnp.int32), index + 1, speculation)
+        count = jnp.where(live & (slots.wait == 0), jnp.minimum(count, slots.k), 0)
+        keys = jax.vmap(jax.random.fold_in)(slots.key, slots.made)
+        sampling = (jnp.where(live, slots.temperature, 0), slots.top_k, slots.top_p)
+        choice, made, accepted, stopped, cache = verify_step(params, slots.cache, slots.last, proposals, count, live,
+                                                             slots.stop, slots.limit - slots.made, speculation,
+                                                             sampling, keys, window)
+        history = write_rows(history, choice[:, :-1], index + 1, axis=1)  # the accepted proposals after the last
+        last = jnp.take_along_axis(choice, jnp.maximum(made - 1, 0)[:, None], axis=1)[:, 0]
+        k, wait, misses = adapt(slots.k, slots.wait, slots.misses, count, accepted, speculation)
+        slots = slots.replace(cache=cache, history=history, last=jnp.where(live, last, slots.last), k=k, wait=wait,
+                              misses=misses)
+        return slots, jnp.where(jnp.arange(per_step) < made[:, None], choice, -1), made, stopped
+
+    def step(carry):
+        slots, out, at, i, _ = carry
+        live = ~slots.done
+        slots, tokens, made, stopped = (plain if speculation is None else speculative)(slots, live)
+        out = jax.vmap(lambda row, t, a: jax.lax.dynamic_update_slice(row, t, (a,)))(out, tokens, at)
+        finished = live & (stopped | (slots.made + made >= slots.limit))
+        slots = slots.replace(made=slots.made + made, done=slots.done | finished)
+        return slots, out, at + made, i + 1, jnp.any(finished)
 
     def more(carry):
-        slots, _, i, finished = carry
+        slots, _, _, i, finished = carry
         return (i < steps) & ~finished & ~jnp.all(slots.done)
 
-    start = (slots, jnp.full((N, steps), -1, jnp.int32), jnp.int32(0), jnp.bool_(False))
-    slots, out, _, _ = jax.lax.while_loop(more, step, start)
-    return slots, out
+    start = (slots, jnp.full((N, steps * per_step), -1, jnp.int32), jnp.zeros(N, jnp.int32), jnp.int32(0),
+             jnp.bool_(False))
+    slots, out, _, steps_run, _ = jax.lax.while_loop(more, step, start)
+    return slots, out, steps_run
 
 
 def _release(slots: Slots, free: Array) -> Slots:
@@ -183,10 +222,10 @@ def _release(slots: Slots, free: Array) -> Slots:
     return slots.replace(done=slots.done | free)
 
 
-_prefill_program = program(_prefill_chunk, "engine_prefill", static_argnames=("window", "final"),
+_prefill_program = program(_prefill_chunk, "engine_prefill", static_argnames=("window", "final", "speculation"),
                            donate_argnames="slots")
-_decode_program = program(_decode_slots, "engine_decode", static_argnames=("steps", "window"), donate_argnames="slots",
-                          compiler_options=DECODE_COMPILER_OPTIONS)
+_decode_program = program(_decode_slots, "engine_decode", static_argnames=("steps", "window", "speculation"),
+                          donate_argnames="slots", compiler_options=DECODE_COMPILER_OPTIONS)
 _release_program = program(_release, "engine_release", donate_argnames="slots")
 
 
@@ -225,12 +264,21 @@ class Request:
 class Engine:
     """A slot table on the device and the scheduler thread that owns it. `slots` N requests decode together;
     `max_context` S bounds prompt + max_tokens; `decode_steps` K steps run per decode call; a prompt is prefilled
-    `prefill_chunk` tokens at a time between decode calls; at most `max_waiting` requests wait for a slot."""
+    `prefill_chunk` tokens at a time between decode calls; at most `max_waiting` requests wait for a slot.
+    `speculate="lookup"` (or a Speculation) proposes each slot's next tokens by prompt lookup over its own prompt and
+    output and verifies them in one forward: greedy slots make the tokens they make without it, sampling slots
+    draw from the same distribution (generation.verify)."""
 
     def __init__(self, model: Model | Params, slots: int = 8, max_context: int = 2048, decode_steps: int = 8,
-                 prefill_chunk: int = 256, max_waiting: int = 64, eos_ids: Sequence[int] | None = None):
+                 prefill_chunk: int = 256, max_waiting: int = 64, eos_ids: Sequence[int] | None = None,
+                 speculate: str | Speculation | None = None):
         model = model if isinstance(model, Model) else Model(model)
         config = model.params.config
+        spec = SPECULATE.get(speculate) if speculate == "lookup" else speculate
+        if not isinstance(spec, Speculation | None):
+            raise InputError(f"the engine's speculate must be 'lookup' or a Speculation, found {speculate!r:.80}")
+        if spec is not None and speculation_refused(model.params):
+            raise InputError(f"speculate={speculate!r} cannot run with {speculation_refused(model.params)}")
         for name, value, low in (("slots", slots, 1), ("max_context", max_context, 2), ("decode_steps", decode_steps, 1),
                                  ("prefill_chunk", prefill_chunk, 16), ("max_waiting", max_waiting, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -242,8 +290,10 @@ class Engine:
         self.slots, self.max_context, self.decode_steps, self.max_waiting = slots, max_context, decode_steps, max_waiting
         self.prefill_chunk = bucket(prefill_chunk)
         self.eos_ids = end_ids(model, eos_ids)
-        # Cache slots: a whole number of chunks (a prompt's last, padded chunk stays inside its row).
-        self.length = -(-max_context // self.prefill_chunk) * self.prefill_chunk
+        self.speculation = spec
+        # Cache slots: a whole number of chunks (a prompt's last, padded chunk stays inside its row), and room for
+        # the k proposals a verify step writes past a row's last token.
+        self.length = -(-(max_context + (spec.k if spec else 0)) // self.prefill_chunk) * self.prefill_chunk
         self._table: Slots | None = None
         self._running: list[Request | None] = [None] * slots
         self._waiting: collections.deque[Request] = collections.deque()
@@ -253,6 +303,7 @@ class Engine:
         self._stopping = False
         self._drain = True
         self.error: BaseException | None = None
+        self.decode_forwards = 0  # decode steps run (each one forward over every slot): tokens per step = made / it
 
     # ---- the client side (any thread) ----
 
@@ -274,7 +325,7 @@ class Engine:
         """Allocate the slot table, compile the programs a short request needs, start the scheduler thread."""
         if self._thread is not None:
             return self
-        self._table = Slots.empty(self.params, self.slots, self.length)
+        self._table = Slots.empty(self.params, self.slots, self.length, self.speculation)
         if warmup:
             self._warmup()
         self._thread = threading.Thread(target=self._loop, name="jaxllm-engine", daemon=True)
@@ -421,7 +472,7 @@ class Engine:
                                   top_p=np.float32(r.top_p), seed=np.uint32(r.seed))
             window = C if offset == 0 else min(bucket(offset + C), self.length)
             self._table, token = _prefill_program(self.params, self._table, ids, np.int32(offset), np.int32(n),
-                                                  admission, window=window, final=final)
+                                                  admission, window=window, final=final, speculation=self.speculation)
             r.prefilled += n
             budget -= C
             if final:
@@ -434,11 +485,15 @@ class Engine:
         live = [r for r in self._running if r is not None and r.finish_reason is None and r not in self._admitting]
         if not live:
             return
-        # Every running row's cache holds prompt + made - 1 tokens; K more steps must fit in the window.
-        longest = max(len(r.prompt) + len(r.tokens) - 1 for r in live) + self.decode_steps
+        # Every running row's cache holds prompt + made - 1 tokens; K more steps, each writing up to `per_step`
+        # slots, must fit in the window.
+        per_step = 1 if self.speculation is None else self.speculation.k + 1
+        longest = max(len(r.prompt) + len(r.tokens) - 1 for r in live) + self.decode_steps * per_step
         window = min(bucket(longest, MIN_WINDOW), self.length)  # one of _warmup's windows
-        self._table, out = _decode_program(self.params, self._table, steps=self.decode_steps, window=window)
+        self._table, out, steps = _decode_program(self.params, self._table, steps=self.decode_steps, window=window,
+                                                  speculation=self.speculation)
         out = to_host(out)
+        self.decode_forwards += int(steps)
         for r in live:
             self._emit(r, [int(t) for t in out[r.slot] if t >= 0])
 
@@ -483,10 +538,11 @@ class Engine:
                               temperature=np.float32(0), top_k=np.int32(0), top_p=np.float32(1), seed=np.uint32(0))
         for C in _doubling(bucket(1), min(self.prefill_chunk, bucket(self.max_context))):
             table, _ = _prefill_program(self.params, table, np.zeros((1, C), np.int32), np.int32(0), np.int32(1),
-                                        admission, window=C, final=True)
+                                        admission, window=C, final=True, speculation=self.speculation)
         table = _release_program(table, jnp.ones(self.slots, bool))
         for window in _doubling(min(MIN_WINDOW, self.length), self.length):
-            table, _ = _decode_program(self.params, table, steps=self.decode_steps, window=window)
+            table, _, _ = _decode_program(self.params, table, steps=self.decode_steps, window=window,
+                                          speculation=self.speculation)
         self._table = jax.block_until_ready(table)
 
 

@@ -533,3 +533,39 @@ def test_serve_command_drains_a_stream_on_sigterm_and_exits_0(tmp_path):
         log.seek(0)
         print(log.read())
         log.close()
+
+
+# ---- jaxllm serve --speculate lookup -------------------------------------------------------------------------------
+
+
+def test_a_speculating_server_answers_what_the_plain_one_does(smollm2, client):
+    """`serve --speculate lookup`: a chat, a completion and a streamed completion through the API, concurrently on
+    two slots, carry the greedy text of the server without speculation, in fewer decode steps than tokens."""
+    spec = Engine(smollm2, slots=2, max_context=120, decode_steps=4, prefill_chunk=64, max_waiting=8,
+                  speculate="lookup").start()  # 128 cache slots: one attention window to compile
+    live = LiveServer(build_app(spec, MODEL))
+    try:
+        speculating = openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0, timeout=TIMEOUT)
+        chat = [{"role": "user", "content": "Repeat this sentence exactly: The committee approved the budget for the "
+                                            "new library on Tuesday, after a long debate about parking."}]
+        rendered = smollm2.tokenizer.apply_chat_template(chat)  # the same ids as a completion prompt
+        want = client.completions.create(model=MODEL, prompt=rendered, max_tokens=40, temperature=0)
+        results = {}
+
+        def ask_chat():
+            results["chat"] = speculating.chat.completions.create(model=MODEL, messages=chat, max_tokens=40, temperature=0)
+
+        out = speculating.completions.create(model=MODEL, prompt=rendered, max_tokens=40, temperature=0)  # alone
+        steps = spec.decode_forwards
+        thread = threading.Thread(target=ask_chat)
+        thread.start()
+        stream = speculating.completions.create(model=MODEL, prompt=rendered, max_tokens=40, temperature=0, stream=True)
+        streamed = "".join(c.choices[0].text for c in stream if c.choices)
+        thread.join(TIMEOUT)
+    finally:
+        live.close()
+        spec.stop(drain=False)
+    assert out.choices[0].text == streamed == results["chat"].choices[0].message.content == want.choices[0].text
+    made = out.usage.completion_tokens - 1  # the first token is the prefill's
+    print(f"{made} decode tokens in {steps} decode steps")
+    assert steps < 0.8 * made

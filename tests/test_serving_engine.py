@@ -257,3 +257,44 @@ def test_idle_slots_do_not_scale_a_requests_rope(tmp_path_factory):
     finally:
         e.stop()
     assert short.tokens == alone(dynamic, PROMPTS[0], 12)
+
+
+# ---- speculation per slot ----------------------------------------------------------------------------------------
+
+REPEATING = [[5, 6, 7, 8, 9] * 4, [40, 41, 42, 40, 41], list(range(60, 95)) + list(range(60, 70))]
+
+
+def test_a_speculating_engine_makes_generates_tokens_in_fewer_steps(params):
+    """Prompt lookup per slot: more requests than slots, prompts prefilled in several chunks (the lookup history
+    spans them), rows that accept different counts, a stop id inside an accepted run and a limit reached in the
+    middle of one; every request gets generate's tokens, and the slots make more tokens than decode steps run."""
+    plain = [alone(params, p, 40) for p in REPEATING]
+    spec = Engine(params, slots=2, max_context=256, decode_steps=4, prefill_chunk=16, eos_ids=[],
+                  speculate="lookup").start()
+    try:
+        done = spec.generate(REPEATING, 40, timeout=300)
+        made, forwards = sum(len(r.tokens) - 1 for r in done), spec.decode_forwards  # the first is the prefill's
+        stop = plain[0][9]
+        stopped = spec.generate(REPEATING[:1], 40, stop_ids=[stop], timeout=300)[0]
+        short = spec.generate(REPEATING, 13, timeout=300)
+        # a greedy slot beside a sampling one: each with its own rule
+        hot = spec.submit(Request(prompt=REPEATING[1], max_tokens=30, temperature=0.8, seed=5))
+        (cold,) = spec.generate(REPEATING[2:], 40, timeout=300)
+        assert hot.finished.wait(300)
+    finally:
+        spec.stop()
+    assert [r.tokens for r in done] == plain
+    print(f"{made} tokens in {forwards} decode steps")
+    assert made > 1.3 * forwards
+    assert stopped.tokens == plain[0][:plain[0].index(stop) + 1] and stopped.finish_reason == "stop"
+    assert [r.tokens for r in short] == [p[:13] for p in plain]
+    assert cold.tokens == plain[2] and len(hot.tokens) == 30
+
+
+def test_speculation_the_engine_cannot_run_is_refused_by_name(params, tmp_path):
+    with pytest.raises(InputError, match="speculate must be 'lookup' or a Speculation"):
+        Engine(params, speculate="draft")
+    dynamic = load(parity.random_checkpoint({**SMALL, "rope_parameters": dict(rope_type="dynamic", factor=2.0,
+                                                                              rope_theta=10000.0)}, tmp_path, seed=1))
+    with pytest.raises(InputError, match="dynamic RoPE"):
+        Engine(dynamic, speculate="lookup")
