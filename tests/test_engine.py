@@ -200,5 +200,5 @@ def test_compile_counts_list_every_program_before_its_first_trace():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
     assert out.strip() == str(sorted({"forward": 0, "forward_with_intermediates": 0, "forward_exact": 0,
                                       "forward_with_intermediates_exact": 0, "prefill": 0, "decode_step": 0,
-                                      "decode": 0, "speculative_decode": 0, "speculative_step": 0,
+                                      "decode": 0, "speculative_decode": 0, "speculative_step": 0, "draft_prefill": 0,
                                       "engine_prefill": 0, "engine_decode": 0, "engine_release": 0}.items()))
