@@ -15,6 +15,22 @@ os.environ.setdefault("JAXLLM_COMPILE_CACHE", "0")
 
 from jaxllm import hub  # noqa: E402
 
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_compiled_programs():
+    """After each test module, drop JAX's compiled programs: each executable holds a few memory mappings, and one
+    process compiling the whole suite's (about 2,000 mappings a minute) would pass the kernel's vm.max_map_count
+    (65,530) and crash inside XLA's compiler (seen: a segfault in a compile near the end of the suite)."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
+
+
 # Hypothesis keeps its files in ./.hypothesis unless told otherwise; tests never write into the repository.
 set_hypothesis_home_dir(tempfile.mkdtemp(prefix="jaxllm-tests-hypothesis-"))
 
