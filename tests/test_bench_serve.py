@@ -108,7 +108,10 @@ def test_tokens_come_from_usage_and_timings_are_ordered(server):
         assert level["output_tokens"] == 6 * CHUNKS * TOKENS_PER_CHUNK  # usage's 8, not the 4 chunks
         assert level["output_tokens_from_usage"] == 6
         assert level["prompt_tokens_mean"] == 7
-        assert FIRST_DELAY * 1e3 <= level["ttft_ms_p50"] <= level["ttft_ms_p99"] < level["e2e_ms_p50"]
+        # Each request's first chunk comes before its last, so each quantile of TTFT is below the same one of E2E
+        # (a loaded machine can push one TTFT past the median E2E, so p99 is compared with p99).
+        assert FIRST_DELAY * 1e3 <= level["ttft_ms_p50"] <= level["ttft_ms_p99"]
+        assert level["ttft_ms_p50"] < level["e2e_ms_p50"] and level["ttft_ms_p99"] < level["e2e_ms_p99"]
         assert DELAY * 1e3 * 0.5 <= level["itl_ms_p50"] <= level["itl_ms_p99"]
         # TPOT spreads the time after the first chunk over usage's tokens: about 3 gaps / 7 tokens.
         assert 0 < level["tpot_ms_p50"] < level["itl_ms_p50"]
