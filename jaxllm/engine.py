@@ -110,8 +110,12 @@ class Admission:
 
 def _sample_next(logits: Array, slots: Slots) -> Array:
     """Each row's next token from logits [N, V], drawn with its own key and settings."""
-    keys = jax.vmap(jax.random.fold_in)(slots.key, slots.made)
-    return sample_rows(logits, keys, slots.temperature, slots.top_k, slots.top_p)
+    return sample_rows(logits, _row_keys(slots), slots.temperature, slots.top_k, slots.top_p)
+
+
+def _row_keys(slots: Slots) -> Array:
+    """Each row's key for its next draw [N]: its request's key folded with the tokens it has made."""
+    return jax.vmap(jax.random.fold_in)(slots.key, slots.made)
 
 
 def _prefill_chunk(params: Params, slots: Slots, ids: Array, offset: Array, real: Array, admission: Admission,
@@ -167,9 +171,9 @@ def _decode_slots(params: Params, slots: Slots, steps: int, window: int,
                   speculation: Speculation | None = None) -> tuple[Slots, Array, Array]:
     """Up to `steps` decode steps over every slot, in one lax.while_loop that ends after the step in which some
     slot finishes (so the host can refill it) or when none is left running. Returns (slots, tokens [N, steps · t]:
-    each slot's tokens in order, -1 after them, the steps run []). A plain step makes t = 1 token a slot; with `speculation`, a step
-    proposes by prompt lookup over the slot's own tokens and verifies in one forward (generation.verify_step), so
-    it makes up to t = k + 1."""
+    each slot's tokens in order, -1 after them, the steps run []). A plain step makes t = 1 token a slot; with
+    `speculation`, a step proposes by prompt lookup over the slot's own tokens and verifies in one forward
+    (generation.verify_step), so it makes up to t = k + 1."""
     N = slots.last.shape[0]
     per_step = 1 if speculation is None else speculation.k + 1
 
@@ -179,14 +183,15 @@ def _decode_slots(params: Params, slots: Slots, steps: int, window: int,
         token = jnp.where(live, _sample_next(logits, slots.replace(temperature=jnp.where(live, slots.temperature, 0))),
                           -1)  # [N]
         stopped = live & jnp.any(token[:, None] == slots.stop, axis=-1)
-        return slots.replace(cache=cache, last=jnp.where(live, token, slots.last)), token[:, None], live.astype(jnp.int32), stopped
+        made = live.astype(jnp.int32)
+        return slots.replace(cache=cache, last=jnp.where(live, token, slots.last)), token[:, None], made, stopped
 
     def speculative(slots, live):
         index = slots.cache.index  # [N]: the slot the last token is fed at
         history = write_rows(slots.history, slots.last[:, None], index, axis=1)
         proposals, count = lookup(history[:, :window], jnp.zeros(N, jnp.int32), index + 1, speculation)
         count = jnp.where(live & (slots.wait == 0), jnp.minimum(count, slots.k), 0)
-        keys = jax.vmap(jax.random.fold_in)(slots.key, slots.made)
+        keys = _row_keys(slots)
         sampling = (jnp.where(live, slots.temperature, 0), slots.top_k, slots.top_p)
         choice, made, accepted, stopped, cache = verify_step(params, slots.cache, slots.last, proposals, count, live,
                                                              slots.stop, slots.limit - slots.made, speculation,
@@ -202,7 +207,7 @@ def _decode_slots(params: Params, slots: Slots, steps: int, window: int,
         slots, out, at, i, _ = carry
         live = ~slots.done
         slots, tokens, made, stopped = (plain if speculation is None else speculative)(slots, live)
-        out = jax.vmap(lambda row, t, a: jax.lax.dynamic_update_slice(row, t, (a,)))(out, tokens, at)
+        out = write_rows(out, tokens, at, axis=1)
         finished = live & (stopped | (slots.made + made >= slots.limit))
         slots = slots.replace(made=slots.made + made, done=slots.done | finished)
         return slots, out, at + made, i + 1, jnp.any(finished)

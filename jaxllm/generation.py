@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.errors import InputError
-from jaxllm.model import KVCache, Model, Params, check_inputs, input_shape, mesh_of, place_batch, program, run
+from jaxllm.model import KVCache, Model, Params, check_inputs, input_shape, mesh_of, place_batch, program, run, write_rows
 from jaxllm.model.ops import row_stable
 from jaxllm.pytree import static, struct
 
@@ -466,7 +466,7 @@ def _speculative_step(params: Params, s: SpeculativeState, settings: GenerationS
         params, cache, last[:, 0], proposals, count, ~finished, jnp.asarray([settings.eos_ids or (-1,)] * B, jnp.int32),
         settings.max_new_tokens - s.made, spec, sampling, jax.random.split(draw, B) if hot else None)
     written = jnp.where(jnp.arange(spec.k + 1) < made[:, None], choice, settings.pad_id)  # [B, k + 1]
-    tokens = jax.vmap(lambda row, w, at: jax.lax.dynamic_update_slice(row, w, (at,)))(st.tokens, written, s.made)
+    tokens = write_rows(st.tokens, written, s.made, axis=1)
     if draft is not None:  # the draft keeps what the target keeps; it has not fed its last proposal (or, proposing
         # nothing, the last token): where that was kept too, feed it now
         behind = made > count
@@ -612,12 +612,18 @@ def _speculation(speculate, params: Params, use_cache: bool, draft: Model | None
     InputError naming what it cannot run with."""
     if speculate is None and draft is None:
         return None
-    spec = SPECULATE.get(speculate) if isinstance(speculate, str) else Speculation() if speculate is None else speculate
-    if not isinstance(spec, Speculation):
+    if isinstance(speculate, Speculation):  # the settings given, with a draft model or by lookup
+        spec = speculate
+    elif speculate is None:  # a draft model alone
+        spec = Speculation()
+    elif not isinstance(speculate, str) or speculate not in SPECULATE:
         raise InputError(f"speculate must be one of {sorted(SPECULATE)} or a Speculation, found {speculate!r:.80}")
-    if (speculate == "draft") != (draft is not None) and not isinstance(speculate, Speculation | None):
-        raise InputError("speculate='draft' needs draft=<a model>" if draft is None else
-                         f"speculate={speculate!r} takes no draft model; pass speculate='draft'")
+    elif speculate == "draft" and draft is None:
+        raise InputError("speculate='draft' needs draft=<a model>")
+    elif speculate != "draft" and draft is not None:
+        raise InputError(f"speculate={speculate!r} takes no draft model; pass speculate='draft'")
+    else:
+        spec = SPECULATE[speculate]
     why = ("use_cache=False (verification reads the cache)" if not use_cache else speculation_refused(params))
     if why:
         raise InputError(f"speculate={speculate!r} cannot run with {why}")
