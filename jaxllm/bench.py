@@ -1421,14 +1421,14 @@ print(json.dumps(out))
 """
 
 
-def _speculation_run(model: Model, prompts: list[list[int]], new_tokens: int, mode: str) -> dict[str, Any]:
-    """Each prompt alone, decode timed after its prefill: tokens made, seconds, forward steps, proposals."""
+def _speculation_run(model: Model, prompts: list[list[int]], new_tokens: int, mode: str, P: int) -> dict[str, Any]:
+    """Each prompt alone, left-padded to P slots, decode timed after its prefill: tokens made, seconds, forward steps,
+    proposals."""
     from jaxllm.generation import SLACK, Speculation, end_ids, seed_key, speculative_decode
 
     eos = end_ids(model)
     totals = {"tokens": 0, "seconds": 0.0, "steps": 0, "proposed": 0, "accepted": 0, "outputs": []}
     for ids in prompts:
-        P = bucket(len(ids))
         settings = GenerationSettings(max_new_tokens=new_tokens, eos_ids=eos, pad_id=eos[0] if eos else 0,
                                       length=bucket(P + new_tokens + SLACK), row_stable=mode != "plain, fast",
                                       speculation=Speculation() if mode == "lookup" else None)
@@ -1469,15 +1469,15 @@ def speculation(model: str | None = None, weights: tuple[str, ...] = ("fp32", "i
         m = load_model(model, weights=w)
         chats = {kind: [m.tokenizer.encode(m.tokenizer.apply_chat_template([{"role": "user", "content": t}]))
                         for t in texts] for kind, texts in kinds.items()}
-        for kind, prompts in chats.items():  # one untimed round first: every prompt's programs compiled
-            for mode in modes:
-                _speculation_run(m, prompts, new_tokens, mode)
+        P = bucket(max(len(ids) for prompts in chats.values() for ids in prompts))  # one program a mode
+        for mode in modes:  # untimed first: each mode's program compiled
+            _speculation_run(m, next(iter(chats.values()))[:1], new_tokens, mode, P)
         figures = {}
         for kind, prompts in chats.items():
-            rounds = {mode: [_speculation_run(m, prompts, new_tokens, mode) for _ in range(1)] for mode in modes}
+            rounds = {mode: [_speculation_run(m, prompts, new_tokens, mode, P)] for mode in modes}
             for _ in range(repeats - 1):
                 for mode in modes:
-                    rounds[mode].append(_speculation_run(m, prompts, new_tokens, mode))
+                    rounds[mode].append(_speculation_run(m, prompts, new_tokens, mode, P))
             rates = {mode: [r["tokens"] / r["seconds"] for r in rs] for mode, rs in rounds.items()}
             spec = rounds["lookup"][0]
             figures[kind] = {

@@ -146,7 +146,7 @@ def test_real_model_on_tp_3(smollm2_dir):
     ids = one.tokenizer.encode("The capital of France is Paris, and the capital of Italy is")
     positions = np.arange(len(ids))[None]
     reference = np.asarray(forward(one.params, [ids], positions))
-    for dp, tp in [(1, 3), (2, 3)]:
+    for dp, tp in [(2, 3)]:  # dp splits the two prompts, tp the 9 query and 3 KV heads
         mesh = make_mesh(dp=dp, tp=tp)
         start = time.perf_counter()
         model = load_model(smollm2_dir, mesh=mesh)
@@ -224,7 +224,7 @@ def moe(tmp_path_factory):
     return parity.random_checkpoint(MOE_CONFIG, tmp_path_factory.mktemp("moe"), seed=5, scale=0.08)
 
 
-@pytest.mark.parametrize("dp, tp", MESHES)
+@pytest.mark.parametrize("dp, tp", [(1, 8), (2, 4)])
 def test_experts_on_a_mesh_equal_one_device(moe, dp, tp):
     """Logits of a prefill and greedy tokens equal one device's; each device holds E / tp experts, so its parameter
     bytes shrink with tp."""
@@ -262,7 +262,7 @@ def test_experts_decode_step_reduces_once_per_moe_layer_and_gathers_no_expert(mo
         assert size not in expert_sizes and size <= 64 * 128, shape
 
 
-@pytest.mark.parametrize("dp, tp", [(2, 4), (8, 1)])
+@pytest.mark.parametrize("dp, tp", [(2, 4)])
 def test_speculation_on_a_mesh_leaves_the_greedy_output_unchanged(checkpoint, dp, tp):
     """Prompt lookup and a self-draft on a mesh: the same tokens as the plain decode on that mesh, for a batch whose
     rows accept different counts (two repeat themselves, one does not) and one that dp pads with filler rows."""

@@ -430,7 +430,7 @@ def test_metrics_are_prometheus_text(client, http, engine):
 
 
 def test_soak_of_mixed_requests_matches_each_alone(server, engine, smollm2, http):
-    """~200 requests at random times (at most 16 at once): random prompts of 5-60 tokens, max_tokens 1-24, streamed
+    """~120 requests at random times (at most 16 at once): random prompts of 5-60 tokens, max_tokens 1-24, streamed
     or not, about 1 in 10 dropped midway. Every greedy request that ran to its end says what the same prompt says
     alone; afterwards the engine is idle."""
     rng = random.Random(0)
@@ -445,7 +445,7 @@ def test_soak_of_mixed_requests_matches_each_alone(server, engine, smollm2, http
         return tokenizer.decode(tokens, skip_special_tokens=True), len(tokens), "stop" if stopped else "length"
 
     plan = [(rng.randrange(len(prompts)), rng.randint(1, 24), rng.choice(("stream", "whole")) if rng.random() > 0.1
-             else "drop", rng.uniform(0, 0.06)) for _ in range(200)]
+             else "drop", rng.uniform(0, 0.06)) for _ in range(120)]
 
     async def one(client, limit, p, max_tokens, mode):
         body = {"model": MODEL, "prompt": prompts[p], "max_tokens": max_tokens, "temperature": 0}
@@ -483,7 +483,7 @@ def test_soak_of_mixed_requests_matches_each_alone(server, engine, smollm2, http
         if mode != "drop":
             assert result == expected(p, max_tokens), (p, max_tokens, mode)
             checked += 1
-    assert checked >= 150
+    assert checked >= 90
     wait_until(lambda: engine.running == engine.waiting == 0, 30, "the engine is idle after the soak")
     assert metric(http.get("/metrics").text, "jaxllm_requests_running") == 0
 
