@@ -151,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh", help="shard over a mesh of devices, e.g. dp=2,tp=4 (as in generate)")
     p.add_argument("--speculate", choices=("lookup",), help="each slot proposes by prompt lookup over its own prompt "
                                                              "and output, verified in one forward (the same tokens)")
+    p.add_argument("--self-draft", type=int, metavar="LAYERS", help="each slot speculates with the model's first "
+                                                                    "LAYERS layers as the draft (the same tokens)")
     p.set_defaults(coordinator=None, num_processes=None, process_id=None)  # one process serves
     _compile_cache_arg(p)
     return parser
@@ -201,14 +203,16 @@ def cmd_generate(args) -> int:
 
 def cmd_serve(args) -> int:
     from jaxllm import server
+    from jaxllm.generation import self_draft
     from jaxllm.hub import DEFAULT_MODEL
     from jaxllm.loader import load_model
 
     model = load_model(args.model, args.weights, mesh=_mesh(args))
     name = args.served_model_name or args.model or DEFAULT_MODEL.name
+    draft = None if args.self_draft is None else self_draft(model, args.self_draft)
     server.serve(model, name, host=args.host, port=args.port, api_key=args.api_key, slots=args.slots,
                  max_context=args.max_context, decode_steps=args.decode_steps, prefill_chunk=args.prefill_chunk,
-                 max_waiting=args.max_waiting, speculate=args.speculate)
+                 max_waiting=args.max_waiting, speculate=args.speculate, draft=draft)
     return 0
 
 

@@ -6,7 +6,8 @@
     engine.stop()                                                  # drains what runs and waits, then ends
 
 Everything a slot holds is data in one pytree (`Slots`): its cache row and write position, its last token, tokens
-made, limit, stop ids, temperature / top-k / top-p and PRNG key. A new request, setting or limit compiles nothing.
+made, limit, stop ids, temperature / top-k / top-p and PRNG key (speculating, also its proposal settings and its
+prompt-lookup history or its row of the draft model's cache). A new request, setting or limit compiles nothing.
 Three jitted programs work on it, the table donated to each:
     prefill_chunk   up to C prompt tokens of one request into slot n (n traced); the last chunk samples the first token
     decode_slots    up to K decode steps over all slots in one lax.while_loop, stopping early when a slot finishes
@@ -34,8 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.errors import InputError, JaxLLMError
-from jaxllm.generation import (DECODE_COMPILER_OPTIONS, SPECULATE, Sampling, Speculation, adapt, bucket, end_ids, lookup,
-                               next_logits, sample_rows, speculation_refused, to_host, verify_step)
+from jaxllm.generation import (DECODE_COMPILER_OPTIONS, Sampling, Speculation, adapt, bucket, end_ids, follow, lookup,
+                               next_logits, propose, sample_rows, speculation_settings, to_host, verify_step)
 from jaxllm.model import KVCache, Model, Params, program, run
 from jaxllm.model.cache import token_bytes, write_rows
 from jaxllm.pytree import struct
@@ -72,19 +73,23 @@ class Slots:
     top_p: Array  # [N] f32
     key: Array  # [N] PRNG keys from each request's seed; its t-th token is drawn with fold_in(key, t)
     done: Array  # [N] bool: nothing to make (free, finished or cancelled)
-    # Speculation (prompt lookup) only, else None:
-    history: Array | None = None  # [N, S + k + 1] int32: the token fed at each cache slot (prompt lookup reads it)
+    # Speculation only, else None:
     k: Array | None = None  # [N] int32: the most tokens the slot proposes next (generation.adapt)
     wait: Array | None = None  # [N] int32: steps before it proposes again
     misses: Array | None = None  # [N] int32: proposing steps in a row that accepted nothing
+    history: Array | None = None  # prompt lookup: [N, S + k + 1] int32, the token fed at each cache slot
+    draft: KVCache | None = None  # a draft model's: its cache, rows and slots as the target's
 
     @classmethod
-    def empty(cls, params: Params, slots: int, length: int, speculation: Speculation | None = None) -> "Slots":
+    def empty(cls, params: Params, slots: int, length: int, speculation: Speculation | None = None,
+              draft: Params | None = None) -> "Slots":
         N = slots
         cache = KVCache.zeros(params.config, N, length, params.dtype).replace(empty=False)  # rows are read per slot
-        spec = {} if speculation is None else dict(
-            history=jnp.zeros((N, length + speculation.k + 1), jnp.int32),
-            **{name: jnp.zeros(N, jnp.int32) for name in ("k", "wait", "misses")})
+        spec = {} if speculation is None else {name: jnp.zeros(N, jnp.int32) for name in ("k", "wait", "misses")}
+        if speculation is not None and draft is None:
+            spec["history"] = jnp.zeros((N, length + speculation.k + 1), jnp.int32)
+        elif draft is not None:
+            spec["draft"] = KVCache.zeros(draft.config, N, length, draft.dtype).replace(empty=False)
         return cls(cache=cache, last=jnp.zeros(N, jnp.int32), **spec,
                    made=jnp.zeros(N, jnp.int32), limit=jnp.zeros(N, jnp.int32),
                    stop=jnp.full((N, MAX_STOP_IDS), -1, jnp.int32), temperature=jnp.zeros(N, jnp.float32),
@@ -118,15 +123,13 @@ def _row_keys(slots: Slots) -> Array:
     return jax.vmap(jax.random.fold_in)(slots.key, slots.made)
 
 
-def _prefill_chunk(params: Params, slots: Slots, ids: Array, offset: Array, real: Array, admission: Admission,
-                   window: int, final: bool, speculation: Speculation | None = None) -> tuple[Slots, Array]:
-    """Prompt tokens ids [1, C] (the first `real` of them real) into slot `admission.slot` at cache slots offset ..
-    offset + C - 1, attending over the slot's first `window` cache slots (its earlier chunks). The final chunk sets
-    the slot's request fields and samples its first token. Returns (slots, the first token [] or -1)."""
+def _chunk_into_row(params: Params, full: KVCache, ids: Array, offset: Array, real: Array, slot: Array,
+                    window: int) -> tuple[Array, KVCache]:
+    """The forward of a prompt chunk ids [1, C] (its first `real` real) at cache slots offset .. offset + C - 1 of
+    row `slot` of `full`, attending over the row's first `window` slots -> (logits [1, 1, V] at the last real
+    token, `full` with the chunk written into the row). The first chunk (window == C) starts the row afresh."""
     C = ids.shape[1]
-    slot = admission.slot
     row = lambda a: jax.lax.dynamic_slice_in_dim(a, slot, 1, axis=0)  # noqa: E731  [1, ...]
-    full = slots.cache
     view = KVCache(k=tuple(row(k)[..., :window] for k in full.k), v=tuple(row(v)[:, :, :window] for v in full.v),
                    mask=row(full.mask)[:, :window], index=offset[None], empty=window == C)
     if window == C:  # the first chunk: nothing earlier to read, and no stale keys from the slot's last request
@@ -145,11 +148,25 @@ def _prefill_chunk(params: Params, slots: Slots, ids: Array, offset: Array, real
     if window == C:  # a new request: slots past its first chunk still mark the previous request's tokens
         mask_row = jax.lax.dynamic_update_slice(mask_row, (jnp.arange(full.length) < C)[None] & mask_row[slot][None],
                                                 (slot, 0))
-    cache = full.replace(k=tuple(put(b, u, 3) for b, u in zip(full.k, view.k)),
-                         v=tuple(put(b, u, 2) for b, u in zip(full.v, view.v)), mask=mask_row,
-                         index=full.index.at[slot].set(offset + real))
+    return logits, full.replace(k=tuple(put(b, u, 3) for b, u in zip(full.k, view.k)),
+                                v=tuple(put(b, u, 2) for b, u in zip(full.v, view.v)), mask=mask_row,
+                                index=full.index.at[slot].set(offset + real))
+
+
+def _prefill_chunk(params: Params, slots: Slots, ids: Array, offset: Array, real: Array, admission: Admission,
+                   window: int, final: bool, speculation: Speculation | None = None,
+                   draft: Params | None = None) -> tuple[Slots, Array]:
+    """Prompt tokens ids [1, C] (the first `real` of them real) into slot `admission.slot` at cache slots offset ..
+    offset + C - 1, attending over the slot's first `window` cache slots (its earlier chunks); into the draft
+    model's cache too when there is one. The final chunk sets the slot's request fields and samples its first
+    token. Returns (slots, the first token [] or -1)."""
+    slot = admission.slot
+    row = lambda a: jax.lax.dynamic_slice_in_dim(a, slot, 1, axis=0)  # noqa: E731  [1, ...]
+    logits, cache = _chunk_into_row(params, slots.cache, ids, offset, real, slot, window)
+    if draft is not None:
+        slots = slots.replace(draft=_chunk_into_row(draft, slots.draft, ids, offset, real, slot, window)[1])
     slots = slots.replace(cache=cache)
-    if speculation is not None:  # the prompt's ids at their cache slots, for prompt lookup
+    if slots.history is not None:  # the prompt's ids at their cache slots, for prompt lookup
         slots = slots.replace(history=jax.lax.dynamic_update_slice(slots.history, ids, (slot, offset)))
     if not final:
         return slots, jnp.int32(-1)
@@ -158,7 +175,7 @@ def _prefill_chunk(params: Params, slots: Slots, ids: Array, offset: Array, real
                           temperature=at(slots.temperature, admission.temperature),
                           top_k=at(slots.top_k, admission.top_k), top_p=at(slots.top_p, admission.top_p),
                           key=at(slots.key, jax.random.key(admission.seed)), made=at(slots.made, 0))
-    one = jax.tree_util.tree_map(row, slots.replace(cache=None))  # this slot's fields, [1, ...]
+    one = jax.tree_util.tree_map(row, slots.replace(cache=None, draft=None))  # this slot's fields, [1, ...]
     token = _sample_next(logits[:, 0].astype(jnp.float32), one)[0]
     done = jnp.isin(token, admission.stop) | (admission.limit <= 1)
     slots = slots.replace(last=at(slots.last, token), made=at(slots.made, 1), done=at(slots.done, done))
@@ -167,13 +184,13 @@ def _prefill_chunk(params: Params, slots: Slots, ids: Array, offset: Array, real
     return slots, token
 
 
-def _decode_slots(params: Params, slots: Slots, steps: int, window: int,
-                  speculation: Speculation | None = None) -> tuple[Slots, Array, Array]:
+def _decode_slots(params: Params, slots: Slots, steps: int, window: int, speculation: Speculation | None = None,
+                  draft: Params | None = None) -> tuple[Slots, Array, Array]:
     """Up to `steps` decode steps over every slot, in one lax.while_loop that ends after the step in which some
     slot finishes (so the host can refill it) or when none is left running. Returns (slots, tokens [N, steps · t]:
     each slot's tokens in order, -1 after them, the steps run []). A plain step makes t = 1 token a slot; with
-    `speculation`, a step proposes by prompt lookup over the slot's own tokens and verifies in one forward
-    (generation.verify_step), so it makes up to t = k + 1."""
+    `speculation`, a step proposes by prompt lookup over the slot's own tokens (or by the `draft` model, from its
+    cache) and verifies in one forward (generation.verify_step), so it makes up to t = k + 1."""
     N = slots.last.shape[0]
     per_step = 1 if speculation is None else speculation.k + 1
 
@@ -188,19 +205,26 @@ def _decode_slots(params: Params, slots: Slots, steps: int, window: int,
 
     def speculative(slots, live):
         index = slots.cache.index  # [N]: the slot the last token is fed at
-        history = write_rows(slots.history, slots.last[:, None], index, axis=1)
-        proposals, count = lookup(history[:, :window], jnp.zeros(N, jnp.int32), index + 1, speculation)
-        count = jnp.where(live & (slots.wait == 0), jnp.minimum(count, slots.k), 0)
+        proposing = live & (slots.wait == 0)
+        if draft is None:
+            history = write_rows(slots.history, slots.last[:, None], index, axis=1)
+            proposals, count = lookup(history[:, :window], jnp.zeros(N, jnp.int32), index + 1, speculation)
+            count = jnp.where(proposing, jnp.minimum(count, slots.k), 0)
+        else:
+            count = jnp.where(proposing, slots.k, 0)
+            proposals, drafted = propose(draft, slots.draft, slots.last, count, speculation.k, window)
         keys = _row_keys(slots)
         sampling = (jnp.where(live, slots.temperature, 0), slots.top_k, slots.top_p)
         choice, made, accepted, stopped, cache = verify_step(params, slots.cache, slots.last, proposals, count, live,
                                                              slots.stop, slots.limit - slots.made, speculation,
                                                              sampling, keys, window)
-        history = write_rows(history, choice[:, :-1], index + 1, axis=1)  # the accepted proposals after the last
+        if draft is None:  # the accepted proposals after the last token
+            slots = slots.replace(history=write_rows(history, choice[:, :-1], index + 1, axis=1))
+        else:
+            slots = slots.replace(draft=follow(draft, drafted, cache, slots.last, proposals, count, made, window))
         last = jnp.take_along_axis(choice, jnp.maximum(made - 1, 0)[:, None], axis=1)[:, 0]
         k, wait, misses = adapt(slots.k, slots.wait, slots.misses, count, accepted, speculation)
-        slots = slots.replace(cache=cache, history=history, last=jnp.where(live, last, slots.last), k=k, wait=wait,
-                              misses=misses)
+        slots = slots.replace(cache=cache, last=jnp.where(live, last, slots.last), k=k, wait=wait, misses=misses)
         return slots, jnp.where(jnp.arange(per_step) < made[:, None], choice, -1), made, stopped
 
     def step(carry):
@@ -272,18 +296,16 @@ class Engine:
     `prefill_chunk` tokens at a time between decode calls; at most `max_waiting` requests wait for a slot.
     `speculate="lookup"` (or a Speculation) proposes each slot's next tokens by prompt lookup over its own prompt and
     output and verifies them in one forward: greedy slots make the tokens they make without it, sampling slots
-    draw from the same distribution (generation.verify)."""
+    draw from the same distribution (generation.verify). `draft=` a model with the target's vocabulary (or
+    generation.self_draft(model, n)) proposes instead, greedily, with a cache of its own in the same slots."""
 
     def __init__(self, model: Model | Params, slots: int = 8, max_context: int = 2048, decode_steps: int = 8,
                  prefill_chunk: int = 256, max_waiting: int = 64, eos_ids: Sequence[int] | None = None,
-                 speculate: str | Speculation | None = None):
+                 speculate: str | Speculation | None = None, draft: Model | Params | None = None):
         model = model if isinstance(model, Model) else Model(model)
         config = model.params.config
-        spec = SPECULATE.get(speculate) if speculate == "lookup" else speculate
-        if not isinstance(spec, Speculation | None):
-            raise InputError(f"the engine's speculate must be 'lookup' or a Speculation, found {speculate!r:.80}")
-        if spec is not None and speculation_refused(model.params):
-            raise InputError(f"speculate={speculate!r} cannot run with {speculation_refused(model.params)}")
+        draft = draft if isinstance(draft, Model | None) else Model(draft)
+        spec = speculation_settings(speculate, model.params, True, draft)
         for name, value, low in (("slots", slots, 1), ("max_context", max_context, 2), ("decode_steps", decode_steps, 1),
                                  ("prefill_chunk", prefill_chunk, 16), ("max_waiting", max_waiting, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -295,7 +317,7 @@ class Engine:
         self.slots, self.max_context, self.decode_steps, self.max_waiting = slots, max_context, decode_steps, max_waiting
         self.prefill_chunk = bucket(prefill_chunk)
         self.eos_ids = end_ids(model, eos_ids)
-        self.speculation = spec
+        self.speculation, self.draft = spec, None if draft is None else draft.params
         # Cache slots: a whole number of chunks (a prompt's last, padded chunk stays inside its row), and room for
         # the k proposals a verify step writes past a row's last token.
         self.length = -(-(max_context + (spec.k if spec else 0)) // self.prefill_chunk) * self.prefill_chunk
@@ -323,14 +345,16 @@ class Engine:
 
     @property
     def cache_bytes(self) -> int:
-        """The KV cache's memory: every slot reserves max_context positions (rounded up to whole prefill chunks)."""
-        return self.slots * self.length * token_bytes(self.params.config, self.params.dtype)
+        """The KV cache's memory: every slot reserves max_context positions (rounded up to whole prefill chunks), in
+        the target's cache and in the draft model's."""
+        models = [self.params] + ([self.draft] if self.draft is not None else [])
+        return sum(self.slots * self.length * token_bytes(p.config, p.dtype) for p in models)
 
     def start(self, warmup: bool = True) -> "Engine":
         """Allocate the slot table, compile the programs a short request needs, start the scheduler thread."""
         if self._thread is not None:
             return self
-        self._table = Slots.empty(self.params, self.slots, self.length, self.speculation)
+        self._table = Slots.empty(self.params, self.slots, self.length, self.speculation, self.draft)
         if warmup:
             self._warmup()
         self._thread = threading.Thread(target=self._loop, name="jaxllm-engine", daemon=True)
@@ -477,7 +501,8 @@ class Engine:
                                   top_p=np.float32(r.top_p), seed=np.uint32(r.seed))
             window = C if offset == 0 else min(bucket(offset + C), self.length)
             self._table, token = _prefill_program(self.params, self._table, ids, np.int32(offset), np.int32(n),
-                                                  admission, window=window, final=final, speculation=self.speculation)
+                                                  admission, window=window, final=final, speculation=self.speculation,
+                                                  draft=self.draft)
             r.prefilled += n
             budget -= C
             if final:
@@ -496,7 +521,7 @@ class Engine:
         longest = max(len(r.prompt) + len(r.tokens) - 1 for r in live) + self.decode_steps * per_step
         window = min(bucket(longest, MIN_WINDOW), self.length)  # one of _warmup's windows
         self._table, out, steps = _decode_program(self.params, self._table, steps=self.decode_steps, window=window,
-                                                  speculation=self.speculation)
+                                                  speculation=self.speculation, draft=self.draft)
         out = to_host(out)
         self.decode_forwards += int(steps)
         for r in live:
@@ -543,11 +568,12 @@ class Engine:
                               temperature=np.float32(0), top_k=np.int32(0), top_p=np.float32(1), seed=np.uint32(0))
         for C in _doubling(bucket(1), min(self.prefill_chunk, bucket(self.max_context))):
             table, _ = _prefill_program(self.params, table, np.zeros((1, C), np.int32), np.int32(0), np.int32(1),
-                                        admission, window=C, final=True, speculation=self.speculation)
+                                        admission, window=C, final=True, speculation=self.speculation,
+                                        draft=self.draft)
         table = _release_program(table, jnp.ones(self.slots, bool))
         for window in _doubling(min(MIN_WINDOW, self.length), self.length):
             table, _, _ = _decode_program(self.params, table, steps=self.decode_steps, window=window,
-                                          speculation=self.speculation)
+                                          speculation=self.speculation, draft=self.draft)
         self._table = jax.block_until_ready(table)
 
 

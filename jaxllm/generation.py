@@ -425,20 +425,33 @@ def adapt(k: Array, wait: Array, misses: Array, count: Array, accepted: Array,
     return k, wait, misses
 
 
-def propose(draft: Params, cache: KVCache, last: Array, count: Array, K: int) -> tuple[Array, KVCache]:
+def propose(draft: Params, cache: KVCache, last: Array, count: Array, K: int,
+            window: int | None = None) -> tuple[Array, KVCache]:
     """The draft model's greedy proposals: from each row's last token [B], count [B] tokens one forward at a time
     (the rows that propose fewer write masked slots) -> (proposals [B, K], the draft's cache with the row's last
-    token and its first count - 1 proposals fed)."""
+    token and its first count - 1 proposals fed). `window`: see `run`."""
     B = last.shape[0]
 
     def feed(i, carry):
         token, proposals, cache = carry
-        logits, cache = next_logits(draft, cache, token, live=i < count)
+        logits, cache = next_logits(draft, cache, token, live=i < count, window=window)
         token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         return token, proposals.at[:, i].set(token), cache
 
     _, proposals, cache = jax.lax.fori_loop(0, jnp.max(count), feed, (last, jnp.zeros((B, K), jnp.int32), cache))
     return proposals, cache
+
+
+def follow(draft: Params, drafted: KVCache, target: KVCache, last: Array, proposals: Array, count: Array,
+           made: Array, window: int | None = None) -> KVCache:
+    """The draft's cache after a verify step: it keeps what the target kept (`target`'s index and mask). It has
+    not fed its last proposal (or, proposing nothing, the last token [B]): where the target kept that too (made [B]
+    > count [B]), it is fed now, in one masked forward."""
+    behind = made > count
+    missing = jnp.take_along_axis(jnp.concatenate([last[:, None], proposals], axis=1), count[:, None], axis=1)[:, 0]
+    drafted = jax.lax.cond(jnp.any(behind), lambda c: next_logits(draft, c, missing, live=behind, window=window)[1],
+                           lambda c: c, drafted)
+    return drafted.replace(index=target.index, mask=drafted.mask & target.mask)
 
 
 def _speculative_step(params: Params, s: SpeculativeState, settings: GenerationSettings,
@@ -467,13 +480,8 @@ def _speculative_step(params: Params, s: SpeculativeState, settings: GenerationS
         settings.max_new_tokens - s.made, spec, sampling, jax.random.split(draw, B) if hot else None)
     written = jnp.where(jnp.arange(spec.k + 1) < made[:, None], choice, settings.pad_id)  # [B, k + 1]
     tokens = write_rows(st.tokens, written, s.made, axis=1)
-    if draft is not None:  # the draft keeps what the target keeps; it has not fed its last proposal (or, proposing
-        # nothing, the last token): where that was kept too, feed it now
-        behind = made > count
-        missing = jnp.take_along_axis(jnp.concatenate([last, proposals], axis=1), count[:, None], axis=1)[:, 0]
-        drafted = jax.lax.cond(jnp.any(behind), lambda c: next_logits(draft, c, missing, live=behind)[1],
-                               lambda c: c, drafted)
-        drafted = drafted.replace(index=new.index, mask=drafted.mask & new.mask)
+    if draft is not None:
+        drafted = follow(draft, drafted, new, last[:, 0], proposals, count, made)
     total = s.made + made
     state = st.replace(step=jnp.max(total), tokens=tokens, cache=new, key=key if hot else st.key,
                        done=st.done | stopped)
@@ -607,7 +615,7 @@ def speculation_refused(params: Params) -> str | None:
             if config.rope.rope_type in ("dynamic", "longrope") else None)
 
 
-def _speculation(speculate, params: Params, use_cache: bool, draft: Model | None) -> Speculation | None:
+def speculation_settings(speculate, params: Params, use_cache: bool, draft: Model | None) -> Speculation | None:
     """The Speculation `speculate` names (None, "lookup", "draft" or a Speculation) and the draft model it uses, or
     InputError naming what it cannot run with."""
     if speculate is None and draft is None:
@@ -687,7 +695,7 @@ def generate(model: Model | Params, prompts, max_new_tokens: int = 20, *, use_ca
     model = model if isinstance(model, Model) else Model(model)
     params, config, tokenizer = model.params, model.params.config, model.tokenizer
     draft = draft if isinstance(draft, Model | None) else Model(draft)
-    spec = _speculation(speculate, params, use_cache, draft)
+    spec = speculation_settings(speculate, params, use_cache, draft)
     prompts_ids, single = _as_batch(model, prompts)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int | np.integer) or max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be a positive integer, found {max_new_tokens!r}")

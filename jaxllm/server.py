@@ -617,11 +617,11 @@ class _Server(uvicorn.Server):
 
 def serve(model, model_name: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           slots: int = 8, max_context: int = 2048, decode_steps: int = 8, prefill_chunk: int = 256,
-          max_waiting: int = 64, log_level: str = "info", speculate: str | None = None) -> None:
+          max_waiting: int = 64, log_level: str = "info", speculate: str | None = None, draft=None) -> None:
     """Serve `model` until SIGTERM or SIGINT. The port opens at once, /health answers 503 while the engine
     compiles; on a signal uvicorn stops accepting, lets running responses finish, then the engine drains."""
     engine = Engine(model, slots=slots, max_context=max_context, decode_steps=decode_steps, prefill_chunk=prefill_chunk,
-                    max_waiting=max_waiting, speculate=speculate)
+                    max_waiting=max_waiting, speculate=speculate, draft=draft)
     ready = threading.Event()
     server = _Server(uvicorn.Config(build_app(engine, model_name, api_key, ready=ready), host=host, port=port,
                                     log_level=log_level))

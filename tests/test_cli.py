@@ -45,6 +45,19 @@ def test_parity_writes_a_report_and_passes(smollm2_dir, tmp_path, capsys):
     assert "noise floor" in printed and "first divergent component: none" in printed and "PASS" in printed
 
 
+def test_generate_and_serve_take_a_self_draft(smollm2_dir, capsys):
+    """`--self-draft N` speculates with the model's first N layers and prints the plain greedy text; a bad layer
+    count or a second proposer is one readable line, before any server starts."""
+    assert main(["generate", "The capital of France is", "--model", str(smollm2_dir), "-n", "8", "--self-draft",
+                 "2"]) == 0
+    assert capsys.readouterr().out.startswith("The capital of France is Paris")
+    assert main(["generate", "hi", "--model", str(smollm2_dir), "--speculate", "lookup", "--self-draft", "2"]) == 2
+    assert "speculate='lookup' takes no draft model" in capsys.readouterr().err
+    assert main(["serve", "--model", str(smollm2_dir), "--port", "0", "--self-draft", "30"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "a self-draft takes 1 to 29 of the target's 30 layers, found 30" in err
+
+
 def test_generate_with_quantized_weights(capsys):
     assert main(["generate", "The capital of France is", "--weights", "int8", "-n", "8"]) == 0
     assert capsys.readouterr().out.startswith("The capital of France is Paris")

@@ -535,14 +535,17 @@ def test_serve_command_drains_a_stream_on_sigterm_and_exits_0(tmp_path):
         log.close()
 
 
-# ---- jaxllm serve --speculate lookup -------------------------------------------------------------------------------
+# ---- jaxllm serve --speculate lookup | --self-draft N ----------------------------------------------------------------
 
 
-def test_a_speculating_server_answers_what_the_plain_one_does(smollm2, client):
-    """`serve --speculate lookup`: a chat, a completion and a streamed completion through the API, concurrently on
-    two slots, carry the greedy text of the server without speculation, in fewer decode steps than tokens."""
+@pytest.mark.parametrize("proposer, fewer", [("lookup", 0.8), ("draft", 0.3)])
+def test_a_speculating_server_answers_what_the_plain_one_does(smollm2, client, proposer, fewer):
+    """`serve --speculate lookup`, or a draft model (here the model itself, which proposes what it will accept): a
+    chat, a completion and a streamed completion through the API, concurrently on two slots, carry the greedy text
+    of the server without speculation, in fewer decode steps than tokens."""
+    how = dict(speculate="lookup") if proposer == "lookup" else dict(draft=smollm2)
     spec = Engine(smollm2, slots=2, max_context=120, decode_steps=4, prefill_chunk=64, max_waiting=8,
-                  speculate="lookup").start()  # 128 cache slots: one attention window to compile
+                  **how).start()  # 128 cache slots: one attention window to compile
     live = LiveServer(build_app(spec, MODEL))
     try:
         speculating = openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0, timeout=TIMEOUT)
@@ -568,4 +571,4 @@ def test_a_speculating_server_answers_what_the_plain_one_does(smollm2, client):
     assert out.choices[0].text == streamed == results["chat"].choices[0].message.content == want.choices[0].text
     made = out.usage.completion_tokens - 1  # the first token is the prefill's
     print(f"{made} decode tokens in {steps} decode steps")
-    assert steps < 0.8 * made
+    assert steps < fewer * made

@@ -264,13 +264,16 @@ def test_idle_slots_do_not_scale_a_requests_rope(tmp_path_factory):
 REPEATING = [[5, 6, 7, 8, 9] * 4, [40, 41, 42, 40, 41], list(range(60, 95)) + list(range(60, 70))]
 
 
-def test_a_speculating_engine_makes_generates_tokens_in_fewer_steps(params):
-    """Prompt lookup per slot: more requests than slots, prompts prefilled in several chunks (the lookup history
-    spans them), rows that accept different counts, a stop id inside an accepted run and a limit reached in the
-    middle of one; every request gets generate's tokens, and the slots make more tokens than decode steps run."""
+@pytest.mark.parametrize("proposer, fewer", [("lookup", 1.3), ("draft", 5.0)])
+def test_a_speculating_engine_makes_generates_tokens_in_fewer_steps(params, proposer, fewer):
+    """Prompt lookup per slot, or a draft model with its own cache in the same slots (the target itself, so that
+    a draft cache that fell out of step would show as rejected proposals): more requests than slots, prompts
+    prefilled in several chunks (the lookup history and the draft's cache span them), rows that accept different
+    counts, a stop id inside an accepted run and a limit reached in the middle of one; every request gets
+    generate's tokens, and the slots make `fewer` times more tokens than decode steps run."""
     plain = [alone(params, p, 40) for p in REPEATING]
-    spec = Engine(params, slots=2, max_context=256, decode_steps=4, prefill_chunk=16, eos_ids=[],
-                  speculate="lookup").start()
+    how = dict(speculate="lookup") if proposer == "lookup" else dict(draft=params)
+    spec = Engine(params, slots=2, max_context=256, decode_steps=4, prefill_chunk=16, eos_ids=[], **how).start()
     try:
         done = spec.generate(REPEATING, 40, timeout=300)
         made, forwards = sum(len(r.tokens) - 1 for r in done), spec.decode_forwards  # the first is the prefill's
@@ -285,15 +288,20 @@ def test_a_speculating_engine_makes_generates_tokens_in_fewer_steps(params):
         spec.stop()
     assert [r.tokens for r in done] == plain
     print(f"{made} tokens in {forwards} decode steps")
-    assert made > 1.3 * forwards
+    assert made > fewer * forwards
     assert stopped.tokens == plain[0][:plain[0].index(stop) + 1] and stopped.finish_reason == "stop"
     assert [r.tokens for r in short] == [p[:13] for p in plain]
     assert cold.tokens == plain[2] and len(hot.tokens) == 30
 
 
 def test_speculation_the_engine_cannot_run_is_refused_by_name(params, tmp_path):
-    with pytest.raises(InputError, match="speculate must be 'lookup' or a Speculation"):
+    with pytest.raises(InputError, match="speculate must be one of"):
+        Engine(params, speculate="guess")
+    with pytest.raises(InputError, match="speculate='draft' needs draft=<a model>"):
         Engine(params, speculate="draft")
+    other = load(parity.random_checkpoint({**SMALL, "vocab_size": 128}, tmp_path / "other", seed=2))
+    with pytest.raises(InputError, match=r"the draft model's vocabulary \(128\) is not the target's \(256\)"):
+        Engine(params, draft=other)
     dynamic = load(parity.random_checkpoint({**SMALL, "rope_parameters": dict(rope_type="dynamic", factor=2.0,
                                                                               rope_theta=10000.0)}, tmp_path, seed=1))
     with pytest.raises(InputError, match="dynamic RoPE"):
