@@ -59,18 +59,20 @@ GREEDY = Sampling()
 class Speculation:
     """Prompt-lookup speculation: each step proposes the tokens that followed the latest earlier occurrence of the
     row's last n tokens (n from max_ngram down to min_ngram) in its prompt and output so far, and one forward of the
-    target checks them all. A row proposes at most k tokens, starting at `start` and growing by 2 while every
-    proposal is accepted (a long copy) or shrinking to the count accepted (at least 1). After `patience` steps in a
-    row that accept none of its proposals, the row waits 1, 3, 7, then 15 steps before it proposes again, so that
-    open-ended text costs about a plain step. A verify step runs the smallest of `widths` that holds every row's
-    last token and proposals, or a plain one-token step when no row proposes. (On this CPU a row-stable step of
-    4 positions costs what one of 1 does and 8 cost 1.2x: a miss at width 4 is nearly free.)"""
+    target checks them all. A verify step runs the smallest of `widths` that holds every row's last token and
+    proposals, or a plain one-token step when no row proposes. A row proposes at most k tokens: k starts at `start`,
+    grows to what the next width holds while every proposal is accepted (a long copy), and on a miss shrinks to the
+    count accepted but never below what the smallest width holds (fewer proposals would leave its slots idle at the
+    same cost). After `patience` proposing steps in a row that accept none of their proposals, the row waits 1, 3,
+    7, then 15 steps before it proposes again, so that open-ended text costs about a plain step. (On this CPU a
+    row-stable step of 4 positions costs 1.02-1.06x one of 1, and 5 to 8 cost 1.2-1.3x: a miss at width 4 is nearly
+    free.)"""
 
     max_ngram: int = 3
     min_ngram: int = 1
     start: int = 3
     widths: tuple[int, ...] = (4, 8)
-    patience: int = 4
+    patience: int = 16
 
     def __post_init__(self):
         if not (1 <= self.min_ngram <= self.max_ngram and 1 <= self.start < max(self.widths, default=0)
@@ -377,16 +379,25 @@ def verify(logits: Array, proposals: Array, count: Array, sampling: tuple[Array,
     return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda: (greedy, greedy_accepted))
 
 
+def width_index(count: Array, spec: Speculation) -> Array:
+    """[] int32: which of (1, *spec.widths) a step runs for proposal counts [B]: the smallest that holds every row's
+    last token and proposals (0, the plain one-token step, when no row proposes)."""
+    fits = jnp.searchsorted(jnp.asarray(spec.widths) - 1, jnp.max(count)) + 1
+    return jnp.where(jnp.max(count) == 0, 0, fits).astype(jnp.int32)
+
+
 def verify_step(params: Params, cache: KVCache, last: Array, proposals: Array, count: Array, live: Array,
                 stop: Array, room: Array, spec: Speculation, sampling: tuple[Array, Array, Array] | None = None,
-                keys: Array | None = None, window: int | None = None):
+                keys: Array | None = None, window: int | None = None, width: int | None = None):
     """One forward of the target, row-stable, over each row's last token [B] and its first count [B] proposals
     [B, k] at the row's next positions (the smallest of spec.widths that holds them all, or a plain one-token step
     when no row proposes); rows where live [B] is False write masked slots and make nothing. -> (choice [B, k + 1],
     made [B], accepted [B], stopped [B], cache): the row's new tokens are choice[:, :made], its accepted proposals
     and the target's own token, cut after the first of its stop ids [B, M] (stopped: one was made) and at room [B]
     tokens; the cache keeps the slots of the fed tokens that are kept (the last and the accepted) and forgets the
-    rest. `sampling`, `keys`: see `verify`; `window`: see `run`."""
+    rest. `sampling`, `keys`: see `verify`; `window`: see `run`. `width` (static): run that width, which must hold
+    every row's proposals (the compiled loop picks it, see `_speculative_decode`); None: pick it here, in a
+    lax.switch, whose branches copy the cache on XLA:CPU."""
     B, K = proposals.shape
     positions = jnp.sum(cache.mask, axis=-1, dtype=jnp.int32)[:, None]  # [B, 1]: the row's next position
 
@@ -400,9 +411,10 @@ def verify_step(params: Params, cache: KVCache, last: Array, proposals: Array, c
             return jnp.pad(choice, ((0, 0), (0, K + 1 - width)), constant_values=-2), accepted, new  # -2: no id
         return run_width
 
-    branch = jnp.searchsorted(jnp.asarray(spec.widths) - 1, jnp.max(count)) + 1  # the smallest width that holds them
-    choice, accepted, new = jax.lax.switch(jnp.where(jnp.max(count) == 0, 0, branch),
-                                           [forward(w) for w in (1, *spec.widths)])
+    if width is None:
+        choice, accepted, new = jax.lax.switch(width_index(count, spec), [forward(w) for w in (1, *spec.widths)])
+    else:
+        choice, accepted, new = forward(width)()
     stops = jnp.any(choice[:, :, None] == stop[:, None, :], axis=-1)  # [B, k + 1]
     first_stop = jnp.min(jnp.where(stops, jnp.arange(K + 1), K + 1), axis=1)
     made = jnp.where(live, jnp.minimum(jnp.minimum(accepted, first_stop) + 1, room), 0)  # [B] new tokens
@@ -413,13 +425,16 @@ def verify_step(params: Params, cache: KVCache, last: Array, proposals: Array, c
 
 def adapt(k: Array, wait: Array, misses: Array, count: Array, accepted: Array,
           spec: Speculation) -> tuple[Array, Array, Array]:
-    """Each row's next k, wait and misses [B] after a step that proposed count [B] and accepted `accepted` [B]: k
-    grows by 2 while all are accepted and shrinks to the count accepted (at least 1) on a miss; after `patience`
-    proposing steps in a row that accept nothing, the row waits 1, 3, 7, then 15 steps."""
+    """Each row's next k, wait and misses [B] after a step that proposed count [B] and accepted `accepted` [B]: when
+    all are accepted k grows to what the next width holds, on a miss it shrinks to the count accepted but not below
+    what the smallest width holds; after `patience` proposing steps in a row that accept nothing, the row waits 1,
+    3, 7, then 15 steps."""
+    held = jnp.asarray(spec.widths) - 1  # the proposals each width holds
     proposing = count > 0
     missed = proposing & (accepted == 0)
     misses = jnp.where(proposing, jnp.where(missed, misses + 1, 0), misses)
-    k = jnp.where(proposing, jnp.where(accepted == count, jnp.minimum(k + 2, spec.k), jnp.maximum(accepted, 1)), k)
+    grown = held[jnp.minimum(jnp.searchsorted(held, k, side="right"), len(held) - 1)]
+    k = jnp.where(proposing, jnp.where(accepted == count, grown, jnp.maximum(accepted, held[0])), k)
     wait = jnp.where(missed & (misses >= spec.patience), (1 << jnp.minimum(misses - spec.patience + 1, 4)) - 1,
                      jnp.maximum(wait - 1, 0))
     return k, wait, misses
@@ -454,22 +469,32 @@ def follow(draft: Params, drafted: KVCache, target: KVCache, last: Array, propos
     return drafted.replace(index=target.index, mask=drafted.mask & target.mask)
 
 
+def _counts(s: SpeculativeState, settings: GenerationSettings, lookup_proposals: bool) -> tuple[Array | None, Array]:
+    """What each row proposes next: (proposals [B, k] by prompt lookup, or None for the draft model to make, and
+    count [B], 0 for rows that have finished or wait)."""
+    spec, st = settings.speculation, s.state
+    P = st.prompt.shape[1]
+    quiet = st.done | (s.made >= settings.max_new_tokens) | (s.wait > 0)
+    if not lookup_proposals:
+        return None, jnp.where(quiet, 0, s.k)
+    history = jnp.concatenate([st.prompt, st.tokens], axis=1)  # [B, P + N]; left padding: a row's tokens are contiguous
+    start, end = P - jnp.sum(st.prompt_mask, axis=1, dtype=jnp.int32), P + s.made
+    proposals, count = lookup(history, start, end, spec)
+    return proposals, jnp.where(quiet, 0, jnp.minimum(count, s.k))  # [B]
+
+
 def _speculative_step(params: Params, s: SpeculativeState, settings: GenerationSettings,
-                      draft: Params | None = None) -> SpeculativeState:
+                      draft: Params | None = None, width: int | None = None) -> SpeculativeState:
     """One forward for every row: its last token and its proposals (none: a plain one-token step), the longest
     agreeing prefix accepted plus the target's own next token, and the cache rolled back past the rejected slots.
-    The proposals come from prompt lookup, or from `draft` (a model with the target's vocabulary, its cache in s)."""
+    The proposals come from prompt lookup, or from `draft` (a model with the target's vocabulary, its cache in s).
+    `width`: see `verify_step`."""
     spec, st = settings.speculation, s.state
-    B, P = st.prompt.shape
+    B = st.prompt.shape[0]
     finished = st.done | (s.made >= settings.max_new_tokens)
     last = jnp.take_along_axis(st.tokens, jnp.maximum(s.made - 1, 0)[:, None], axis=1)  # [B, 1]
-    if draft is None:
-        history = jnp.concatenate([st.prompt, st.tokens], axis=1)  # [B, P + N]; left padding: a row's tokens are contiguous
-        start, end = P - jnp.sum(st.prompt_mask, axis=1, dtype=jnp.int32), P + s.made
-        proposals, count = lookup(history, start, end, spec)
-        count = jnp.where(finished | (s.wait > 0), 0, jnp.minimum(count, s.k))  # [B]
-    else:
-        count = jnp.where(finished | (s.wait > 0), 0, s.k)
+    proposals, count = _counts(s, settings, draft is None)
+    if draft is not None:
         proposals, drafted = propose(draft, s.draft, last[:, 0], count, spec.k)
     cache = st.cache
     key, draw = jax.random.split(st.key)
@@ -477,7 +502,7 @@ def _speculative_step(params: Params, s: SpeculativeState, settings: GenerationS
     sampling = tuple(jnp.full(B, x) for x in dataclasses.astuple(settings.sampling)) if hot else None
     choice, made, accepted, stopped, new = verify_step(
         params, cache, last[:, 0], proposals, count, ~finished, jnp.asarray([settings.eos_ids or (-1,)] * B, jnp.int32),
-        settings.max_new_tokens - s.made, spec, sampling, jax.random.split(draw, B) if hot else None)
+        settings.max_new_tokens - s.made, spec, sampling, jax.random.split(draw, B) if hot else None, width=width)
     written = jnp.where(jnp.arange(spec.k + 1) < made[:, None], choice, settings.pad_id)  # [B, k + 1]
     tokens = write_rows(st.tokens, written, s.made, axis=1)
     if draft is not None:
@@ -507,9 +532,23 @@ def speculating(done, made, settings: GenerationSettings):
 
 def _speculative_decode(params: Params, state: DecodeState, settings: GenerationSettings, draft: Params | None = None,
                         draft_cache: KVCache | None = None) -> SpeculativeState:
-    """_speculative_step until every row has stopped, in one compiled lax.while_loop (jitted as `speculative_decode`)."""
-    return jax.lax.while_loop(lambda s: speculating(s.state.done, s.made, settings),
-                              lambda s: _speculative_step(params, s, settings, draft),
+    """_speculative_step until every row has stopped, in one compiled program (jitted as `speculative_decode`): a
+    lax.while_loop whose body runs one inner while_loop per width (1, *widths), each taking the steps that need its
+    width, so that the cache is updated in place (a lax.switch over the widths copied it: 9 % of a step)."""
+    widths = (1, *settings.speculation.widths)
+
+    def at_width(i: int):
+        def needs_it(s):
+            return speculating(s.state.done, s.made, settings) & (
+                width_index(_counts(s, settings, draft is None)[1], settings.speculation) == i)
+        return lambda s: jax.lax.while_loop(needs_it, lambda s: _speculative_step(params, s, settings, draft, widths[i]), s)
+
+    def each_width(s):
+        for i in range(len(widths)):
+            s = at_width(i)(s)
+        return s
+
+    return jax.lax.while_loop(lambda s: speculating(s.state.done, s.made, settings), each_width,
                               speculative_start(state, settings, draft_cache))
 
 

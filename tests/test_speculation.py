@@ -7,8 +7,8 @@ import pytest
 
 from jaxllm import parity
 from jaxllm.errors import InputError
-from jaxllm.generation import (GenerationSettings, Sampling, Speculation, bucket, decode, draft_prefill, generate,
-                               left_pad, lookup, prefill, seed_key, self_draft, speculative_decode, SLACK)
+from jaxllm.generation import (GenerationSettings, Sampling, Speculation, adapt, bucket, decode, draft_prefill,
+                               generate, left_pad, lookup, prefill, seed_key, self_draft, speculative_decode, SLACK)
 from jaxllm.loader import load
 
 SMALL = dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
@@ -45,6 +45,47 @@ def test_lookup_proposes_what_followed_the_latest_occurrence_of_the_longest_suff
     # a row's tokens end before the history does: nothing past `end` is proposed, nothing before `start` is matched
     proposals, count = lookup(history, jnp.array([6, 1, 10]), jnp.array([10, 13, 13]), spec)
     assert count[0] == 0  # "2 3 4", "3 4", "4" do not occur earlier within [6, 10)
+
+
+def test_k_grows_width_by_width_on_a_copy_and_rows_that_keep_missing_back_off():
+    """adapt, step by step: row 0 accepts everything (k 3 -> 7 -> 11, then stays), row 1 misses every time (k stays
+    at the 3 the smallest width holds; after `patience` misses it waits 1, 3, 7, then 15 steps between tries), row 2
+    accepts part (k shrinks to what it accepted, not below 3), row 3 proposes nothing (unchanged)."""
+    spec = Speculation(widths=(4, 8, 12), patience=2)
+    k, wait, misses = jnp.array([3, 3, 11, 5]), jnp.zeros(4, jnp.int32), jnp.zeros(4, jnp.int32)
+    ks, waits = [], []
+    for _ in range(12):
+        count = jnp.where(wait > 0, 0, k).at[3].set(0)  # a waiting row proposes nothing
+        accepted = jnp.stack([count[0], 0, jnp.minimum(count[2], 2), 0])
+        k, wait, misses = adapt(k, wait, misses, count, accepted, spec)
+        ks.append(k.tolist())
+        waits.append(int(wait[1]))
+    assert [x[0] for x in ks] == [7, 11, 11, 11, 11, 11, 11, 11, 11, 11, 11, 11]
+    assert {x[1] for x in ks} == {3} and {x[2] for x in ks} == {3} and {x[3] for x in ks} == {5}
+    one = jnp.ones(1, jnp.int32)
+    assert adapt(11 * one, 0 * one, 0 * one, 11 * one, 5 * one, spec)[0].tolist() == [5]  # shrinks to the accepted
+    # row 1: misses 1, 2 (wait 1), skip, miss 3 (wait 3), skip x3, miss 4 (wait 7), skip...
+    assert waits == [0, 1, 0, 3, 2, 1, 0, 7, 6, 5, 4, 3]
+    with pytest.raises(InputError, match="patience >= 1"):
+        Speculation(patience=0)
+
+
+def test_open_ended_rows_back_off_to_about_plain_steps(models):
+    """A prompt with no repeats and random-model output: the proposals fail and the row backs off, so most of its
+    steps propose nothing (plain one-token steps); the output is still the plain one."""
+    params = models("llama")
+    prompt = [[100 + i for i in range(23)]]
+    n = 40
+    P = bucket(23)
+    settings = GenerationSettings(max_new_tokens=n, eos_ids=(), pad_id=0, length=bucket(P + n + SLACK),
+                                  speculation=Speculation(patience=2), row_stable=True)
+    ids, mask = left_pad(prompt, P, 0)
+    s = speculative_decode(params, prefill(params, ids, mask, seed_key(0), settings), settings)
+    plain = runs(params, prompt, n)
+    assert np.asarray(s.state.tokens)[:, :n].tolist() == plain
+    proposed, steps = int(s.proposed[0]), int(s.steps[0])
+    print(f"{proposed} proposed, {int(s.accepted[0])} accepted in {steps} steps")
+    assert proposed < 0.5 * 3 * steps  # without the back-off every step would propose at least 3
 
 
 def runs(model, prompts, n, eos_ids=(), **kw):
