@@ -1503,7 +1503,8 @@ def speculation(model: str | None = None, weights: tuple[str, ...] = ("fp32", "i
                                str(repeats)], input=json.dumps(texts), capture_output=True, text=True, timeout=1800,
                               check=False)
         if done.returncode != 0:
-            out["llama_cpp_skipped"] = f"llama-cpp-python failed: {done.stderr.strip()[-300:]}"
+            how = f"killed by signal {-done.returncode}" if done.returncode < 0 else f"exit {done.returncode}"
+            out["llama_cpp_skipped"] = f"llama-cpp-python failed ({how}): {done.stderr.strip()[-300:]}"
         else:
             runs = json.loads(done.stdout)
             out["llama_cpp"] = {kind: {mode: round(statistics.median(r[kind] for r in runs[mode]), 2)
