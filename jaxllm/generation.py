@@ -64,15 +64,15 @@ class Speculation:
     grows to what the next width holds while every proposal is accepted (a long copy), and on a miss shrinks to the
     count accepted but never below what the smallest width holds (fewer proposals would leave its slots idle at the
     same cost). After `patience` proposing steps in a row that accept none of their proposals, the row waits 1, 3,
-    7, then 15 steps before it proposes again, so that open-ended text costs about a plain step. (On this CPU a
-    row-stable step of 4 positions costs 1.02-1.06x one of 1, and 5 to 8 cost 1.2-1.3x: a miss at width 4 is nearly
-    free.)"""
+    7, then 15 steps before it proposes again. (On this CPU a verify step of one row reads each matrix once per
+    position, as a plain step reads it once: 4 positions cost 2.2-2.4x a plain step and 8 cost 3.6-3.7x, so lookup
+    pays where long copies are accepted; over a batch of 8 rows, 4 positions cost 1.4x and 8 cost 2.1x, fp32.)"""
 
     max_ngram: int = 3
     min_ngram: int = 1
     start: int = 3
     widths: tuple[int, ...] = (4, 8)
-    patience: int = 16
+    patience: int = 2
 
     def __post_init__(self):
         if not (1 <= self.min_ngram <= self.max_ngram and 1 <= self.start < max(self.widths, default=0)
@@ -562,11 +562,16 @@ def _draft_prefill(draft: Params, ids: Array, mask: Array, settings: GenerationS
 # insertion prove that the cache's in-place update follows every read of it (without it XLA copies all L cache
 # buffers on every step); the concurrency-optimized scheduler orders the small ops of a step better. Loop-invariant
 # code motion would hoist every quantized weight's convert to f32 out of the decode loop, so that each step reads
-# f32 copies made once before it (4 bytes a weight instead of 1, or of 0.6 for GGUF blocks).
+# f32 copies made once before it (4 bytes a weight instead of 1, or of 0.6 for GGUF blocks). Reductions stay XLA's
+# own (YNNPACK takes dots only): YNNPACK's reduce sums in an order that changed with the shape and the program
+# around it (a softmax over the same scores, one query of a verify step against a plain step's, differed in the
+# last bit for batches of 2 or more; a [32, O] projection written as a reduction against a [1, O] one), which
+# breaks the row-stable steps speculation needs (ops.row_stable).
 DECODE_COMPILER_OPTIONS = {
     "xla_cpu_copy_insertion_use_region_analysis": True,
     "xla_cpu_enable_concurrency_optimized_scheduler": True,
     "xla_disable_hlo_passes": "while-loop-invariant-code-motion",
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
 }
 _prefill_program = program(_prefill, "prefill")
 decode_step = program(_decode_step, "decode_step", donate_argnames="state", compiler_options=DECODE_COMPILER_OPTIONS)

@@ -181,6 +181,43 @@ def test_what_speculation_cannot_run_with_is_refused_by_name(models, tmp_path):
         generate(dynamic, [5, 6], 4, speculate="lookup")
 
 
+@pytest.mark.parametrize("weights", ["fp32", "int8"])
+def test_a_verify_steps_logits_are_the_plain_steps_bit_for_bit_on_the_default_model(smollm2_dir, weights):
+    """The real model, a batch of 3 left-padded rows, compiled as the decode programs are: one forward over 4 and
+    6 positions gives at each position the logits of one-token steps, to the last bit. (Before, batches differed
+    in the last bit: YNNPACK's reduce in the softmax, and an fp32 multiply-add contracted in some shapes only.)"""
+    import jax
+
+    from jaxllm import load_model
+    from jaxllm.generation import DECODE_COMPILER_OPTIONS
+    from jaxllm.model import run
+    from jaxllm.model.ops import row_stable
+
+    model = load_model(smollm2_dir, weights=weights)
+    prompts = [model.tokenizer.encode(t) for t in ("The capital of France is", "def add(a, b):",
+                                                   "Once upon a time, in a land far away")]
+    state = prefill(model.params, *left_pad(prompts, 16, 0), seed_key(0), GenerationSettings(max_new_tokens=8,
+                                                                                            length=64))
+    feed = jnp.asarray(np.random.default_rng(0).integers(0, model.params.config.vocab_size, (3, 6)), jnp.int32)
+    first = jnp.sum(state.cache.mask, axis=-1, dtype=jnp.int32)[:, None]  # [3, 1]: each row's next position
+
+    def forward(params, cache, ids, positions):
+        with row_stable():
+            return run(params, ids, positions, jnp.ones(ids.shape, bool), cache)
+
+    def compiled(T):
+        return jax.jit(forward).lower(model.params, state.cache, feed[:, :T], first + jnp.arange(T)).compile(
+            DECODE_COMPILER_OPTIONS)
+    step, cache, plain = compiled(1), state.cache, []
+    for t in range(6):
+        logits, cache = step(model.params, cache, feed[:, t:t + 1], first + t)
+        plain.append(np.asarray(logits[:, 0]))
+    plain = np.stack(plain, axis=1)  # [3, 6, V]
+    for T in (4, 6):
+        verified = np.asarray(compiled(T)(model.params, state.cache, feed[:, :T], first + jnp.arange(T))[0])
+        assert np.array_equal(verified, plain[:, :T]), f"T={T}: {np.abs(verified - plain[:, :T]).max()}"
+
+
 def test_the_default_model_rows_accept_different_counts_and_the_cache_forgets_rejected_slots(smollm2):
     """Chat prompts on the real model: a copy, a code edit and open-ended text, in one batch. The output equals the
     output without speculation; rows accept different counts in fewer steps than tokens; the cache holds exactly the

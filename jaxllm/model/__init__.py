@@ -28,11 +28,11 @@ from jaxllm.model.cache import KVCache, write_rows
 from jaxllm.model.experts import experts_mlp
 from jaxllm.model.latent import latent_attention_block
 from jaxllm.model.mlp import ACTIVATIONS, gated_mlp
-from jaxllm.model.ops import Array, Context, Matrix, Tap, chex, exact_mode, linear, no_tap, norm
+from jaxllm.model.ops import Array, Context, Matrix, Tap, chex, exact_mode, is_row_stable, linear, no_tap, norm
 from jaxllm.model.programs import compile_counts, program
 from jaxllm.model.rope import rope_inv_freq, rope_tables
 from jaxllm.pytree import static, struct
-from jaxllm.weights import is_quantized
+from jaxllm.weights import is_quantized, materialized
 
 
 @struct(kw_only=True)  # keyword-only: fields in forward order, optional ones among them
@@ -154,6 +154,8 @@ def run(params: Params, ids: Array, positions: Array, mask: Array | None = None,
     B, T = ids.shape
     D, V = config.hidden_size, config.vocab_size
     x = embed(params, ids)
+    if is_row_stable():  # a buffer: int8's dequantizing multiply fused into the residual add was contracted into an FMA
+        (x,) = materialized([x])  # in some shapes only
     chex.assert_shape(x, (B, T, D))
     tap("embed", x)
     real = jnp.ones((B, T), bool) if mask is None else mask.astype(bool)  # [B, T]

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.config import LLMConfig
-from jaxllm.weights import Blocks, Int8, is_quantized, materialized, matmul
+from jaxllm.weights import Blocks, Int8, is_quantized, matmul
 
 
 class _LazyChex:
@@ -82,23 +82,33 @@ def norm(x: Array, weight: Array, config: LLMConfig) -> Array:
 
 def linear(x: Array, w: Matrix, out_dtype=None) -> Array:
     """nn.Linear without bias: x [B, T, in] times w [*out, in] (HF's orientation; `out` may be several axes)
-    -> [B, T, *out], einsum BTI,OI->BTO. An fp32 w runs the dot_general it lowers to (jnp.einsum's own bookkeeping
-    takes a fifth of the time to trace a forward); a bf16 or quantized w runs weights.matmul, whose x @ w.T form fuses
-    w's convert or dequantization into the decode matvec. `out_dtype`: the result's dtype when it should differ from
-    x's (the logits are fp32 in every format)."""
+    -> [B, T, *out], einsum BTI,OI->BTO. `out_dtype`: the result's dtype when it should differ from x's (the logits
+    are fp32 in every format). Under row_stable(), each of the B·T rows is its own one-row product (see below)."""
     B, T, I = x.shape
-    if _ROW_STABLE.get() and not _EXACT.get():
-        return _row_stable_linear(x.reshape(B * T, I), w, out_dtype).reshape(B, T, *w.shape[:-1])
+    one_dot = B > 1 and not is_quantized(w) and w.dtype == jnp.float32  # row-stable as it is (see row_stable)
+    if _ROW_STABLE.get() and not _EXACT.get() and not one_dot:
+        rows = [_product(r, w, out_dtype, row_stable=True) for r in jnp.split(x.reshape(B * T, I), B * T)]
+        return jnp.concatenate(rows).reshape(B, T, *w.shape[:-1])
+    return _product(x.reshape(B * T, I), w, out_dtype).reshape(B, T, *w.shape[:-1])
+
+
+def _product(x: Array, w: Matrix, out_dtype=None, row_stable: bool = False) -> Array:
+    """x [M, I] · w [*out, I] -> [M, O]. An fp32 w runs the dot_general it lowers to (jnp.einsum's own bookkeeping
+    takes a fifth of the time to trace a forward); a bf16 or quantized w runs weights.matmul, whose x @ w.T form fuses
+    w's convert or dequantization into the decode matvec. `row_stable`: an int8 matrix's scale goes on the weight
+    side (values · scale, fused into the matvec), so that no multiply follows the product: XLA contracted that one
+    with the residual add into an FMA in some shapes only."""
+    I = x.shape[-1]
+    if isinstance(w, Int8) and row_stable:
+        return matmul(x / w.in_scale, w.values.reshape(-1, I).astype(jnp.float32) * w.scale.reshape(-1, 1))
     if is_quantized(w):
-        return w.matmul(x.reshape(B * T, I)).reshape(B, T, *w.shape[:-1])
+        return w.matmul(x)
     if w.dtype == jnp.bfloat16:  # XLA:CPU has no fast bf16 dot: the f32 convert on w fuses into the matvec, as int8's
-        out = matmul(x.reshape(B * T, I).astype(jnp.float32), w.reshape(-1, I).astype(jnp.float32))
-        return out.astype(out_dtype or x.dtype).reshape(B, T, *w.shape[:-1])
+        return matmul(x.astype(jnp.float32), w.reshape(-1, I).astype(jnp.float32)).astype(out_dtype or x.dtype)
     if _EXACT.get() and x.dtype == w.dtype == jnp.float32:
-        return exact_dot(x.reshape(B * T, I), w.reshape(-1, I), out_dtype).reshape(B, T, *w.shape[:-1])
+        return exact_dot(x, w.reshape(-1, I), out_dtype)
     # As a 2-D [out, in] matrix (a free reshape): with several `out` axes XLA:CPU's dot ran 2.5x slower in decode.
-    out = jax.lax.dot_general(x, w.reshape(-1, I), (((2,), (1,)), ((), ())), preferred_element_type=out_dtype)
-    return out.reshape(B, T, *w.shape[:-1])
+    return jax.lax.dot_general(x, w.reshape(-1, I), (((1,), (1,)), ((), ())), preferred_element_type=out_dtype)
 
 
 # ---- exact mode: forward(..., exact=True) ----------------------------------------------------------------------
@@ -110,17 +120,19 @@ EXACT_TILE = 1 << 23  # elements of w widened to float64 at a time (64 MiB): an 
 
 # ---- row-stable mode: each row's result does not depend on how many rows a call has -----------------------------
 # A speculative verify step runs k + 1 positions where a plain decode step runs one, and XLA:CPU computes the two
-# shapes differently: a library GEMV against a GEMM for fp32, a divide rewritten into a reciprocal multiply at more
-# rows, and fusions that contract a multiply and an add into one FMA only in some shapes. Traced under row_stable(),
-# every projection is an XLA reduction whose per-row order is the same at any row count (row_stable_linear), its
-# input is a buffer (no producer fused into it), and attention runs one query at a time over the cache (attention.py),
-# so a verify step's logits at each position are bit for bit the plain step's.
+# shapes differently: a GEMV at one row against a GEMM at more for fp32, a divide rewritten into a reciprocal multiply
+# at more rows, and fusions that contract a multiply and an add into one FMA only in some shapes. Traced under
+# row_stable(), each row of a projection is its own one-row product, the GEMV a one-token step runs (an fp32 matrix
+# over a batch, B > 1, is one dot: YNNPACK's GEMM gave every row the same bits at 2 to 72 rows, where its GEMV
+# differs), the embedding is a buffer, and attention runs one query at a time over the cache (attention.py); the
+# decode programs keep YNNPACK to dots (generation.DECODE_COMPILER_OPTIONS). A verify step's logits at each position
+# are then bit for bit the plain step's. The cost: a verify step of B = 1 reads each matrix once per position.
 _ROW_STABLE = contextvars.ContextVar("jaxllm_row_stable", default=False)
 
 
 @contextlib.contextmanager
 def row_stable():
-    """Within: `linear` runs row_stable_linear and cached attention runs query by query (see above)."""
+    """Within: `linear` runs row by row and cached attention query by query (see above)."""
     token = _ROW_STABLE.set(True)
     try:
         yield
@@ -130,26 +142,6 @@ def row_stable():
 
 def is_row_stable() -> bool:
     return _ROW_STABLE.get()
-
-
-def _row_stable_linear(x: Array, w: Matrix, out_dtype=None) -> Array:
-    """x [M, I] · w [*out, I] -> [M, O] as sum(w * x) over I: each output's sum runs in the same order whatever M is
-    (a dot does not: XLA:CPU calls a GEMV at one row and a GEMM at more). The weight's convert or dequantization
-    fuses into the reduction, one pass over w for all M rows. M = 1 is written without the row axis ([1, O, I] ran
-    30x slower); the two forms give the same bits."""
-    M, I = x.shape
-    dtype = out_dtype or x.dtype
-    (x,) = materialized([x.astype(jnp.float32)])
-    post = None
-    if isinstance(w, Int8):
-        x, post = x * (1 / w.in_scale), w.scale.reshape(-1)
-        w = w.values.reshape(-1, I).astype(jnp.float32)
-    else:
-        w = (w.dequantize() if is_quantized(w) else w).reshape(-1, I).astype(jnp.float32)  # [O, I]
-    out = jnp.sum(w * x, axis=-1)[None] if M == 1 else jnp.sum(w[None] * x[:, None], axis=-1)  # [M, O]
-    if post is not None:
-        out = out * post
-    return out.astype(dtype)
 
 
 @contextlib.contextmanager
