@@ -89,26 +89,29 @@ def linear(x: Array, w: Matrix, out_dtype=None) -> Array:
     if _ROW_STABLE.get() and not _EXACT.get() and not one_dot:
         rows = [_product(r, w, out_dtype, row_stable=True) for r in jnp.split(x.reshape(B * T, I), B * T)]
         return jnp.concatenate(rows).reshape(B, T, *w.shape[:-1])
-    return _product(x.reshape(B * T, I), w, out_dtype).reshape(B, T, *w.shape[:-1])
+    return _product(x, w, out_dtype).reshape(B, T, *w.shape[:-1])
 
 
 def _product(x: Array, w: Matrix, out_dtype=None, row_stable: bool = False) -> Array:
-    """x [M, I] · w [*out, I] -> [M, O]. An fp32 w runs the dot_general it lowers to (jnp.einsum's own bookkeeping
+    """x [..., I] · w [*out, I] -> [..., O]. An fp32 w runs the dot_general it lowers to (jnp.einsum's own bookkeeping
     takes a fifth of the time to trace a forward); a bf16 or quantized w runs weights.matmul, whose x @ w.T form fuses
     w's convert or dequantization into the decode matvec. `row_stable`: an int8 matrix's scale goes on the weight
     side (values · scale, fused into the matvec), so that no multiply follows the product: XLA contracted that one
     with the residual add into an FMA in some shapes only."""
-    I = x.shape[-1]
+    *lead, I = x.shape
+    rows = x.reshape(-1, I)  # [M, I]
     if isinstance(w, Int8) and row_stable:
-        return matmul(x / w.in_scale, w.values.reshape(-1, I).astype(jnp.float32) * w.scale.reshape(-1, 1))
-    if is_quantized(w):
-        return w.matmul(x)
-    if w.dtype == jnp.bfloat16:  # XLA:CPU has no fast bf16 dot: the f32 convert on w fuses into the matvec, as int8's
-        return matmul(x.astype(jnp.float32), w.reshape(-1, I).astype(jnp.float32)).astype(out_dtype or x.dtype)
-    if _EXACT.get() and x.dtype == w.dtype == jnp.float32:
-        return exact_dot(x, w.reshape(-1, I), out_dtype)
-    # As a 2-D [out, in] matrix (a free reshape): with several `out` axes XLA:CPU's dot ran 2.5x slower in decode.
-    return jax.lax.dot_general(x, w.reshape(-1, I), (((1,), (1,)), ((), ())), preferred_element_type=out_dtype)
+        out = matmul(rows / w.in_scale, w.values.reshape(-1, I).astype(jnp.float32) * w.scale.reshape(-1, 1))
+    elif is_quantized(w):
+        out = w.matmul(rows)
+    elif w.dtype == jnp.bfloat16:  # XLA:CPU has no fast bf16 dot: the f32 convert on w fuses into the matvec, as int8's
+        out = matmul(rows.astype(jnp.float32), w.reshape(-1, I).astype(jnp.float32)).astype(out_dtype or x.dtype)
+    elif _EXACT.get() and x.dtype == w.dtype == jnp.float32:
+        out = exact_dot(rows, w.reshape(-1, I), out_dtype)
+    else:  # As a 2-D [out, in] matrix (a free reshape): with several `out` axes XLA:CPU's dot ran 2.5x slower in decode.
+        return jax.lax.dot_general(x, w.reshape(-1, I), (((x.ndim - 1,), (1,)), ((), ())),
+                                   preferred_element_type=out_dtype)
+    return out.reshape(*lead, -1)
 
 
 # ---- exact mode: forward(..., exact=True) ----------------------------------------------------------------------
