@@ -181,18 +181,23 @@ def test_what_speculation_cannot_run_with_is_refused_by_name(models, tmp_path):
         generate(dynamic, [5, 6], 4, speculate="lookup")
 
 
-@pytest.mark.parametrize("weights", ["fp32", "int8"])
-def test_a_verify_steps_logits_are_the_plain_steps_bit_for_bit_on_the_default_model(smollm2_dir, weights):
+@pytest.mark.parametrize("weights, kernel", [("fp32", True), ("int8", True), ("bf16", True), ("int8", False)])
+def test_a_verify_steps_logits_are_the_plain_steps_bit_for_bit_on_the_default_model(smollm2_dir, weights, kernel,
+                                                                                    monkeypatch):
     """The real model, a batch of 3 left-padded rows, compiled as the decode programs are: one forward over 4 and
-    6 positions gives at each position the logits of one-token steps, to the last bit. (Before, batches differed
-    in the last bit: YNNPACK's reduce in the softmax, and an fp32 multiply-add contracted in some shapes only.)"""
+    6 positions gives at each position the logits of one-token steps, to the last bit, with the row kernel and with
+    the XLA path taken where it cannot be built (each row its own GEMV). (Before, batches differed in the last bit:
+    YNNPACK's reduce in the softmax, and an fp32 multiply-add contracted in some shapes only.)"""
     import jax
 
     from jaxllm import load_model
     from jaxllm.generation import DECODE_COMPILER_OPTIONS
-    from jaxllm.model import run
+    from jaxllm.model import ops, run
     from jaxllm.model.ops import row_stable
 
+    assert ops.row_kernel_ready(), "the row kernel did not build on this machine"
+    if not kernel:
+        monkeypatch.setattr(ops, "row_kernel_ready", lambda: False)
     model = load_model(smollm2_dir, weights=weights)
     prompts = [model.tokenizer.encode(t) for t in ("The capital of France is", "def add(a, b):",
                                                    "Once upon a time, in a land far away")]
@@ -216,6 +221,63 @@ def test_a_verify_steps_logits_are_the_plain_steps_bit_for_bit_on_the_default_mo
     for T in (4, 6):
         verified = np.asarray(compiled(T)(model.params, state.cache, feed[:, :T], first + jnp.arange(T))[0])
         assert np.array_equal(verified, plain[:, :T]), f"T={T}: {np.abs(verified - plain[:, :T]).max()}"
+
+
+@pytest.mark.parametrize("I, O", [(576, 1536), (100, 37), (24, 5)])  # tails past the 32-wide steps, odd O
+def test_the_row_kernel_gives_each_row_the_bits_it_gets_alone(I, O):
+    """ops.row_products over M rows (1 to 9: blocks of 4 and every remainder) gives each row the bits of the same
+    row alone, for fp32, bf16 and int8 weights, and is as close to float64 as a float32 sum is."""
+    import jax
+
+    from jaxllm.model import ops
+    from jaxllm.weights import Int8
+
+    rng = np.random.default_rng(I + O)
+    x = jnp.asarray(rng.standard_normal((9, I)), jnp.float32)
+    f32 = jnp.asarray(rng.standard_normal((O, I)), jnp.float32)
+    int8 = Int8(jnp.asarray(rng.integers(-127, 128, (O, I)), jnp.int8), jnp.asarray(rng.random(O) + 0.5, jnp.float32),
+                jnp.asarray(rng.random(I) + 0.5, jnp.float32))
+    product = jax.jit(ops.row_products)
+    for w, dense in ((f32, f32), (f32.astype(jnp.bfloat16), f32.astype(jnp.bfloat16)), (int8, int8.dequantize())):
+        together = np.asarray(product(x, w))
+        assert together.shape == (9, O) and together.dtype == np.float32
+        for M in (1, 2, 3, 4, 5, 9):
+            for m in range(9 - M + 1):
+                assert np.array_equal(np.asarray(product(x[m:m + M], w))[0], together[m]), (M, m)
+        exact = np.asarray(x, np.float64) @ np.asarray(dense.astype(jnp.float32), np.float64).T
+        assert np.abs(together - exact).max() <= 1e-5 * np.abs(exact).max(), np.abs(together - exact).max()
+
+
+def test_without_a_compiler_row_stable_decode_warns_and_runs_its_xla_path(tmp_path):
+    """A machine with no C++ compiler: row_kernel_ready() is False with a warning that names the kernel, nothing is
+    left in the kernel folder, and a speculative run still equals the plain one (each row its own XLA GEMV)."""
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import warnings
+warnings.simplefilter("always")
+import jaxllm
+from jaxllm import parity
+from jaxllm.model import ops
+with warnings.catch_warnings(record=True) as caught:
+    assert not ops.row_kernel_ready()
+assert any("rows.cc" in str(w.message) for w in caught), [str(w.message) for w in caught]
+config = dict(model_type="llama", vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+              num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
+params = jaxllm.load(parity.random_checkpoint(config, sys.argv[1], seed=1, scale=0.3))
+prompt = [5, 6, 7, 8, 5, 6, 7, 8, 5, 6]
+plain = jaxllm.generate(params, prompt, 12, eos_ids=[]).tokens
+assert jaxllm.generate(params, prompt, 12, eos_ids=[], speculate="lookup").tokens == plain
+print("fallback ok")
+"""
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "JAXLLM_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-c", "import sys\n" + script, str(tmp_path / "model")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "fallback ok" in done.stdout, done.stderr[-3000:]
+    kernels = tmp_path / "cache" / "kernels"
+    assert not kernels.exists() or not any(kernels.iterdir())
 
 
 def test_the_default_model_rows_accept_different_counts_and_the_cache_forgets_rejected_slots(smollm2):

@@ -8,7 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import ctypes
 import dataclasses
+import functools
+import hashlib
+import os
+import platform
+import subprocess
+import warnings
+from pathlib import Path
 from typing import Callable
 
 import jax
@@ -85,10 +93,15 @@ def linear(x: Array, w: Matrix, out_dtype=None) -> Array:
     -> [B, T, *out], einsum BTI,OI->BTO. `out_dtype`: the result's dtype when it should differ from x's (the logits
     are fp32 in every format). Under row_stable(), each of the B·T rows is its own one-row product (see below)."""
     B, T, I = x.shape
-    one_dot = B > 1 and not is_quantized(w) and w.dtype == jnp.float32  # row-stable as it is (see row_stable)
-    if _ROW_STABLE.get() and not _EXACT.get() and not one_dot:
-        rows = [_product(r, w, out_dtype, row_stable=True) for r in jnp.split(x.reshape(B * T, I), B * T)]
-        return jnp.concatenate(rows).reshape(B, T, *w.shape[:-1])
+    if _ROW_STABLE.get() and not _EXACT.get():
+        rows = x.reshape(B * T, I)
+        if _ROW_STABLE.get() == "kernel" and (isinstance(w, Int8) or w.dtype in (jnp.float32, jnp.bfloat16)):
+            out = row_products(rows, w).astype(out_dtype or x.dtype)
+        elif not is_quantized(w) and w.dtype == jnp.float32 and B > 1:  # row-stable as it is (see row_stable)
+            out = _product(rows, w, out_dtype)
+        else:
+            out = jnp.concatenate([_product(r, w, out_dtype, row_stable=True) for r in jnp.split(rows, B * T)])
+        return out.reshape(B, T, *w.shape[:-1])
     return _product(x, w, out_dtype).reshape(B, T, *w.shape[:-1])
 
 
@@ -135,8 +148,9 @@ _ROW_STABLE = contextvars.ContextVar("jaxllm_row_stable", default=False)
 
 @contextlib.contextmanager
 def row_stable():
-    """Within: `linear` runs row by row and cached attention query by query (see above)."""
-    token = _ROW_STABLE.set(True)
+    """Within: `linear` runs row by row (by the row kernel where it is built, see row_products) and cached attention
+    query by query (see above)."""
+    token = _ROW_STABLE.set("kernel" if row_kernel_ready() else True)
     try:
         yield
     finally:
@@ -144,7 +158,66 @@ def row_stable():
 
 
 def is_row_stable() -> bool:
-    return _ROW_STABLE.get()
+    return bool(_ROW_STABLE.get())
+
+
+# The row kernel (rows.cc, an XLA FFI custom call): x [M, I] times w [O, I] in one pass over w, every row of x summed
+# by the same code whatever M is, so a verify step of k + 1 positions reads each matrix once, as a plain step does,
+# and gets its bits. Built on first use with the machine's C++ compiler into cache_dir()/kernels (-march=native: the
+# file's name carries the source, compiler, flags, jaxlib and CPU); without a compiler, or with JAXLLM_ROW_KERNEL=0,
+# row-stable decode runs each row as its own XLA GEMV instead (the same answers, a verify step k + 1 times a plain
+# step's weight reads). CPU only: other backends take that path too.
+ROWS_SOURCE = Path(__file__).with_name("rows.cc")
+ROWS_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
+
+
+@functools.cache
+def row_kernel_ready() -> bool:
+    """Whether row-stable decode uses the row kernel in this process (built and registered at the first call)."""
+    if jax.default_backend() != "cpu" or os.environ.get("JAXLLM_ROW_KERNEL", "1") == "0":
+        return False
+    try:
+        library = ctypes.cdll.LoadLibrary(str(_build_row_kernel()))
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = getattr(e, "stderr", None) or e
+        warnings.warn(f"row-stable decode runs without its kernel: building {ROWS_SOURCE.name} failed ({detail})")
+        return False
+    jax.ffi.register_ffi_target("jaxllm_row_products", jax.ffi.pycapsule(library.JaxllmRowProducts), platform="cpu")
+    return True
+
+
+def _build_row_kernel() -> Path:
+    from jaxllm.hub import cache_dir
+
+    compiler = os.environ.get("CXX", "c++")
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    cpu = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "") \
+        if Path("/proc/cpuinfo").exists() else ""
+    key = "\0".join([ROWS_SOURCE.read_text(), compiler, version, *ROWS_FLAGS, jax.__version__, platform.machine(), cpu])
+    path = cache_dir() / "kernels" / f"rows-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        try:
+            subprocess.run([compiler, *ROWS_FLAGS, "-I", jax.ffi.include_dir(), str(ROWS_SOURCE), "-o", str(partial)],
+                           capture_output=True, text=True, check=True)
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
+    return path
+
+
+def row_products(x: Array, w: Array | Int8) -> Array:
+    """x [M, I] times w [*out, I] (fp32, bf16 or int8) -> [M, O] f32 by the row kernel (see above)."""
+    if not row_kernel_ready():
+        raise RuntimeError("the row kernel is not built in this process (see ops.row_kernel_ready)")
+    M, I = x.shape
+    if isinstance(w, Int8):
+        values, scale, in_scale = w.values.reshape(-1, I), w.scale.reshape(-1), w.in_scale
+    else:
+        values, scale, in_scale = w.reshape(-1, I), jnp.zeros(0, jnp.float32), jnp.zeros(0, jnp.float32)
+    call = jax.ffi.ffi_call("jaxllm_row_products", jax.ShapeDtypeStruct((M, values.shape[0]), jnp.float32))
+    return call(x.astype(jnp.float32), values, scale, in_scale)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,171 @@
+// Row products for row-stable decode (jaxllm/model/ops.py, row_stable): out [M, O] = x [M, I] . w [O, I]^T, each
+// of the M rows summed by the same code in the same order whatever M is, so that a speculative verify step's
+// positions get the bits a one-token step gets. One pass over w: each weight row is read from memory once (and
+// converted to f32 once, for bf16 and int8) and then dotted with every row of x from the cache. The output rows
+// are split over XLA's intra-op thread pool.
+//
+// w is f32, bf16 or int8. For int8, out = ((x / in_scale) . values) * scale[o] (weights.Int8).
+// Built on first use by jaxllm/model/kernels.py with the machine's C++ compiler.
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef float f32x4 __attribute__((vector_size(16)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+
+// out[r] = the sum of x[r][i] * w[i], for R rows at once (each chunk of w loaded once for all R). Each row has its
+// own two 16-lane accumulators over 32-element steps, added lane-wise, its lanes summed in order, then the tail: the
+// same operations in the same order for every R, so a row's result does not depend on how many rows share the call
+// (tests/test_speculation.py checks it for every R against one row at a time).
+template <int R>
+void Dot(const float* const* x, const float* w, int64_t n, float* out) {
+  f32x16 a[R] = {}, b[R] = {};
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    f32x16 w0, w1;
+    std::memcpy(&w0, w + i, 64), std::memcpy(&w1, w + i + 16, 64);
+    for (int r = 0; r < R; ++r) {
+      f32x16 x0, x1;
+      std::memcpy(&x0, x[r] + i, 64), std::memcpy(&x1, x[r] + i + 16, 64);
+      a[r] += x0 * w0;
+      b[r] += x1 * w1;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    f32x16 c = a[r] + b[r];  // the lanes summed as a tree: 8 + 8, 4 + 4, 2 + 2, 1 + 1
+    f32x8 c8 = __builtin_shufflevector(c, c, 0, 1, 2, 3, 4, 5, 6, 7) +
+               __builtin_shufflevector(c, c, 8, 9, 10, 11, 12, 13, 14, 15);
+    f32x4 c4 = __builtin_shufflevector(c8, c8, 0, 1, 2, 3) + __builtin_shufflevector(c8, c8, 4, 5, 6, 7);
+    float s = (c4[0] + c4[2]) + (c4[1] + c4[3]);
+    for (int64_t j = i; j < n; ++j) s += x[r][j] * w[j];
+    out[r] = s;
+  }
+}
+
+struct Job {
+  const float* x;      // [M, I], for int8 already divided by in_scale
+  const void* w;       // [O, I]
+  const float* scale;  // [O] for int8, else null
+  float* out;          // [M, O]
+  int64_t M, O, I;
+  ffi::DataType type;
+};
+
+// w's row o as f32: in place for f32, converted into `row` for bf16 and int8.
+const float* WeightRow(const Job& job, int64_t o, float* row) {
+  const int64_t I = job.I;
+  if (job.type == ffi::DataType::F32) return static_cast<const float*>(job.w) + o * I;
+  int64_t i = 0;
+  if (job.type == ffi::DataType::BF16) {
+    const uint16_t* src = static_cast<const uint16_t*>(job.w) + o * I;
+    for (; i + 16 <= I; i += 16) {
+      u16x16 h;
+      std::memcpy(&h, src + i, 32);
+      u32x16 bits = __builtin_convertvector(h, u32x16) << 16;
+      std::memcpy(row + i, &bits, 64);
+    }
+    for (; i < I; ++i) {
+      uint32_t bits = uint32_t(src[i]) << 16;
+      std::memcpy(row + i, &bits, 4);
+    }
+  } else {
+    const int8_t* src = static_cast<const int8_t*>(job.w) + o * I;
+#if defined(__AVX512F__)  // GCC's generic int8 -> int32 vector convert goes element by element
+    for (; i + 16 <= I; i += 16)
+      _mm512_storeu_ps(row + i, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(src + i)))));
+#elif defined(__AVX2__)
+    for (; i + 8 <= I; i += 8)
+      _mm256_storeu_ps(row + i, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(src + i)))));
+#endif
+    for (; i < I; ++i) row[i] = float(src[i]);
+  }
+  return row;
+}
+
+void RunRows(const Job& job, int64_t begin, int64_t end) {
+  std::vector<float> row(job.I), sums(4);
+  const int64_t row_bytes = job.I * (job.type == ffi::DataType::F32 ? 4 : job.type == ffi::DataType::BF16 ? 2 : 1);
+  for (int64_t o = begin; o < end; ++o) {
+    if (o + 1 < end) {  // the next weight row on its way while this one is summed
+      const char* next = static_cast<const char*>(job.w) + (o + 1) * row_bytes;
+      for (int64_t c = 0; c < row_bytes; c += 64) __builtin_prefetch(next + c);
+    }
+    const float* w = WeightRow(job, o, row.data());
+    for (int64_t m = 0; m < job.M; m += 4) {
+      const float* x[4];
+      int R = int(std::min<int64_t>(4, job.M - m));
+      for (int r = 0; r < R; ++r) x[r] = job.x + (m + r) * job.I;
+      switch (R) {
+        case 4: Dot<4>(x, w, job.I, sums.data()); break;
+        case 3: Dot<3>(x, w, job.I, sums.data()); break;
+        case 2: Dot<2>(x, w, job.I, sums.data()); break;
+        default: Dot<1>(x, w, job.I, sums.data());
+      }
+      for (int r = 0; r < R; ++r) job.out[(m + r) * job.O + o] = job.scale ? sums[r] * job.scale[o] : sums[r];
+    }
+  }
+}
+
+ffi::Future RowProducts(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
+                        ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> in_scale,
+                        ffi::ResultBuffer<ffi::F32> out) {
+  auto dims = x.dimensions();
+  auto wdims = w.dimensions();
+  auto job = std::make_shared<Job>();
+  job->M = dims[0], job->I = dims[1], job->O = wdims[0];
+  job->type = w.element_type();
+  job->w = w.untyped_data();
+  job->out = out->typed_data();
+  job->x = x.typed_data();
+  job->scale = nullptr;
+  std::shared_ptr<std::vector<float>> scaled;
+  if (job->type == ffi::DataType::S8) {
+    scaled = std::make_shared<std::vector<float>>(job->M * job->I);
+    const float* d = in_scale.typed_data();
+    for (int64_t m = 0; m < job->M; ++m)
+      for (int64_t i = 0; i < job->I; ++i) (*scaled)[m * job->I + i] = job->x[m * job->I + i] / d[i];
+    job->x = scaled->data();
+    job->scale = scale.typed_data();
+  }
+  int64_t parts = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), job->O / 256));
+  ffi::CountDownPromise done(parts);
+  ffi::Future future(done);
+  int64_t step = (job->O + parts - 1) / parts;
+  for (int64_t p = 1; p < parts; ++p) {
+    int64_t begin = p * step, end = std::min(job->O, begin + step);
+    pool.Schedule([job, scaled, done, begin, end]() mutable {
+      RunRows(*job, begin, end);
+      done.CountDown();
+    });
+  }
+  RunRows(*job, 0, std::min(job->O, step));
+  done.CountDown();
+  return future;
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmRowProducts, RowProducts,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
