@@ -138,11 +138,13 @@ EXACT_TILE = 1 << 23  # elements of w widened to float64 at a time (64 MiB): an 
 # A speculative verify step runs k + 1 positions where a plain decode step runs one, and XLA:CPU computes the two
 # shapes differently: a GEMV at one row against a GEMM at more for fp32, a divide rewritten into a reciprocal multiply
 # at more rows, and fusions that contract a multiply and an add into one FMA only in some shapes. Traced under
-# row_stable(), each row of a projection is its own one-row product, the GEMV a one-token step runs (an fp32 matrix
-# over a batch, B > 1, is one dot: YNNPACK's GEMM gave every row the same bits at 2 to 72 rows, where its GEMV
-# differs), the embedding is a buffer, and attention runs one query at a time over the cache (attention.py); the
-# decode programs keep YNNPACK to dots (generation.DECODE_COMPILER_OPTIONS). A verify step's logits at each position
-# are then bit for bit the plain step's. The cost: a verify step of B = 1 reads each matrix once per position.
+# row_stable(), the projections of fp32, bf16 and int8 matrices run the row kernel (row_products, below); elsewhere
+# (GGUF blocks, no compiler, not a CPU) each row is its own one-row product, the GEMV a one-token step runs (an fp32
+# matrix over a batch, B > 1, is one dot: YNNPACK's GEMM gave every row the same bits at 2 to 72 rows, where its
+# GEMV differs), at the cost of one pass over each matrix per row. The embedding is a buffer, and attention runs one
+# query at a time over the cache (attention.py); the decode programs keep YNNPACK to dots
+# (generation.DECODE_COMPILER_OPTIONS). A verify step's logits at each position are then bit for bit the plain
+# step's.
 _ROW_STABLE = contextvars.ContextVar("jaxllm_row_stable", default=False)
 
 
