@@ -6,6 +6,7 @@ K key/value heads, G = N // K, H head_dim, F intermediate, V vocab, L layers, E 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import contextvars
 import ctypes
@@ -14,7 +15,10 @@ import functools
 import hashlib
 import os
 import platform
+import shutil
 import subprocess
+import tempfile
+import threading
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -95,7 +99,8 @@ def linear(x: Array, w: Matrix, out_dtype=None) -> Array:
     B, T, I = x.shape
     if _ROW_STABLE.get() and not _EXACT.get():
         rows = x.reshape(B * T, I)
-        if _ROW_STABLE.get() == "kernel" and (isinstance(w, Int8) or w.dtype in (jnp.float32, jnp.bfloat16)):
+        if _ROW_STABLE.get() == "kernel" and (isinstance(w, Int8) or (not is_quantized(w)
+                                                                     and w.dtype in (jnp.float32, jnp.bfloat16))):
             out = row_products(rows, w).astype(out_dtype or x.dtype)
         elif not is_quantized(w) and w.dtype == jnp.float32 and B > 1:  # row-stable as it is (see row_stable)
             out = _product(rows, w, out_dtype)
@@ -173,9 +178,17 @@ ROWS_SOURCE = Path(__file__).with_name("rows.cc")
 ROWS_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 
 
-@functools.cache
+_ROWS_LOCK = threading.Lock()  # kept programs are prefetched on a thread of their own (programs.prefetch_recent)
+
+
 def row_kernel_ready() -> bool:
     """Whether row-stable decode uses the row kernel in this process (built and registered at the first call)."""
+    with _ROWS_LOCK:
+        return _row_kernel_ready()
+
+
+@functools.cache
+def _row_kernel_ready() -> bool:
     if jax.default_backend() != "cpu" or os.environ.get("JAXLLM_ROW_KERNEL", "1") == "0":
         return False
     try:
@@ -189,14 +202,16 @@ def row_kernel_ready() -> bool:
 
 
 def _build_row_kernel() -> Path:
-    from jaxllm.hub import cache_dir
+    from jaxllm.hub import COMPILE_CACHE_ENV, cache_dir
 
     compiler = os.environ.get("CXX", "c++")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     cpu = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "") \
         if Path("/proc/cpuinfo").exists() else ""
     key = "\0".join([ROWS_SOURCE.read_text(), compiler, version, *ROWS_FLAGS, jax.__version__, platform.machine(), cpu])
-    path = cache_dir() / "kernels" / f"rows-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+    # With compiled things not kept ($JAXLLM_COMPILE_CACHE=0), built into a folder of this process's own, removed at exit.
+    folder = cache_dir() / "kernels" if os.environ.get(COMPILE_CACHE_ENV, "1") != "0" else Path(_temporary_folder())
+    path = folder / f"rows-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
@@ -207,6 +222,12 @@ def _build_row_kernel() -> Path:
         finally:
             partial.unlink(missing_ok=True)
     return path
+
+
+def _temporary_folder() -> str:
+    folder = tempfile.mkdtemp(prefix="jaxllm-kernels-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 def row_products(x: Array, w: Array | Int8) -> Array:

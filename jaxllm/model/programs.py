@@ -81,7 +81,10 @@ def prefetch_recent(tag: str) -> None:
         names = json.loads((_STORE[0] / f"recent-{_digest(tag)}.json").read_text())
     except (OSError, ValueError):
         return
+    from jaxllm.model.ops import row_kernel_ready
+
     pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxllm-prefetch")
+    pool.submit(row_kernel_ready)  # first: an executable that calls the row kernel loads only once it is registered
     for name in names:
         if isinstance(name, str) and name not in _PREFETCHED:
             _PREFETCHED[name] = pool.submit(_read, _STORE[0] / name)
