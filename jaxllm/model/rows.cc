@@ -2,10 +2,10 @@
 // of the M rows summed by the same code in the same order whatever M is, so that a speculative verify step's
 // positions get the bits a one-token step gets. One pass over w: each weight row is read from memory once (and
 // converted to f32 once, for bf16 and int8) and then dotted with every row of x from the cache. The output rows
-// are split over XLA's intra-op thread pool.
+// are split over XLA's intra-op thread pool; two weight rows are summed at a time.
 //
 // w is f32, bf16 or int8. For int8, out = ((x / in_scale) . values) * scale[o] (weights.Int8).
-// Built on first use by jaxllm/model/kernels.py with the machine's C++ compiler.
+// Built on first use by jaxllm/model/ops.py (_build_row_kernel) with the machine's C++ compiler.
 
 #include <algorithm>
 #include <cstdint>
@@ -29,32 +29,59 @@ typedef float f32x4 __attribute__((vector_size(16)));
 typedef uint16_t u16x16 __attribute__((vector_size(32)));
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
 
-// out[r] = the sum of x[r][i] * w[i], for R rows at once (each chunk of w loaded once for all R). Each row has its
-// own two 16-lane accumulators over 32-element steps, added lane-wise, its lanes summed in order, then the tail: the
-// same operations in the same order for every R, so a row's result does not depend on how many rows share the call
-// (tests/test_speculation.py checks it for every R against one row at a time).
-template <int R>
-void Dot(const float* const* x, const float* w, int64_t n, float* out) {
-  f32x16 a[R] = {}, b[R] = {};
+// The 16 lanes of c summed as a tree: 8 + 8, 4 + 4, 2 + 2, 1 + 1.
+inline float Lanes(f32x16 c) {
+  f32x8 c8 = __builtin_shufflevector(c, c, 0, 1, 2, 3, 4, 5, 6, 7) +
+             __builtin_shufflevector(c, c, 8, 9, 10, 11, 12, 13, 14, 15);
+  f32x4 c4 = __builtin_shufflevector(c8, c8, 0, 1, 2, 3) + __builtin_shufflevector(c8, c8, 4, 5, 6, 7);
+  return (c4[0] + c4[2]) + (c4[1] + c4[3]);
+}
+
+// out[c][r] = the sum of x[r][i] * w[c][i], for R rows of x and C weight rows at once (each chunk of x loaded once
+// for the C weight rows, each chunk of w once for the R rows). Each sum has its own two 16-lane accumulators over
+// 32-element steps, added lane-wise, its lanes summed by Lanes, then the tail: the same operations in the same order
+// for every R and C, so a row's result does not depend on how many rows share the call (tests/test_speculation.py
+// checks it for every R against one row at a time).
+template <int R, int C>
+void Dot(const float* const* x, const float* const* w, int64_t n, float (*out)[4]) {
+  f32x16 a[C][R] = {}, b[C][R] = {};
   int64_t i = 0;
   for (; i + 32 <= n; i += 32) {
-    f32x16 w0, w1;
-    std::memcpy(&w0, w + i, 64), std::memcpy(&w1, w + i + 16, 64);
     for (int r = 0; r < R; ++r) {
       f32x16 x0, x1;
       std::memcpy(&x0, x[r] + i, 64), std::memcpy(&x1, x[r] + i + 16, 64);
-      a[r] += x0 * w0;
-      b[r] += x1 * w1;
+      for (int c = 0; c < C; ++c) {
+        f32x16 w0, w1;
+        std::memcpy(&w0, w[c] + i, 64), std::memcpy(&w1, w[c] + i + 16, 64);
+        a[c][r] += x0 * w0;
+        b[c][r] += x1 * w1;
+      }
     }
   }
-  for (int r = 0; r < R; ++r) {
-    f32x16 c = a[r] + b[r];  // the lanes summed as a tree: 8 + 8, 4 + 4, 2 + 2, 1 + 1
-    f32x8 c8 = __builtin_shufflevector(c, c, 0, 1, 2, 3, 4, 5, 6, 7) +
-               __builtin_shufflevector(c, c, 8, 9, 10, 11, 12, 13, 14, 15);
-    f32x4 c4 = __builtin_shufflevector(c8, c8, 0, 1, 2, 3) + __builtin_shufflevector(c8, c8, 4, 5, 6, 7);
-    float s = (c4[0] + c4[2]) + (c4[1] + c4[3]);
-    for (int64_t j = i; j < n; ++j) s += x[r][j] * w[j];
-    out[r] = s;
+  for (int c = 0; c < C; ++c)
+    for (int r = 0; r < R; ++r) {
+      float s = Lanes(a[c][r] + b[c][r]);
+      for (int64_t j = i; j < n; ++j) s += x[r][j] * w[c][j];
+      out[c][r] = s;
+    }
+}
+
+// Every row of x against C weight rows, four rows of x at a time.
+template <int C>
+void DotRows(const float* xs, int64_t M, const float* const* w, int64_t n, float (*out)[4], float* dest,
+             int64_t O, const float* scale) {
+  for (int64_t m = 0; m < M; m += 4) {
+    const float* x[4];
+    int R = int(std::min<int64_t>(4, M - m));
+    for (int r = 0; r < R; ++r) x[r] = xs + (m + r) * n;
+    switch (R) {
+      case 4: Dot<4, C>(x, w, n, out); break;
+      case 3: Dot<3, C>(x, w, n, out); break;
+      case 2: Dot<2, C>(x, w, n, out); break;
+      default: Dot<1, C>(x, w, n, out);
+    }
+    for (int c = 0; c < C; ++c)
+      for (int r = 0; r < R; ++r) dest[(m + r) * O + c] = scale ? out[c][r] * scale[c] : out[c][r];
   }
 }
 
@@ -99,26 +126,20 @@ const float* WeightRow(const Job& job, int64_t o, float* row) {
 }
 
 void RunRows(const Job& job, int64_t begin, int64_t end) {
-  std::vector<float> row(job.I), sums(4);
+  std::vector<float> rows(2 * job.I);
+  float sums[2][4];
   const int64_t row_bytes = job.I * (job.type == ffi::DataType::F32 ? 4 : job.type == ffi::DataType::BF16 ? 2 : 1);
-  for (int64_t o = begin; o < end; ++o) {
-    if (o + 1 < end) {  // the next weight row on its way while this one is summed
-      const char* next = static_cast<const char*>(job.w) + (o + 1) * row_bytes;
-      for (int64_t c = 0; c < row_bytes; c += 64) __builtin_prefetch(next + c);
-    }
-    const float* w = WeightRow(job, o, row.data());
-    for (int64_t m = 0; m < job.M; m += 4) {
-      const float* x[4];
-      int R = int(std::min<int64_t>(4, job.M - m));
-      for (int r = 0; r < R; ++r) x[r] = job.x + (m + r) * job.I;
-      switch (R) {
-        case 4: Dot<4>(x, w, job.I, sums.data()); break;
-        case 3: Dot<3>(x, w, job.I, sums.data()); break;
-        case 2: Dot<2>(x, w, job.I, sums.data()); break;
-        default: Dot<1>(x, w, job.I, sums.data());
-      }
-      for (int r = 0; r < R; ++r) job.out[(m + r) * job.O + o] = job.scale ? sums[r] * job.scale[o] : sums[r];
-    }
+  for (int64_t o = begin, C; o < end; o += C) {
+    C = job.M == 1 ? 1 : int(std::min<int64_t>(2, end - o));
+    for (int64_t c = 0; c < C * row_bytes && o + C < end; c += 64)  // the next weight rows on their way
+      __builtin_prefetch(static_cast<const char*>(job.w) + (o + C) * row_bytes + c);
+    const float* w[2];
+    for (int c = 0; c < C; ++c) w[c] = WeightRow(job, o + c, rows.data() + c * job.I);
+    const float* scale = job.scale ? job.scale + o : nullptr;
+    if (C == 2)
+      DotRows<2>(job.x, job.M, w, job.I, sums, job.out + o, job.O, scale);
+    else
+      DotRows<1>(job.x, job.M, w, job.I, sums, job.out + o, job.O, scale);
   }
 }
 
