@@ -48,9 +48,14 @@ class Int8:
     def dequantize(self) -> Array:  # [*out, in] f32
         return self.values.astype(jnp.float32) * self.scale[..., None] * (1 / self.in_scale)
 
-    def matmul(self, x: Array) -> Array:
-        """x [M, in] f32 -> [M, out] (out flattened): one dot with the int8 -> f32 convert on the weight operand."""
+    def matmul(self, x: Array, scale_on_weight: bool = False) -> Array:
+        """x [M, in] f32 -> [M, out] (out flattened): one dot with the int8 -> f32 convert on the weight operand.
+        `scale_on_weight` (row-stable decode, ops.linear): the scale multiplies the weight inside the dot (values ·
+        scale, fused into the matvec), so that no multiply follows the product: XLA contracted that one with the
+        residual add into an FMA in some shapes only."""
         values = self.values.reshape(-1, self.values.shape[-1])
+        if scale_on_weight:
+            return matmul(x / self.in_scale, values.astype(jnp.float32) * self.scale.reshape(-1, 1))
         return matmul(x / self.in_scale, values.astype(x.dtype)) * self.scale.reshape(-1)
 
     def rows(self, ids: Array) -> Array:

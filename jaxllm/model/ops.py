@@ -95,12 +95,12 @@ def norm(x: Array, weight: Array, config: LLMConfig) -> Array:
 def linear(x: Array, w: Matrix, out_dtype=None) -> Array:
     """nn.Linear without bias: x [B, T, in] times w [*out, in] (HF's orientation; `out` may be several axes)
     -> [B, T, *out], einsum BTI,OI->BTO. `out_dtype`: the result's dtype when it should differ from x's (the logits
-    are fp32 in every format). Under row_stable(), each of the B·T rows is its own one-row product (see below)."""
+    are fp32 in every format). Under row_stable(), each of the B·T rows gets the bits it would get alone: by the row
+    kernel where it runs, else as its own one-row product (see below)."""
     B, T, I = x.shape
     if _ROW_STABLE.get() and not _EXACT.get():
         rows = x.reshape(B * T, I)
-        if _ROW_STABLE.get() == "kernel" and (isinstance(w, Int8) or (not is_quantized(w)
-                                                                     and w.dtype in (jnp.float32, jnp.bfloat16))):
+        if _ROW_STABLE.get() == "kernel" and kernel_takes(w):
             out = row_products(rows, w).astype(out_dtype or x.dtype)
         elif not is_quantized(w) and w.dtype == jnp.float32 and B > 1:  # row-stable as it is (see row_stable)
             out = _product(rows, w, out_dtype)
@@ -114,12 +114,11 @@ def _product(x: Array, w: Matrix, out_dtype=None, row_stable: bool = False) -> A
     """x [..., I] · w [*out, I] -> [..., O]. An fp32 w runs the dot_general it lowers to (jnp.einsum's own bookkeeping
     takes a fifth of the time to trace a forward); a bf16 or quantized w runs weights.matmul, whose x @ w.T form fuses
     w's convert or dequantization into the decode matvec. `row_stable`: an int8 matrix's scale goes on the weight
-    side (values · scale, fused into the matvec), so that no multiply follows the product: XLA contracted that one
-    with the residual add into an FMA in some shapes only."""
+    side (Int8.matmul's scale_on_weight)."""
     *lead, I = x.shape
     rows = x.reshape(-1, I)  # [M, I]
-    if isinstance(w, Int8) and row_stable:
-        out = matmul(rows / w.in_scale, w.values.reshape(-1, I).astype(jnp.float32) * w.scale.reshape(-1, 1))
+    if isinstance(w, Int8):
+        out = w.matmul(rows, scale_on_weight=row_stable)
     elif is_quantized(w):
         out = w.matmul(rows)
     elif w.dtype == jnp.bfloat16:  # XLA:CPU has no fast bf16 dot: the f32 convert on w fuses into the matvec, as int8's
@@ -171,9 +170,9 @@ def is_row_stable() -> bool:
 # The row kernel (rows.cc, an XLA FFI custom call): x [M, I] times w [O, I] in one pass over w, every row of x summed
 # by the same code whatever M is, so a verify step of k + 1 positions reads each matrix once, as a plain step does,
 # and gets its bits. Built on first use with the machine's C++ compiler into cache_dir()/kernels (-march=native: the
-# file's name carries the source, compiler, flags, jaxlib and CPU); without a compiler, or with JAXLLM_ROW_KERNEL=0,
-# row-stable decode runs each row as its own XLA GEMV instead (the same answers, a verify step k + 1 times a plain
-# step's weight reads). CPU only: other backends take that path too.
+# file's name carries the source, compiler, flags, JAX version and CPU); without a compiler, or with
+# JAXLLM_ROW_KERNEL=0, row-stable decode runs each row as its own XLA GEMV instead (the same answers, a verify step
+# k + 1 times a plain step's weight reads). CPU only: other backends take that path too. GGUF blocks take it too.
 ROWS_SOURCE = Path(__file__).with_name("rows.cc")
 ROWS_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 
@@ -228,6 +227,11 @@ def _temporary_folder() -> str:
     folder = tempfile.mkdtemp(prefix="jaxllm-kernels-")
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     return folder
+
+
+def kernel_takes(w: Matrix) -> bool:
+    """Whether row_products computes with this matrix: an fp32 or bf16 array, or Int8 (GGUF blocks are not)."""
+    return isinstance(w, Int8) or (not is_quantized(w) and w.dtype in (jnp.float32, jnp.bfloat16))
 
 
 def row_products(x: Array, w: Array | Int8) -> Array:

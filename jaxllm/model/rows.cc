@@ -8,6 +8,7 @@
 // Built on first use by jaxllm/model/ops.py (_build_row_kernel) with the machine's C++ compiler.
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -37,13 +38,32 @@ inline float Lanes(f32x16 c) {
   return (c4[0] + c4[2]) + (c4[1] + c4[3]);
 }
 
+// out[k] = Lanes(v[k]) for k < 8, bit for bit, with the eight trees run side by side: each level adds the same lane
+// pairs as Lanes does, of two vectors packed into one (8 + 8 of v[0] and v[1] in one add, and so on).
+inline void Lanes8(const f32x16* v, float* out) {
+  f32x16 p[4], q[2];
+  for (int k = 0; k < 4; ++k)  // p[k] lanes 0-7: v[2k]'s c8, lanes 8-15: v[2k + 1]'s
+    p[k] = __builtin_shufflevector(v[2 * k], v[2 * k + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(v[2 * k], v[2 * k + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  for (int k = 0; k < 2; ++k)  // q[k] lanes 4j-4j+3: v[4k + j]'s c4
+    q[k] = __builtin_shufflevector(p[2 * k], p[2 * k + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           __builtin_shufflevector(p[2 * k], p[2 * k + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  // r lanes 2j, 2j + 1: v[j]'s c4[0] + c4[2] and c4[1] + c4[3]
+  f32x16 r = __builtin_shufflevector(q[0], q[1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+             __builtin_shufflevector(q[0], q[1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  f32x8 s = __builtin_shufflevector(r, r, 0, 2, 4, 6, 8, 10, 12, 14) +
+            __builtin_shufflevector(r, r, 1, 3, 5, 7, 9, 11, 13, 15);
+  std::memcpy(out, &s, 32);
+}
+
 // out[c][r] = the sum of x[r][i] * w[c][i], for R rows of x and C weight rows at once (each chunk of x loaded once
 // for the C weight rows, each chunk of w once for the R rows). Each sum has its own two 16-lane accumulators over
-// 32-element steps, added lane-wise, its lanes summed by Lanes, then the tail: the same operations in the same order
-// for every R and C, so a row's result does not depend on how many rows share the call (tests/test_speculation.py
-// checks it for every R against one row at a time).
+// 32-element steps, added lane-wise, its lanes summed by the tree of Lanes (Lanes8 for several sums at once), then
+// the tail: the same operations in the same order for every R and C, so a row's result does not depend on how many
+// rows share the call (tests/test_speculation.py checks it for every R against one row at a time).
 template <int R, int C>
 void Dot(const float* const* x, const float* const* w, int64_t n, float (*out)[4]) {
+  static_assert(R * C <= 8);
   f32x16 a[C][R] = {}, b[C][R] = {};
   int64_t i = 0;
   for (; i + 32 <= n; i += 32) {
@@ -58,12 +78,20 @@ void Dot(const float* const* x, const float* const* w, int64_t n, float (*out)[4
       }
     }
   }
+  if constexpr (R * C == 1) {
+    out[0][0] = Lanes(a[0][0] + b[0][0]);
+  } else {
+    f32x16 v[8] = {};
+    for (int c = 0; c < C; ++c)
+      for (int r = 0; r < R; ++r) v[c * R + r] = a[c][r] + b[c][r];
+    float sums[8];
+    Lanes8(v, sums);
+    for (int c = 0; c < C; ++c)
+      for (int r = 0; r < R; ++r) out[c][r] = sums[c * R + r];
+  }
   for (int c = 0; c < C; ++c)
-    for (int r = 0; r < R; ++r) {
-      float s = Lanes(a[c][r] + b[c][r]);
-      for (int64_t j = i; j < n; ++j) s += x[r][j] * w[c][j];
-      out[c][r] = s;
-    }
+    for (int r = 0; r < R; ++r)
+      for (int64_t j = i; j < n; ++j) out[c][r] = std::fma(x[r][j], w[c][j], out[c][r]);  // one rounding each
 }
 
 // Every row of x against C weight rows, four rows of x at a time.
