@@ -1423,11 +1423,11 @@ print(json.dumps(out))
 
 def _speculation_run(model: Model, prompts: list[list[int]], new_tokens: int, mode: str, P: int) -> dict[str, Any]:
     """Each prompt alone, left-padded to P slots, decode timed after its prefill: tokens made, seconds, forward steps,
-    proposals."""
+    proposals, summed and per prompt."""
     from jaxllm.generation import SLACK, Speculation, end_ids, seed_key, speculative_decode
 
     eos = end_ids(model)
-    totals = {"tokens": 0, "seconds": 0.0, "steps": 0, "proposed": 0, "accepted": 0, "outputs": []}
+    totals = {"tokens": 0, "seconds": 0.0, "steps": 0, "proposed": 0, "accepted": 0, "outputs": [], "each": []}
     for ids in prompts:
         settings = GenerationSettings(max_new_tokens=new_tokens, eos_ids=eos, pad_id=eos[0] if eos else 0,
                                       length=bucket(P + new_tokens + SLACK), row_stable=mode != "plain, fast",
@@ -1444,9 +1444,11 @@ def _speculation_run(model: Model, prompts: list[list[int]], new_tokens: int, mo
             state = jax.block_until_ready(decode(model.params, state, settings))
             made = int(state.step)
             steps = made - 1
-        totals["seconds"] += time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        totals["seconds"] += seconds
         totals["tokens"] += made - 1  # the first token is the prefill's
         totals["steps"] += steps
+        totals["each"].append({"tokens": made - 1, "seconds": seconds, "steps": steps})
         totals["outputs"].append(np.asarray(state.tokens)[0, :made].tolist())
     return totals
 
@@ -1489,7 +1491,9 @@ def speculation(model: str | None = None, weights: tuple[str, ...] = ("fp32", "i
                 "acceptance": round(spec["accepted"] / max(spec["proposed"], 1), 3),
                 "tokens_per_step": round(spec["tokens"] / max(spec["steps"], 1), 2),
                 "identical": spec["outputs"] == rounds["plain"][0]["outputs"],
-                "identical_to_fast": spec["outputs"] == rounds["plain, fast"][0]["outputs"]}
+                "identical_to_fast": spec["outputs"] == rounds["plain, fast"][0]["outputs"],
+                "prompts": [_per_prompt(text, [[r["each"][i] for r in rounds[mode]] for mode in ("plain", "lookup")])
+                            for i, text in enumerate(kinds[kind])]}
         out["formats"][w] = figures
     python = llama_cpp_python_path(llama_cpp_python)
     gguf = resolve(model, gguf=True)
@@ -1513,6 +1517,15 @@ def speculation(model: str | None = None, weights: tuple[str, ...] = ("fp32", "i
     return out
 
 
+def _per_prompt(text: str, runs: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    """One prompt's figures from its plain and lookup runs (one per round): where speculation helps and where not."""
+    plain, lookup = ([r["tokens"] / r["seconds"] for r in rs] for rs in runs)
+    first = runs[1][0]
+    return {"prompt": text, "tokens": first["tokens"],
+            "tokens_per_step": round(first["tokens"] / max(first["steps"], 1), 2),
+            "lookup_over_plain": round(statistics.median(lookup) / statistics.median(plain), 2)}
+
+
 def speculation_table(f: dict[str, Any]) -> str:
     lines = [f"Prompt lookup against plain greedy decode: {f['new_tokens']} new tokens at most per prompt, decode "
              f"tokens/s summed over the prompts, median of {f['repeats']} rounds; load average "
@@ -1525,6 +1538,11 @@ def speculation_table(f: dict[str, Any]) -> str:
                          "yes" if r["identical"] else "NO"])
     lines += _rows(["weights", "prompts", "acceptance", "tokens/step", "plain, fast tok/s", "plain tok/s",
                     "lookup tok/s", "lookup/plain", "lookup/fast", "identical"], rows)
+    lines += ["", "Per prompt (its own tokens/s, median of the rounds):"]
+    lines += _rows(["weights", "prompt", "new tokens", "tokens/step", "lookup/plain"],
+                   [[w, " ".join(p["prompt"].split())[:48], p["tokens"], p["tokens_per_step"],
+                     f"{p['lookup_over_plain']}x"]
+                    for w, kinds in f["formats"].items() for r in kinds.values() for p in r.get("prompts", [])])
     if "llama_cpp" in f:
         lines.append("")
         lines += _rows(["llama-cpp-python (GGUF)", "plain tok/s", "lookup tok/s", "lookup/plain"],

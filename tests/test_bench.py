@@ -168,3 +168,6 @@ def test_speculation_bench_reports_acceptance_and_identical_outputs(smollm2_dir,
         r = figures["formats"]["fp32"][kind]
         assert r["identical"] and 0 <= r["acceptance"] <= 1 and r["tokens_per_step"] >= 1
         assert all(v > 0 for v in r["tok_s"].values())
+        (p,) = r["prompts"]  # --quick: one prompt a kind
+        assert p["tokens"] > 0 and p["tokens_per_step"] >= 1 and p["lookup_over_plain"] > 0
+        assert " ".join(p["prompt"].split())[:48] in printed
