@@ -22,6 +22,7 @@ decodes, hands each request its tokens, and frees slots on a stop id, the limit,
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -36,8 +37,10 @@ import numpy as np
 
 from jaxllm.errors import InputError, JaxLLMError
 from jaxllm.generation import (DECODE_COMPILER_OPTIONS, Sampling, Speculation, adapt, bucket, end_ids, follow, lookup,
-                               next_logits, propose, sample_rows, speculation_settings, to_host, verify_step)
+                               next_logits, propose, sample_rows, speculation_refused, speculation_settings, to_host,
+                               verify_step)
 from jaxllm.model import KVCache, Model, Params, program, run
+from jaxllm.model.ops import row_stable
 from jaxllm.model.cache import token_bytes, write_rows
 from jaxllm.pytree import struct
 
@@ -193,9 +196,14 @@ def _decode_slots(params: Params, slots: Slots, steps: int, window: int, specula
     cache) and verifies in one forward (generation.verify_step), so it makes up to t = k + 1."""
     N = slots.last.shape[0]
     per_step = 1 if speculation is None else speculation.k + 1
+    # Row-stable wherever the model can speculate, as generate's decode: a plain engine then answers, bit for bit,
+    # what a speculating one (whose verify steps are row-stable) does, and the row kernel takes the N slots' rows in
+    # one pass over each matrix.
+    stable = row_stable if speculation_refused(params) is None else contextlib.nullcontext
 
     def plain(slots, live):
-        logits, cache = next_logits(params, slots.cache, slots.last, live, window)
+        with stable():
+            logits, cache = next_logits(params, slots.cache, slots.last, live, window)
         # Rows that make no token draw greedily: a finished request's temperature must not keep the sort running.
         token = jnp.where(live, _sample_next(logits, slots.replace(temperature=jnp.where(live, slots.temperature, 0))),
                           -1)  # [N]

@@ -259,6 +259,23 @@ def test_idle_slots_do_not_scale_a_requests_rope(tmp_path_factory):
     assert short.tokens == alone(dynamic, PROMPTS[0], 12)
 
 
+def test_a_plain_engine_decodes_row_stable_as_generate_does(params):
+    """Where a model can speculate, the plain engine's decode step is row-stable, as generate's is: the row kernel
+    takes every slot's row (one pass over each matrix), and its tokens are, bit for bit, those a speculating engine
+    verifies. Without it the two engines could part at a near-tie."""
+    import functools
+
+    import jax
+
+    from jaxllm import engine as serving
+    from jaxllm.model import ops
+
+    assert ops.row_kernel_ready(), "the row kernel did not build on this machine"
+    table = serving.Slots.empty(params, 3, 64)
+    traced = str(jax.make_jaxpr(functools.partial(serving._decode_slots, steps=2, window=64))(params, table))
+    assert "jaxllm_row_products" in traced
+
+
 # ---- speculation per slot ----------------------------------------------------------------------------------------
 
 REPEATING = [[5, 6, 7, 8, 9] * 4, [40, 41, 42, 40, 41], list(range(60, 95)) + list(range(60, 70))]
