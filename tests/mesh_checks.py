@@ -194,6 +194,21 @@ def test_quantized_weights_on_a_mesh_equal_one_device(checkpoint, tmp_path, weig
             == [r.tokens for r in generate(one, prompts, 8, eos_ids=())])
 
 
+@pytest.mark.parametrize("dp, tp", [(1, 8), (2, 4)])
+def test_row_stable_decode_gathers_no_weight(checkpoint, dp, tp):
+    """The decode that generate and the engine run where a model can speculate (row-stable): the row kernel's custom
+    call has no partitioning rule, so on a mesh XLA would gather every matrix whole for it at every step; there the
+    per-row products run instead, split by the mesh. Nothing gathered is as large as the smallest matrix."""
+    params = load(checkpoint, mesh=make_mesh(dp=dp, tp=tp))
+    ids, mask = left_pad([[5, 6, 7], [8, 9]] * dp, 16, 0)
+    found = collectives(params, GenerationSettings(max_new_tokens=4, length=32, row_stable=True), ids, mask)
+    print(found)
+    smallest = min(leaf.size for leaf in jax.tree.leaves(params) if leaf.ndim == 2)
+    for shape in found["all-gather"]:
+        size = np.prod([int(n) for n in re.search(r"\[([\d,]*)\]", shape).group(1).split(",")])
+        assert size < smallest, shape
+
+
 @pytest.mark.parametrize("dp, tp", [(2, 4)])
 def test_serving_engine_on_a_mesh_equals_one_device(checkpoint, dp, tp):
     """`jaxllm serve --mesh`: the engine's slots decode over sharded parameters and make one device's tokens."""

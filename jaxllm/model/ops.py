@@ -230,8 +230,13 @@ def _temporary_folder() -> str:
 
 
 def kernel_takes(w: Matrix) -> bool:
-    """Whether row_products computes with this matrix: an fp32 or bf16 array, or Int8 (GGUF blocks are not)."""
-    return isinstance(w, Int8) or (not is_quantized(w) and w.dtype in (jnp.float32, jnp.bfloat16))
+    """Whether row_products computes with this matrix: an fp32 or bf16 array, or Int8 (GGUF blocks are not), that
+    lies on one device. The custom call has no partitioning rule, so on a mesh XLA would gather a sharded matrix
+    whole for it at every step: there the per-row XLA products run, which the mesh splits."""
+    if not (isinstance(w, Int8) or (not is_quantized(w) and w.dtype in (jnp.float32, jnp.bfloat16))):
+        return False
+    mesh = jax.typeof(w.values if isinstance(w, Int8) else w).sharding.mesh
+    return mesh.empty or mesh.size == 1
 
 
 def row_products(x: Array, w: Array | Int8) -> Array:
