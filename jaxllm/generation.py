@@ -65,8 +65,9 @@ class Speculation:
     count accepted but never below what the smallest width holds (fewer proposals would leave its slots idle at the
     same cost). After `patience` proposing steps in a row that accept none of their proposals, the row waits 1, 3,
     7, then 15 steps before it proposes again. (On this CPU, with the row kernel (ops.row_products), a verify step
-    of one row over 4 positions costs 1.2x a plain row-stable step and over 8 about 1.5x; patience 4 made 1.46-1.54
-    tokens a step on the bench's grounded prompts against 1.41-1.43 with 2, and cost open-ended text 1-2 %.)"""
+    of one row over 4 positions costs about 1.25x a plain row-stable step and over 8 about 1.5x; patience 4 made
+    1.46-1.54 tokens a step on the bench's grounded prompts against 1.41-1.43 with 2, and cost open-ended text
+    1-2 %.)"""
 
     max_ngram: int = 3
     min_ngram: int = 1
