@@ -1519,11 +1519,12 @@ def speculation(model: str | None = None, weights: tuple[str, ...] = ("fp32", "i
 
 def _per_prompt(text: str, runs: list[list[dict[str, Any]]]) -> dict[str, Any]:
     """One prompt's figures from its plain and lookup runs (one per round): where speculation helps and where not."""
-    plain, lookup = ([r["tokens"] / r["seconds"] for r in rs] for rs in runs)
+    plain, lookup = (statistics.median(r["tokens"] / r["seconds"] for r in rs) for rs in runs)
     first = runs[1][0]
     return {"prompt": text, "tokens": first["tokens"],
             "tokens_per_step": round(first["tokens"] / max(first["steps"], 1), 2),
-            "lookup_over_plain": round(statistics.median(lookup) / statistics.median(plain), 2)}
+            # None: no decode tokens (the prefill's token ended the answer)
+            "lookup_over_plain": round(lookup / plain, 2) if plain > 0 else None}
 
 
 def speculation_table(f: dict[str, Any]) -> str:
@@ -1541,7 +1542,7 @@ def speculation_table(f: dict[str, Any]) -> str:
     lines += ["", "Per prompt (its own tokens/s, median of the rounds):"]
     lines += _rows(["weights", "prompt", "new tokens", "tokens/step", "lookup/plain"],
                    [[w, " ".join(p["prompt"].split())[:48], p["tokens"], p["tokens_per_step"],
-                     f"{p['lookup_over_plain']}x"]
+                     "-" if p["lookup_over_plain"] is None else f"{p['lookup_over_plain']}x"]
                     for w, kinds in f["formats"].items() for r in kinds.values() for p in r.get("prompts", [])])
     if "llama_cpp" in f:
         lines.append("")

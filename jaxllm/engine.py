@@ -40,7 +40,7 @@ from jaxllm.generation import (DECODE_COMPILER_OPTIONS, Sampling, Speculation, a
                                next_logits, propose, sample_rows, speculation_refused, speculation_settings, to_host,
                                verify_step)
 from jaxllm.model import KVCache, Model, Params, program, run
-from jaxllm.model.ops import row_stable
+from jaxllm.model.ops import row_kernel_ready, row_stable
 from jaxllm.model.cache import token_bytes, write_rows
 from jaxllm.pytree import struct
 
@@ -196,10 +196,12 @@ def _decode_slots(params: Params, slots: Slots, steps: int, window: int, specula
     cache) and verifies in one forward (generation.verify_step), so it makes up to t = k + 1."""
     N = slots.last.shape[0]
     per_step = 1 if speculation is None else speculation.k + 1
-    # Row-stable wherever the model can speculate, as generate's decode: a plain engine then answers, bit for bit,
-    # what a speculating one (whose verify steps are row-stable) does, and the row kernel takes the N slots' rows in
-    # one pass over each matrix.
-    stable = row_stable if speculation_refused(params) is None else contextlib.nullcontext
+    # Row-stable where the model can speculate and the row kernel runs (the CPU), as generate's decode: a plain
+    # engine then answers, bit for bit, what a speculating one (whose verify steps are row-stable) does, and the
+    # kernel takes the N slots' rows in one pass over each matrix. Elsewhere row-stable bf16 and int8 products run
+    # row by row, N passes over each matrix a step: the plain engine keeps its batched products there, and agrees
+    # with a speculating one except where a near-tie flips.
+    stable = row_stable if speculation_refused(params) is None and row_kernel_ready() else contextlib.nullcontext
 
     def plain(slots, live):
         with stable():

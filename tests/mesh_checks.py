@@ -199,6 +199,9 @@ def test_row_stable_decode_gathers_no_weight(checkpoint, dp, tp):
     """The decode that generate and the engine run where a model can speculate (row-stable): the row kernel's custom
     call has no partitioning rule, so on a mesh XLA would gather every matrix whole for it at every step; there the
     per-row products run instead, split by the mesh. Nothing gathered is as large as the smallest matrix."""
+    from jaxllm.model import ops
+
+    assert ops.row_kernel_ready(), "the row kernel did not build: this check would test nothing"
     params = load(checkpoint, mesh=make_mesh(dp=dp, tp=tp))
     ids, mask = left_pad([[5, 6, 7], [8, 9]] * dp, 16, 0)
     found = collectives(params, GenerationSettings(max_new_tokens=4, length=32, row_stable=True), ids, mask)
