@@ -1489,10 +1489,11 @@ def speculation(model: str | None = None, weights: tuple[str, ...] = ("fp32", "i
                 "lookup_over_fast": round(statistics.median(rates["lookup"]) / statistics.median(rates["plain, fast"]),
                                           2),
                 "acceptance": round(spec["accepted"] / max(spec["proposed"], 1), 3),
-                "tokens_per_step": round(spec["tokens"] / max(spec["steps"], 1), 2),
+                "tokens_per_step": _tokens_per_step(spec),
                 "identical": spec["outputs"] == rounds["plain"][0]["outputs"],
                 "identical_to_fast": spec["outputs"] == rounds["plain, fast"][0]["outputs"],
-                "prompts": [_per_prompt(text, [[r["each"][i] for r in rounds[mode]] for mode in ("plain", "lookup")])
+                "prompts": [_per_prompt(text, [r["each"][i] for r in rounds["plain"]],
+                                        [r["each"][i] for r in rounds["lookup"]])
                             for i, text in enumerate(kinds[kind])]}
         out["formats"][w] = figures
     python = llama_cpp_python_path(llama_cpp_python)
@@ -1517,14 +1518,18 @@ def speculation(model: str | None = None, weights: tuple[str, ...] = ("fp32", "i
     return out
 
 
-def _per_prompt(text: str, runs: list[list[dict[str, Any]]]) -> dict[str, Any]:
+def _per_prompt(text: str, plain_runs: list[dict[str, Any]], lookup_runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One prompt's figures from its plain and lookup runs (one per round): where speculation helps and where not."""
-    plain, lookup = (statistics.median(r["tokens"] / r["seconds"] for r in rs) for rs in runs)
-    first = runs[1][0]
-    return {"prompt": text, "tokens": first["tokens"],
-            "tokens_per_step": round(first["tokens"] / max(first["steps"], 1), 2),
+    plain, lookup = (statistics.median(r["tokens"] / r["seconds"] for r in rs) for rs in (plain_runs, lookup_runs))
+    first = lookup_runs[0]
+    return {"prompt": text, "tokens": first["tokens"], "tokens_per_step": _tokens_per_step(first),
             # None: no decode tokens (the prefill's token ended the answer)
             "lookup_over_plain": round(lookup / plain, 2) if plain > 0 else None}
+
+
+def _tokens_per_step(run: dict[str, Any]) -> float:
+    """Tokens made per forward step (plain or verify) of a run's figures."""
+    return round(run["tokens"] / max(run["steps"], 1), 2)
 
 
 def speculation_table(f: dict[str, Any]) -> str:

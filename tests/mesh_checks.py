@@ -80,6 +80,11 @@ def test_each_device_holds_its_part_of_every_sharded_weight(checkpoint, dp, tp):
     print(f"mesh dp={dp} tp={tp}: {total:,} parameter bytes per device of {full:,}")
 
 
+def elements(shape: str) -> int:
+    """The element count of an HLO shape such as f32[2,1,128]{2,1,0}."""
+    return int(np.prod([int(n) for n in re.search(r"\[([\d,]*)\]", shape).group(1).split(",")]))
+
+
 def collectives(params, settings, ids, mask) -> dict[str, list[str]]:
     """The collectives of the compiled decode step, by kind, as the shapes they produce."""
     state = prefill(params, ids, mask, jax.random.key(0), settings)
@@ -101,7 +106,7 @@ def test_decode_step_all_reduces_activations_and_gathers_no_weight(checkpoint, d
     # What is gathered is the argmax of the vocabulary-split logits ([B/dp, tp] values and ids), never a weight.
     weight_sizes = {leaf.addressable_shards[0].data.size for leaf in jax.tree.leaves(params)}
     for shape in found["all-gather"]:
-        size = np.prod([int(n) for n in re.search(r"\[([\d,]*)\]", shape).group(1).split(",")])
+        size = elements(shape)
         assert size <= B * tp and size not in weight_sizes, shape
 
 
@@ -208,7 +213,7 @@ def test_row_stable_decode_gathers_no_weight(checkpoint, dp, tp):
     print(found)
     smallest = min(leaf.size for leaf in jax.tree.leaves(params) if leaf.ndim == 2)
     for shape in found["all-gather"]:
-        size = np.prod([int(n) for n in re.search(r"\[([\d,]*)\]", shape).group(1).split(",")])
+        size = elements(shape)
         assert size < smallest, shape
 
 
@@ -276,7 +281,7 @@ def test_experts_decode_step_reduces_once_per_moe_layer_and_gathers_no_expert(mo
     assert len(rows) <= 2 * MOE_CONFIG["num_hidden_layers"] + 1 and len(rows) == len(found["all-reduce"]), found
     expert_sizes = {leaf.addressable_shards[0].data.size for leaf in jax.tree.leaves(params.layers[0].experts_gate_up)}
     for shape in found["all-gather"]:
-        size = np.prod([int(n) for n in re.search(r"\[([\d,]*)\]", shape).group(1).split(",")])
+        size = elements(shape)
         assert size not in expert_sizes and size <= 64 * 128, shape
 
 

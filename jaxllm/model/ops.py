@@ -172,7 +172,8 @@ def is_row_stable() -> bool:
 # and gets its bits. Built on first use with the machine's C++ compiler into cache_dir()/kernels (-march=native: the
 # file's name carries the source, compiler, flags, JAX version and CPU); without a compiler, or with
 # JAXLLM_ROW_KERNEL=0, row-stable decode runs each row as its own XLA GEMV instead (the same answers, a verify step
-# k + 1 times a plain step's weight reads). CPU only: other backends take that path too. GGUF blocks take it too.
+# k + 1 times a plain step's weight reads). CPU only: other backends take that path too, as do GGUF blocks and
+# matrices on a mesh (kernel_takes).
 ROWS_SOURCE = Path(__file__).with_name("rows.cc")
 ROWS_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 
